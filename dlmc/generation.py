@@ -1,0 +1,89 @@
+"""Text in, text out around the reference decoders: what `dlmc run` and `dlmc eval` share."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from dlmc.decoding import DECODERS, default_decoder
+from dlmc.decoding.common import StepCallback
+from dlmc.errors import DlmcError
+from dlmc.spec import DenoiserSpec
+from dlmc.tokenizer import TextTokenizer
+
+
+def default_model_dir() -> Path:
+    """The small LLaDA-format model shipped inside the package."""
+    return Path(str(resources.files("dlmc") / "data" / "default_model"))
+
+
+def decoder_config(spec: DenoiserSpec, name: str | None, options: dict):
+    """The named (or the family's default) decoder and its config built from `options`; an option the
+    decoder does not have is an error naming it."""
+    name = name or default_decoder(spec)
+    if name not in DECODERS:
+        raise DlmcError(f"unknown decoder '{name}' (choose from {', '.join(DECODERS)})")
+    config_type, _ = DECODERS[name]
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
+        raise DlmcError(f"{flags} does not apply to the {name} decoder")
+    return name, config_type(**options)
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str | None
+    nfe: int
+    seconds: float
+
+
+def generate(
+    model,
+    spec: DenoiserSpec,
+    tokenizer: TextTokenizer | None,
+    prompts: list[list[int]],
+    decoder: str,
+    config,
+    *,
+    seed: int = 0,
+    on_step: StepCallback | None = None,
+) -> list[Completion]:
+    """Decode all prompts as one batch. `text` is cut at the first end-of-sequence or end-of-turn."""
+    _, decode = DECODERS[decoder]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = decode(model, spec, prompts, config, seed=seed, on_step=on_step)
+    seconds = time.perf_counter() - start
+    stops = {i for i in (spec.eos_token_id, spec.eot_token_id) if i is not None}
+    completions = []
+    for prompt, output in zip(prompts, result.output_ids):
+        end = next((i for i, t in enumerate(output) if t in stops), len(output))
+        text = tokenizer.decode(output[:end]) if tokenizer else None
+        completions.append(Completion(list(prompt), list(output), text, result.nfe, seconds))
+    return completions
+
+
+def encode_prompts(tokenizer: TextTokenizer | None, texts: list[str], id_lists: list[str]) -> list[list[int]]:
+    """Prompts from --prompt texts and --prompt-ids lists ("1,2,3"), in that order."""
+    prompts = []
+    if texts:
+        if tokenizer is None:
+            raise DlmcError("this model has no tokenizer files; pass --prompt-ids instead of --prompt")
+        prompts += [tokenizer.encode(text) for text in texts]
+    for ids in id_lists:
+        try:
+            prompts.append([int(t) for t in ids.split(",") if t.strip()])
+        except ValueError:
+            raise DlmcError(f"--prompt-ids '{ids}' is not a comma-separated list of integers") from None
+    if not prompts:
+        raise DlmcError("give at least one --prompt or --prompt-ids")
+    return prompts

@@ -1,0 +1,82 @@
+"""Model families and the loader. Dispatch is on config.json's architectures[0], never on
+model_type (LLaDA-MoE reuses "llada")."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from dlmc.errors import DlmcError
+from dlmc.models import dream, fast_dllm_v2, llada, sdar, wedlm
+from dlmc.models.checkpoint import checkpoint_dtype, load_weights, read_json, weight_map
+from dlmc.models.transformer import ArchConfig, DiffusionLM
+from dlmc.spec import DenoiserSpec
+from dlmc.tokenizer import load_tokenizer
+
+FAMILIES: dict[str, ModuleType] = {
+    arch: module for module in (llada, dream, fast_dllm_v2, sdar, wedlm) for arch in module.ARCHITECTURES
+}
+
+
+def family_of(config: dict, where: Path) -> ModuleType:
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs:
+        raise DlmcError(f"{where}: missing field 'architectures'")
+    if archs[0] not in FAMILIES:
+        known = ", ".join(sorted(FAMILIES))
+        raise DlmcError(f"{where}: unknown architecture '{archs[0]}' (supported: {known})")
+    return FAMILIES[archs[0]]
+
+
+def read_model_config(model_dir: str | Path) -> tuple[ModuleType, ArchConfig, DenoiserSpec]:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DlmcError(f"{model_dir}: not a model directory")
+    where = model_dir / "config.json"
+    config = read_json(where)
+    family = family_of(config, where)
+    tokenizer = load_tokenizer(model_dir)
+    arch, spec = family.read_config(config, where, tokenizer.token_id if tokenizer else lambda token: None)
+    spec = dataclasses.replace(spec, eos_token_id=_first(spec.eos_token_id), pad_token_id=_first(spec.pad_token_id))
+    return family, arch, spec
+
+
+def load_model(
+    model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> DiffusionLM:
+    """Build the family's model on the meta device and fill it from the checkpoint, tensor by tensor,
+    in the checkpoint's dtype unless `dtype` is given."""
+    model_dir = Path(model_dir)
+    family, arch, spec = read_model_config(model_dir)
+    files = weight_map(model_dir)
+    with torch.device("meta"):
+        model = DiffusionLM(arch, spec)
+    load_weights(model, files, family.published_name, torch.device(device), dtype)
+    return model.eval()
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+
+def describe(model_dir: str | Path) -> dict:
+    """What `dlmc inspect` prints, read without loading the weights."""
+    model_dir = Path(model_dir)
+    _, arch, spec = read_model_config(model_dir)
+    with torch.device("meta"):
+        params = DiffusionLM(arch, spec).num_parameters()
+    attention = spec.attention + (f" (block size {spec.block_size})" if spec.block_size else "")
+    return {
+        "family": spec.family,
+        "parameters": params,
+        "dtype": str(checkpoint_dtype(weight_map(model_dir))).removeprefix("torch."),
+        "mask_token_id": spec.mask_token_id,
+        "attention": attention,
+        "logits": "shifted by one" if spec.shift_logits else "same position",
+        "vocab_size": spec.vocab_size,
+        "max_length": spec.max_length,
+    }

@@ -1,0 +1,137 @@
+"""Reading a published checkpoint directory: config.json and (sharded) safetensors, memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from dlmc.errors import DlmcError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Tensors some exporters add that carry no weights of ours.
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DlmcError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DlmcError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DlmcError(f"{path}: expected a JSON object")
+    return data
+
+
+def field(config: dict, key: str, where: Path, family: str, default=None, required: bool = True):
+    """A config value; a missing required one is an error naming the file and the field."""
+    if key in config and config[key] is not None:
+        return config[key]
+    if required and default is None:
+        raise DlmcError(f"{where}: missing field '{key}' needed by the {family} family")
+    return default
+
+
+def weight_map(model_dir: Path) -> dict[str, Path]:
+    """Published tensor name -> the shard file that holds it."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        entries = read_json(index).get("weight_map")
+        if not isinstance(entries, dict) or not entries:
+            raise DlmcError(f"{index}: missing or empty 'weight_map'")
+        files = {name: model_dir / shard for name, shard in entries.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise DlmcError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in _open(single).keys()}
+    raise DlmcError(f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE}")
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise DlmcError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
+    """The dtype of the checkpoint's first floating-point tensor."""
+    name, path = next(iter(files.items()))
+    with _open(path) as f:
+        return _tensor_dtype(f, name)
+
+
+def _tensor_dtype(f, name: str) -> torch.dtype:
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    dt = f.get_slice(name).get_dtype()
+    if dt not in names:
+        raise DlmcError(f"tensor '{name}' has unsupported dtype {dt}")
+    return names[dt]
+
+
+def load_weights(
+    model: nn.Module,
+    files: dict[str, Path],
+    published_name: Callable[[str], str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> None:
+    """Fill a meta-device model shard by shard, one tensor at a time, so that at most one copy of
+    the weights is ever held (the safetensors files are memory-mapped)."""
+    wanted = {published_name(name): name for name, _ in model.named_parameters()}
+    missing = sorted(set(wanted) - set(files))
+    if missing:
+        raise DlmcError(f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    unexpected = sorted(n for n in files if n not in wanted and not IGNORED_TENSORS.match(n))
+    if unexpected:
+        raise DlmcError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}' for this model family")
+    by_file: dict[Path, list[str]] = {}
+    for published, path in files.items():
+        if published in wanted:
+            by_file.setdefault(path, []).append(published)
+    for path, names in by_file.items():
+        with _open(path) as f:
+            for published in names:
+                target = model.get_parameter(wanted[published])
+                try:
+                    tensor = f.get_tensor(published)
+                except Exception as e:
+                    raise DlmcError(f"{path}: cannot read tensor '{published}' ({e})") from None
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise DlmcError(
+                        f"{path}: tensor '{published}' has shape {list(tensor.shape)}, "
+                        f"expected {list(target.shape)}"
+                    )
+                tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                _set_parameter(model, wanted[published], tensor)
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+def rename(rules: list[tuple[str, str]]) -> Callable[[str], str]:
+    """A canonical -> published name function from ordered (regex, replacement) rules."""
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+
+    def published(name: str) -> str:
+        for pattern, repl in compiled:
+            if pattern.fullmatch(name):
+                return pattern.sub(repl, name)
+        raise KeyError(name)
+
+    return published

@@ -1,0 +1,72 @@
+"""Tokenizers from a checkpoint directory, with the `tokenizers` library only (no transformers,
+no remote code): tokenizer.json when present, else Qwen-style vocab.json + merges.txt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from dlmc.errors import DlmcError
+from dlmc.models.checkpoint import read_json
+
+# The pre-tokenizer split shared by every Qwen2/2.5/3 tokenizer.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
+    """The directory's tokenizer, or None when it ships no tokenizer files."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if path.is_file():
+        try:
+            return TextTokenizer(Tokenizer.from_file(str(path)))
+        except Exception as e:
+            raise DlmcError(f"{path}: cannot load tokenizer ({e})") from None
+    vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        return TextTokenizer(_qwen_bpe(model_dir, vocab, merges))
+    return None
+
+
+def _qwen_bpe(model_dir: Path, vocab: Path, merges: Path) -> Tokenizer:
+    try:
+        tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:
+        raise DlmcError(f"{vocab}: cannot load BPE vocabulary ({e})") from None
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    added: dict[str, int] = {}
+    if (model_dir / "added_tokens.json").is_file():
+        added.update(read_json(model_dir / "added_tokens.json"))
+    if (model_dir / "tokenizer_config.json").is_file():
+        for token_id, entry in (read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}).items():
+            added.setdefault(entry["content"], int(token_id))
+    for content, token_id in sorted(added.items(), key=lambda kv: kv[1]):
+        if tok.get_vocab_size(with_added_tokens=True) != token_id:
+            # tokenizers assigns ids in order; a gap means the files disagree with each other.
+            raise DlmcError(f"{model_dir}: added token '{content}' has id {token_id}, expected contiguous ids")
+        tok.add_special_tokens([content])
+    return tok

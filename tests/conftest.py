@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from dlmc.testing.fixtures import FAMILIES, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, object]:
+    """One tiny random checkpoint per family, in its published format."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: write_checkpoint(family, root / family, seed=i) for i, family in enumerate(FAMILIES)}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
