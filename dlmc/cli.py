@@ -108,7 +108,7 @@ def run(
     debug: Debug = False,
 ) -> None:
     """Generate from a checkpoint directory (or the embedded default model)."""
-    from dlmc.generation import decoder_config, encode_prompts, generate
+    from dlmc.generation import decoder_config, encode_prompts, generate, generation_length
 
     try:
         model, spec, tokenizer = _load(model_dir, device, dtype)
@@ -119,7 +119,7 @@ def run(
             top_p=top_p, top_k=top_k,
         )
         name, config = decoder_config(spec, decoder, options)
-        total = len(prompts) * getattr(config, "gen_length", 0)
+        total = len(prompts) * generation_length(config)
         progress = _Progress("decoding", enabled=not as_json)
         completions = generate(
             model, spec, tokenizer, prompts, name, config, seed=seed,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from dlmc.tokenizer import TextTokenizer
 
 def default_model_dir() -> Path:
     """The small LLaDA-format model shipped inside the package."""
-    return Path(str(resources.files("dlmc") / "data" / "default_model"))
+    return Path(__file__).parent / "data" / "default_model"
 
 
 def decoder_config(spec: DenoiserSpec, name: str | None, options: dict):
@@ -30,11 +29,17 @@ def decoder_config(spec: DenoiserSpec, name: str | None, options: dict):
         raise DlmcError(f"unknown decoder '{name}' (choose from {', '.join(DECODERS)})")
     config_type, _ = DECODERS[name]
     fields = {f.name for f in dataclasses.fields(config_type)}
+    if "gen_length" in options and "max_new_tokens" in fields:  # Dream and WeDLM spell it their way
+        options = dict(options, max_new_tokens=options.pop("gen_length"))
     unknown = sorted(set(options) - fields)
     if unknown:
         flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
         raise DlmcError(f"{flags} does not apply to the {name} decoder")
     return name, config_type(**options)
+
+
+def generation_length(config) -> int:
+    return getattr(config, "gen_length", None) or getattr(config, "max_new_tokens")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,10 @@
 """Synthetic tasks with checkable answers: the data the embedded default model is trained on and the
-benchmark its quality is measured with. Every prompt ends with ':'; the answer follows it."""
+benchmark its quality is measured with. Every prompt ends with ':'; the answer follows it.
+
+Each task has a fixed layout (fixed-width numbers and words), so an answer character sits at a fixed
+distance from the characters it depends on: a 3M-parameter model learns them in well under an hour
+of CPU time, while the answers still have to be computed (carries, reversal, counting).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import random
 from dataclasses import dataclass
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+COUNT_LENGTH = 30
+"""Numbers per count answer: 30 three-digit numbers make a 119-character answer."""
 
 
 @dataclass(frozen=True)
@@ -17,28 +24,27 @@ class Example:
 
 
 def _count(rng: random.Random) -> Example:
-    # The long-answer task: up to 40 consecutive numbers (answers of ~10 to 120 characters).
-    start = rng.randint(0, 150)
-    end = start + rng.randint(3, 39 if start < 60 else 29)
-    return Example("count", f"count {start} to {end}:", " ".join(str(n) for n in range(start, end + 1)))
+    # The long-answer task: 30 consecutive three-digit numbers.
+    start = rng.randint(100, 999 - COUNT_LENGTH + 1)
+    return Example("count", f"count {start}:", " ".join(str(n) for n in range(start, start + COUNT_LENGTH)))
 
 
 def _add(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 10 ** rng.randint(1, 4) - 1), rng.randint(0, 10 ** rng.randint(1, 4) - 1)
-    return Example("add", f"add {a} + {b}:", str(a + b))
-
-
-def _sort(rng: random.Random) -> Example:
-    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 16)))
-    return Example("sort", f"sort {digits}:", "".join(sorted(digits)))
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return Example("add", f"add {a}+{b}:", f"{a + b:04d}")
 
 
 def _reverse(rng: random.Random) -> Example:
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 12)))
+    word = "".join(rng.choice(LETTERS) for _ in range(10))
     return Example("reverse", f"reverse {word}:", word[::-1])
 
 
-TASKS = {"count": _count, "add": _add, "sort": _sort, "reverse": _reverse}
+def _shift(rng: random.Random) -> Example:
+    word = "".join(rng.choice(LETTERS) for _ in range(10))
+    return Example("shift", f"shift {word}:", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word))
+
+
+TASKS = {"count": _count, "add": _add, "reverse": _reverse, "shift": _shift}
 
 
 def sample(rng: random.Random) -> Example:

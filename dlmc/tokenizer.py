@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from dlmc.errors import DlmcError
-from dlmc.models.checkpoint import read_json
+from dlmc.files import read_json
 
 # The pre-tokenizer split shared by every Qwen2/2.5/3 tokenizer.
 QWEN_SPLIT = (

@@ -11,7 +11,8 @@ import torch
 
 from dlmc.errors import DlmcError
 from dlmc.models import dream, fast_dllm_v2, llada, sdar, wedlm
-from dlmc.models.checkpoint import checkpoint_dtype, load_weights, read_json, weight_map
+from dlmc.files import read_json
+from dlmc.models.checkpoint import checkpoint_dtype, load_weights, weight_map
 from dlmc.models.transformer import ArchConfig, DiffusionLM
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import load_tokenizer

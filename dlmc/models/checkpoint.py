@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,24 +11,13 @@ from safetensors import safe_open
 from torch import nn
 
 from dlmc.errors import DlmcError
+from dlmc.files import read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 # Tensors some exporters add that carry no weights of ours.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DlmcError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DlmcError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DlmcError(f"{path}: expected a JSON object")
-    return data
 
 
 def field(config: dict, key: str, where: Path, family: str, default=None, required: bool = True):

@@ -1,0 +1,34 @@
+"""Reference decoders: eager re-implementations of the official dLLM samplers, token for token.
+
+They are the fidelity oracle for everything compiled: same model, inputs and seed give the tokens the
+official sampler gives. Each decoder is a frozen config dataclass plus one function
+`generate(model, spec, prompts, config, *, seed=0, on_step=None) -> Generation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dlmc.decoding import block, dream, llada, wedlm
+from dlmc.decoding.common import Generation
+from dlmc.spec import DenoiserSpec
+
+DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
+    "llada": (llada.LLaDAConfig, llada.generate),
+    "dream": (dream.DreamConfig, dream.generate),
+    "block": (block.BlockConfig, block.generate),
+    "wedlm": (wedlm.WeDLMConfig, wedlm.generate),
+}
+"""Closed registry: decoder name -> (config type, generate function)."""
+
+
+def default_decoder(spec: DenoiserSpec) -> str:
+    """The decoder a model's own sampler corresponds to, read from the spec's attention and alignment."""
+    if spec.attention == "block_causal":
+        return "block"  # Fast-dLLM v2, SDAR
+    if spec.attention == "causal":
+        return "wedlm"
+    return "dream" if spec.shift_logits else "llada"
+
+
+__all__ = ["DECODERS", "Generation", "default_decoder"]

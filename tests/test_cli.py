@@ -1,0 +1,93 @@
+"""CLI smoke tests: the scripting contract of `dlmc run`, `dlmc inspect`, `dlmc eval` and bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dlmc.cli import app
+from dlmc.testing.fixtures import FAMILIES
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_every_family(checkpoints, family):
+    result = invoke("inspect", checkpoints[family])
+    assert result.exit_code == 0, result.output
+    for key in ("family", "parameters", "dtype", "mask_token_id", "attention", "logits", "vocab_size", "max_length"):
+        assert key in result.output
+    assert family in result.output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_json_every_family(checkpoints, family):
+    result = invoke("run", checkpoints[family], "--prompt", "hi", "--prompt-ids", "5,6,7", "--gen-length", 8, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 2
+    assert rows[1]["prompt_ids"] == [5, 6, 7]
+    for row in rows:
+        assert set(row) >= {"prompt_ids", "output_ids", "text", "nfe", "seconds"}
+        assert len(row["output_ids"]) == 8 and row["nfe"] >= 1
+
+
+def test_run_llada_options(checkpoints):
+    args = ["run", checkpoints["llada"], "--prompt-ids", "5,6,7", "--gen-length", 8, "--steps", 4, "--block-length", 4, "--json"]
+    greedy = json.loads(invoke(*args).stdout)
+    assert greedy["nfe"] == 4
+    sampled = invoke(*args, "--temperature", 1.0, "--seed", 3, "--cfg-scale", 1.0, "--remasking", "random")
+    assert sampled.exit_code == 0, sampled.output
+    assert json.loads(sampled.stdout)["nfe"] == 8  # guidance doubles the evaluations
+    fast = invoke("run", checkpoints["llada"], "--prompt-ids", "5,6,7", "--gen-length", 8, "--block-length", 4, "--threshold", 0.9, "--json")
+    assert fast.exit_code == 0, fast.output
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--steps", 3, "--gen-length", 8, "--block-length", 4], "steps"),
+        (["--gen-length", 8, "--block-length", 16], "block_length"),
+        (["--gen-length", 600], "max_length"),
+        (["--remasking", "sideways"], "remasking"),
+        (["--alg", "entropy"], "--alg"),
+        (["--decoder", "nope"], "nope"),
+    ],
+)
+def test_run_impossible_settings(checkpoints, args, fragment):
+    result = invoke("run", checkpoints["llada"], "--prompt-ids", "5,6", *args)
+    assert result.exit_code == 2
+    assert fragment in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_the_model(checkpoints):
+    result = invoke("run", checkpoints["llada"], "--prompt", "x" * 600, "--gen-length", 8)
+    assert result.exit_code == 2 and "max_length" in result.stderr
+
+
+def test_bad_checkpoint_is_one_line_and_debug_shows_traceback(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Nope"]}))
+    result = invoke("inspect", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'config.json'}: unknown architecture 'Nope' " + \
+        "(supported: DreamModel, Fast_dLLM_QwenForCausalLM, LLaDAModelLM, SDARForCausalLM, WeDLMForCausalLM)"
+    debug = invoke("inspect", tmp_path, "--debug")
+    assert debug.exit_code != 0 and debug.exception is not None
+
+
+def test_bad_prompt_ids(checkpoints):
+    result = invoke("run", checkpoints["llada"], "--prompt-ids", "1,x")
+    assert result.exit_code == 2 and "--prompt-ids" in result.stderr
+
+
+def test_run_default_model_text():
+    result = invoke("run", "--prompt", "sort 9381:", "--gen-length", 16, "--steps", 16, "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["text"] == "1389"
+    assert row["nfe"] == 16
