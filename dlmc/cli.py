@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,13 +43,22 @@ class _Progress:
         sys.stderr.flush()
 
 
-@app.command()
-def inspect(model_dir: Path, debug: Debug = False) -> None:
-    """Print a checkpoint's family, size, dtype and denoiser spec."""
-    from dlmc.models import describe
+def _is_artifact(path: Path | None) -> bool:
+    return path is not None and (path / "manifest.json").is_file()
 
+
+@app.command()
+def inspect(path: Path, debug: Debug = False) -> None:
+    """Print a checkpoint's family, size, dtype and denoiser spec, or a compiled artifact's manifest."""
     try:
-        info = describe(model_dir)
+        if _is_artifact(path):
+            from dlmc.artifact import read_manifest, summarize
+
+            info = summarize(read_manifest(path))
+        else:
+            from dlmc.models import describe
+
+            info = describe(path)
     except DlmcError as e:
         _fail(e, debug)
     for key, value in info.items():
@@ -65,28 +75,37 @@ def _decoder_options(**given) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _load(model_dir: Path | None, device: str, dtype: str | None):
-    """(model, spec, tokenizer) of a checkpoint directory, or of the embedded default model."""
+def _torch_dtype(dtype: str | None):
     import torch
 
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    if dtype is not None and dtype not in names:
+        raise DlmcError(f"--dtype {dtype} is not one of {', '.join(names)}")
+    return names.get(dtype)
+
+
+def _load(path: Path | None, device: str, dtype: str | None):
+    """(model, spec, tokenizer, decode defaults) of a compiled artifact, a checkpoint directory, or the
+    embedded default model. For an artifact, `model` is the runtime engine's compiled step."""
+    if _is_artifact(path):
+        import dlmc.runtime
+
+        if dtype is not None:
+            raise DlmcError("--dtype does not apply to a compiled artifact (its recipe fixed the dtype)")
+        engine = dlmc.runtime.load(path, device=device)
+        return engine, engine.spec, engine.tokenizer, engine.manifest.get("decode") or {}
     from dlmc.generation import default_model_dir
     from dlmc.models import load_model
     from dlmc.tokenizer import load_tokenizer
 
-    path = model_dir or default_model_dir()
-    torch_dtype = None
-    if dtype is not None:
-        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-        if dtype not in names:
-            raise DlmcError(f"--dtype {dtype} is not one of {', '.join(names)}")
-        torch_dtype = names[dtype]
-    model = load_model(path, device=device, dtype=torch_dtype)
-    return model, model.spec, load_tokenizer(path)
+    path = path or default_model_dir()
+    model = load_model(path, device=device or "cpu", dtype=_torch_dtype(dtype))
+    return model, model.spec, load_tokenizer(path), {}
 
 
 @app.command()
 def run(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the embedded model).")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint or artifact directory (default: the embedded model).")] = None,
     prompt: Prompt = [],
     prompt_ids: PromptIds = [],
     decoder: Annotated[Optional[str], Opt(help="llada | dream | block | wedlm (default: the family's).")] = None,
@@ -102,23 +121,23 @@ def run(
     top_p: Annotated[Optional[float], Opt()] = None,
     top_k: Annotated[Optional[int], Opt()] = None,
     seed: Annotated[int, Opt()] = 0,
-    device: Annotated[str, Opt(help="cpu or cuda")] = "cpu",
+    device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
     as_json: Annotated[bool, Opt("--json", help="One JSON object per prompt.")] = False,
     debug: Debug = False,
 ) -> None:
-    """Generate from a checkpoint directory (or the embedded default model)."""
+    """Generate from a checkpoint directory, a compiled artifact, or the embedded default model."""
     from dlmc.generation import decoder_config, encode_prompts, generate, generation_length
 
     try:
-        model, spec, tokenizer = _load(model_dir, device, dtype)
+        model, spec, tokenizer, defaults = _load(path, device, dtype)
         prompts = encode_prompts(tokenizer, prompt, prompt_ids)
         options = _decoder_options(
             gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
             top_p=top_p, top_k=top_k,
         )
-        name, config = decoder_config(spec, decoder, options)
+        name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)
         progress = _Progress("decoding", enabled=not as_json)
         completions = generate(
@@ -137,7 +156,7 @@ def run(
 
 @app.command("eval")
 def eval_(
-    model_dir: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the embedded model).")] = None,
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint or artifact directory (default: the embedded model).")] = None,
     per_task: Annotated[int, Opt(help="Held-out prompts per task.")] = 25,
     batch_size: Annotated[int, Opt()] = 25,
     decoder: Annotated[Optional[str], Opt()] = None,
@@ -146,7 +165,7 @@ def eval_(
     block_length: Annotated[Optional[int], Opt()] = None,
     threshold: Annotated[Optional[float], Opt()] = None,
     seed: Annotated[int, Opt()] = 0,
-    device: Annotated[str, Opt()] = "cpu",
+    device: Annotated[Optional[str], Opt()] = None,
     dtype: Annotated[Optional[str], Opt()] = None,
     as_json: Annotated[bool, Opt("--json")] = False,
     debug: Debug = False,
@@ -156,11 +175,11 @@ def eval_(
     from dlmc.generation import decoder_config
 
     try:
-        model, spec, tokenizer = _load(model_dir, device, dtype)
+        model, spec, tokenizer, defaults = _load(path, device, dtype)
         if tokenizer is None:
-            raise DlmcError(f"{model_dir}: eval needs the model's tokenizer files")
+            raise DlmcError(f"{path}: eval needs the model's tokenizer files")
         options = _decoder_options(gen_length=gen_length, steps=steps, block_length=block_length, threshold=threshold)
-        name, config = decoder_config(spec, decoder, options)
+        name, config = decoder_config(spec, decoder, options, defaults)
         report = evaluate(model, spec, tokenizer, name, config, per_task=per_task, batch_size=batch_size, seed=seed,
                           on_batch=_Progress("evaluating", enabled=not as_json))
     except DlmcError as e:
@@ -174,3 +193,78 @@ def eval_(
     typer.echo(f"accuracy  {report.accuracy:6.1%} of {report.examples} held-out prompts")
     typer.echo(f"nfe       {report.nfe} ({report.nfe / report.examples * batch_size:.0f} per batch of {batch_size})")
     typer.echo(f"seconds   {report.seconds:.1f}")
+
+
+@app.command("compile")
+def compile_(
+    model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory in its published format.")],
+    out: Annotated[Path, Opt("-o", "--out", help="Artifact directory to write.")],
+    recipe: Annotated[Optional[Path], Opt(help="Recipe YAML (default: exact passes, Inductor, this machine).")] = None,
+    device: Annotated[str, Opt(help="cpu or cuda")] = "cpu",
+    force: Annotated[bool, Opt(help="Replace an existing output directory.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Capture one denoising step, run the recipe's passes, lower it and write an artifact."""
+    from dlmc.compiler import compile_model
+
+    start = time.perf_counter()
+
+    def stage(name: str) -> None:
+        typer.echo(f"[{time.perf_counter() - start:6.1f}s] {name}", err=True)
+
+    try:
+        path = compile_model(model_dir, recipe, out, force=force, device=device, on_stage=stage)
+    except DlmcError as e:
+        _fail(e, debug)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")], debug: Debug = False) -> None:
+    """Check recipes; every problem of every file is printed, one per line."""
+    from dlmc.recipe import RecipeError, load_recipe
+
+    failed = False
+    for path in recipes:
+        try:
+            load_recipe(path)
+            typer.echo(f"{path}: ok")
+        except RecipeError as e:
+            failed = True
+            for problem in e.problems:
+                typer.echo(f"{path}: {problem}", err=True)
+        except DlmcError as e:
+            failed = True
+            typer.echo(f"error: {e}", err=True)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="Compiled artifact directory.")],
+    model: Annotated[Optional[Path], Opt(help="Reference checkpoint (default: the one the artifact was compiled from).")] = None,
+    baseline: Annotated[str, Opt(help="What the speed-up is relative to: reference (the eager reference decoder).")] = "reference",
+    prompts: Annotated[int, Opt(help="Prompts in the batch.")] = 4,
+    gen_length: Annotated[Optional[int], Opt()] = None,
+    steps: Annotated[Optional[int], Opt()] = None,
+    block_length: Annotated[Optional[int], Opt()] = None,
+    repeats: Annotated[int, Opt(help="Timed runs per side after one warm-up; the median is reported.")] = 3,
+    seed: Annotated[int, Opt()] = 0,
+    as_json: Annotated[bool, Opt("--json")] = False,
+    debug: Debug = False,
+) -> None:
+    """Speed and fidelity of an artifact against the reference decoder, measured in one run."""
+    from dlmc.bench import run_bench
+
+    try:
+        if baseline != "reference":
+            raise DlmcError(f"--baseline {baseline}: only 'reference' is available")
+        options = _decoder_options(gen_length=gen_length, steps=steps, block_length=block_length)
+        report = run_bench(artifact, model, prompts=prompts, options=options, repeats=repeats, seed=seed)
+    except DlmcError as e:
+        _fail(e, debug)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(report["table"])

@@ -21,10 +21,14 @@ def default_model_dir() -> Path:
     return Path(__file__).parent / "data" / "default_model"
 
 
-def decoder_config(spec: DenoiserSpec, name: str | None, options: dict):
-    """The named (or the family's default) decoder and its config built from `options`; an option the
-    decoder does not have is an error naming it."""
-    name = name or default_decoder(spec)
+def decoder_config(spec: DenoiserSpec, name: str | None, options: dict, defaults: dict | None = None):
+    """The named decoder (else the artifact's default `defaults["decoder"]`, else the family's) and its
+    config: the artifact's default fields overridden by `options`. An option the decoder does not have
+    is an error naming it."""
+    defaults = defaults or {}
+    name = name or defaults.get("decoder") or default_decoder(spec)
+    if name == defaults.get("decoder"):
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in (defaults.get("config") or {}).items()} | options
     if name not in DECODERS:
         raise DlmcError(f"unknown decoder '{name}' (choose from {', '.join(DECODERS)})")
     config_type, _ = DECODERS[name]

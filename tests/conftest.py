@@ -3,6 +3,10 @@ import torch
 
 from dlmc.testing.fixtures import FAMILIES, write_checkpoint
 
+# The test models are tiny: a second intra-op thread only adds synchronisation (10-50x slower per op
+# when anything else runs on the two cores).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, object]:

@@ -91,3 +91,34 @@ def test_run_default_model_text():
     row = json.loads(result.stdout)
     assert row["text"] == "1389"
     assert row["nfe"] == 16
+
+
+def test_compile_run_bench_inspect_on_the_embedded_model(tmp_path):
+    from dlmc.generation import default_model_dir
+
+    out = tmp_path / "art"
+    compiled = invoke("compile", default_model_dir(), "--recipe", "recipes/cpu-eager.yaml", "-o", out)
+    assert compiled.exit_code == 0, compiled.output
+    assert "capture" in compiled.stderr and "save" in compiled.stderr
+    args = ["--prompt", "add 123+456:", "--gen-length", 16, "--steps", 16, "--json"]
+    from_artifact = json.loads(invoke("run", out, *args).stdout)
+    from_checkpoint = json.loads(invoke("run", default_model_dir(), *args).stdout)
+    assert from_artifact["output_ids"] == from_checkpoint["output_ids"]
+    assert from_artifact["text"] == from_checkpoint["text"]
+    benched = invoke("bench", out, "--prompts", 2, "--gen-length", 16, "--repeats", 1, "--json")
+    assert benched.exit_code == 0, benched.output
+    rows = {r["name"]: r for r in json.loads(benched.stdout)["rows"]}
+    assert rows["artifact"]["agreement"] == 1.0 and rows["artifact"]["nfe"] == rows["reference"]["nfe"] == 16
+    inspected = invoke("inspect", out)
+    assert "fold_constants" in inspected.output and "eager" in inspected.output
+    again = invoke("compile", default_model_dir(), "--recipe", "recipes/cpu-eager.yaml", "-o", out)
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_validate_reports_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes:\n  - no_such_pass: {}\n  - fold_constants: {bogus: 1}\nlower: {backend: warp}\n")
+    result = invoke("validate", "recipes/cpu-eager.yaml", bad)
+    assert result.exit_code == 2
+    assert "cpu-eager.yaml: ok" in result.stdout
+    assert len([line for line in result.stderr.splitlines() if str(bad) in line]) >= 3

@@ -1,0 +1,284 @@
+"""The compiled-artifact format: one directory, a versioned manifest, and the files it hashes.
+
+This module is the single home of the schema (see ARTIFACT.md). The compiler writes artifacts through
+`write_artifact`; the runtime reads them through `read_manifest` and `verify_files`. It imports neither
+side, so the runtime can use it without pulling in the compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dlmc.errors import DlmcError
+
+FORMAT = "dlmc-artifact"
+FORMAT_VERSION = 1
+"""Bump on any change an older reader would misread (see ARTIFACT.md, "Compatibility")."""
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+"""What `dlmc.tokenizer.load_tokenizer` reads, plus the files that describe special tokens."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the step signature: what the runtime feeds the compiled step and what it gets back
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    """torch dtype name without the "torch." prefix, e.g. "int64"."""
+    shape: tuple[str | int, ...]
+    """A symbolic dim is named ("batch", "seq"); a static one is an int."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSignature:
+    """The inputs and outputs of the compiled denoising step, in call order, and the shapes it accepts.
+
+    A pass that changes the step's interface (cache inputs, extra outputs) records a new signature; the
+    runtime drives the step from this record, never from assumptions about the model family.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch: tuple[int, int]
+    """Smallest and largest batch the step accepts."""
+    seq: tuple[int, int]
+    """Smallest and largest sequence length the step accepts."""
+    seq_buckets: tuple[int, ...] = ()
+    """When set, the runtime pads every call to the next bucket length (for backends built per shape)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [_spec_dict(t) for t in self.inputs],
+            "outputs": [_spec_dict(t) for t in self.outputs],
+            "batch": list(self.batch),
+            "seq": list(self.seq),
+            "seq_buckets": list(self.seq_buckets),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepSignature:
+        def specs(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
+
+        return cls(
+            inputs=specs(d["inputs"]),
+            outputs=specs(d["outputs"]),
+            batch=(int(d["batch"][0]), int(d["batch"][1])),
+            seq=(int(d["seq"][0]), int(d["seq"][1])),
+            seq_buckets=tuple(int(b) for b in d.get("seq_buckets", ())),
+        )
+
+
+def _spec_dict(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+
+def write_artifact(
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    write_files: Callable[[Path], None],
+    *,
+    tokenizer_from: Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Build the artifact in a temporary sibling directory and rename it into place only when complete.
+
+    `write_files(staging_dir)` writes the backend's files; this function adds the tokenizer files, the
+    sha256 of every file, and the manifest (written last). Nothing is left behind on failure, and an
+    existing `out_dir` is replaced only with `force=True`.
+    """
+    out = Path(out_dir)
+    check_writable(out, force=force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise DlmcError(f"{out}: cannot create the output directory ({e.strerror or e})") from e
+    try:
+        write_files(staging)
+        if tokenizer_from is not None:
+            _copy_tokenizer(tokenizer_from, staging / TOKENIZER_DIR)
+        manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, files=_hash_tree(staging))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        _normalise_permissions(staging)
+        _move_into_place(staging, out, force=force)
+    except OSError as e:  # a full disk, a permission problem: one line, nothing left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DlmcError(f"{out}: cannot write the artifact ({e.strerror or e})") from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def check_writable(out: Path, *, force: bool) -> None:
+    """Fail before any work when the output exists and may not be replaced."""
+    if out.exists() and not force:
+        raise DlmcError(f"{out}: already exists (pass force=True / --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise DlmcError(f"{out}: exists and is not a directory")
+
+
+def _normalise_permissions(root: Path) -> None:
+    """mkdtemp and some writers create owner-only files; an artifact is read like any other output."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _copy_tokenizer(model_dir: Path, dest: Path) -> None:
+    found = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if not found:
+        return
+    dest.mkdir()
+    for name in found:
+        shutil.copyfile(model_dir / name, dest / name)
+
+
+def _move_into_place(staging: Path, out: Path, *, force: bool) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    if not force:  # it appeared while we were compiling
+        raise DlmcError(f"{out}: already exists (pass force=True / --force to replace it)")
+    # Swap by two renames so a reader never sees a half-replaced directory.
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rename(out, retired / out.name)
+    os.rename(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED_FIELDS = ("dlmc_version", "torch_version", "spec", "recipe", "backend", "signature", "decode", "files")
+
+
+def read_manifest(path: str | Path, *, verify: bool = False) -> dict[str, Any]:
+    """The artifact's manifest, checked for format and version (and, with verify=True, every file's
+    size and sha256). Any problem is one DlmcError line naming the file."""
+    root = Path(path)
+    where = root / MANIFEST
+    if not root.is_dir():
+        raise DlmcError(f"{root}: not an artifact directory")
+    if not where.is_file():
+        raise DlmcError(f"{root}: not a dlmc artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DlmcError(f"{where}: not valid JSON ({e}); the artifact is corrupt") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DlmcError(f"{where}: not a dlmc artifact manifest (format is not '{FORMAT}')")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise DlmcError(f"{where}: missing or invalid 'format_version'")
+    if version > FORMAT_VERSION:
+        raise DlmcError(
+            f"{where}: artifact format version {version} is newer than this dlmc reads ({FORMAT_VERSION}); "
+            "upgrade dlmc or recompile the model"
+        )
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise DlmcError(f"{where}: missing field '{missing[0]}'")
+    if verify:
+        verify_files(root, manifest)
+    return manifest
+
+
+def summarize(manifest: dict[str, Any]) -> dict[str, str]:
+    """The lines `dlmc inspect` prints for an artifact: label -> value."""
+    spec, sig, backend = manifest["spec"], manifest["signature"], manifest["backend"]
+    attention = spec["attention"] + (f" (block size {spec['block_size']})" if spec.get("block_size") else "")
+    inputs = ", ".join(f"{t['name']}[{','.join(map(str, t['shape']))}] {t['dtype']}" for t in sig["inputs"])
+    outputs = ", ".join(f"{t['name']}[{','.join(map(str, t['shape']))}] {t['dtype']}" for t in sig["outputs"])
+    buckets = f", seq buckets {sig['seq_buckets']}" if sig.get("seq_buckets") else ""
+    passes = ", ".join(f"{p['name']}{'' if p['exact'] else ' (approximate)'}" for p in manifest.get("passes", []))
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    sizes = ", ".join(f"{name} {_size(entry['bytes'])}" for name, entry in manifest["files"].items())
+    decode = manifest.get("decode") or {}
+    return {
+        "format": f"{manifest['format']} v{manifest['format_version']} (dlmc {manifest['dlmc_version']}, "
+        f"torch {manifest['torch_version']})",
+        "family": spec["family"],
+        "attention": attention,
+        "recipe": manifest["recipe"].get("description") or "(no description)",
+        "passes": passes or "(none)",
+        "exact": "yes: reproduces the reference decoder" if manifest.get("exact") else "no: approximate passes",
+        "backend": f"{backend['name']} on {backend.get('device', 'cpu')}",
+        "inputs": inputs,
+        "outputs": outputs,
+        "shapes": f"batch {sig['batch'][0]}-{sig['batch'][1]}, seq {sig['seq'][0]}-{sig['seq'][1]}{buckets}",
+        "decoder": decode.get("decoder") or "(the model's own)",
+        "size": f"{_size(total)} in {len(manifest['files'])} files: {sizes}",
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists exists with its recorded size and sha256, and no file is unlisted."""
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise DlmcError(f"{root / MANIFEST}: field 'files' is not a mapping")
+    for name, entry in files.items():
+        path = root / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise DlmcError(f"{root / MANIFEST}: file entry '{name}' points outside the artifact")
+        if not path.is_file():
+            raise DlmcError(f"{path}: missing (listed in {MANIFEST})")
+        if path.stat().st_size != entry.get("bytes"):
+            raise DlmcError(f"{path}: size {path.stat().st_size} != {entry.get('bytes')} in {MANIFEST} (truncated?)")
+        if sha256(path) != entry.get("sha256"):
+            raise DlmcError(f"{path}: sha256 does not match {MANIFEST} (file corrupt or modified)")
+    listed = set(files) | {MANIFEST}
+    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    extra = [name for name in extra if name not in listed]
+    if extra:
+        raise DlmcError(f"{root / extra[0]}: file not listed in {MANIFEST} (foreign or tampered artifact)")

@@ -1,0 +1,138 @@
+"""compile_model: model directory + recipe -> artifact directory, one stage at a time.
+
+    load -> capture -> passes -> lower -> verify -> save
+
+Each stage returns its own type (DiffusionLM, StepProgram, StepProgram, a backend step, the artifact
+path). Every check that can fail without the weights (the recipe, the output path, the backend
+package, the device) runs before the model is loaded, and nothing is written until the artifact is
+complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlmc.artifact import check_writable, write_artifact
+from dlmc.capture import StepProgram, capture, example_inputs
+from dlmc.errors import DlmcError
+from dlmc.lower import LoweredStep, lower
+from dlmc.models import load_model, read_model_config
+from dlmc.models.checkpoint import checkpoint_dtype, weight_map
+from dlmc.pipeline import run_passes
+from dlmc.recipe import Recipe, check_target, default_recipe, dump_recipe, load_recipe
+
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+"""Largest |lowered - captured| / (1 + |captured|) the verify stage accepts: it catches a broken
+lowering, not last-bit differences (fidelity to the reference decoder is tested, not assumed)."""
+
+
+def compile_model(
+    model_dir: str | Path,
+    recipe: Recipe | str | Path | None,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    on_stage: Callable[[str], None] | None = None,
+) -> Path:
+    """Compile the checkpoint in `model_dir` with `recipe` (a Recipe, a YAML path, or None for
+    `default_recipe(device)`) into the artifact directory `out_dir`, and return its path.
+
+    `on_stage` is called with a short label as each stage starts: "load", "capture",
+    "pass <name>", "lower <backend>", "verify", "save"."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    stage = on_stage or (lambda label: None)
+    if recipe is None:
+        recipe = default_recipe(device)
+    elif not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    check_writable(out_dir, force=force)
+    read_model_config(model_dir)  # a missing or broken checkpoint fails here, before any work
+    stored = str(checkpoint_dtype(weight_map(model_dir))).removeprefix("torch.")
+    problems = check_target(recipe, device, stored)
+    if problems:
+        raise DlmcError("; ".join(problems))
+
+    stage("load")
+    dtype = getattr(torch, recipe.capture.dtype) if recipe.capture.dtype else None
+    model = load_model(model_dir, device=device, dtype=dtype)
+
+    stage("capture")
+    program = capture(model, recipe.capture)
+    reference = program  # the captured step, before any pass: what "verify" compares against
+
+    program = run_passes(program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"))
+
+    stage(f"lower {recipe.lower.backend}")
+    try:
+        step = lower(program, recipe.lower, device)
+    except DlmcError:
+        raise
+    except Exception as e:
+        raise DlmcError(f"lower.backend: {recipe.lower.backend} failed to compile the step: {_one_line(e)}") from e
+
+    stage("verify")
+    verify(step, program, reference if recipe.exact else program)
+
+    stage("save")
+    manifest = _manifest(recipe, program, stored, model_dir, device)
+
+    def write_files(staging: Path) -> None:
+        manifest["backend"] = {**step.save(staging), "settings": dump_recipe(recipe)["lower"]}
+
+    return write_artifact(out_dir, manifest, write_files, tokenizer_from=model_dir, force=force)
+
+
+def verify(step: LoweredStep, program: StepProgram, reference: StepProgram) -> None:
+    """Run the lowered step and the program it came from on a padded batch; refuse a lowering whose
+    logits are not the program's (exact recipes compare against the step as captured)."""
+    sig = program.signature
+    device = next(iter(program.exported.state_dict.values())).device if program.exported.state_dict else "cpu"
+    lengths = sig.seq_buckets[:1] or (min(max(sig.seq[0], 7), sig.seq[1]),)
+    inputs = example_inputs(batch=min(2, sig.batch[1]), seq=lengths[0], device=device)
+    with torch.no_grad():
+        expected = reference(*inputs)
+        actual = step(*inputs).to(expected.device)
+    if actual.shape != expected.shape:
+        raise DlmcError(f"verify: the lowered step returns shape {list(actual.shape)}, expected {list(expected.shape)}")
+    error = ((actual.float() - expected.float()).abs() / (1 + expected.float().abs())).max().item()
+    # The loosest tolerance among the dtypes the step computes in (mixed precision keeps fp32 logits).
+    dtypes = {t.dtype for t in program.exported.state_dict.values() if t.is_floating_point()} | {expected.dtype}
+    limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes)
+    if not error <= limit:  # also catches NaN
+        raise DlmcError(
+            f"verify: the lowered step's logits differ from the captured step's by {error:.3g} (limit {limit})"
+        )
+
+
+def _manifest(recipe: Recipe, program: StepProgram, stored: str, model_dir: Path, device: str) -> dict[str, Any]:
+    params = sum(t.numel() for t in program.exported.state_dict.values())
+    return {
+        "dlmc_version": _version("dlmc"),
+        "torch_version": torch.__version__,
+        "model": {"source": model_dir.name, "path": str(model_dir.resolve()), "checkpoint_dtype": stored, "parameters": params},
+        "spec": program.spec.to_dict(),
+        "recipe": dump_recipe(recipe),
+        "passes": [{"name": p.name, "version": p.version, "exact": p.exact} for p in recipe.passes],
+        "exact": recipe.exact,
+        "device": device,
+        "signature": program.signature.to_dict(),
+        "decode": {"decoder": recipe.decode.decoder, "config": recipe.decode.config},
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _one_line(e: Exception) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

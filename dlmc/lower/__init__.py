@@ -1,0 +1,86 @@
+"""Lowering: a StepProgram becomes a backend-specific compiled step.
+
+One module per backend, each with its own small settings dataclass and one `lower(program, settings,
+device)` returning that backend's step object. Every step object is callable like the model
+(input_ids, attention_mask, position_ids) -> logits, so the compiler can check it against the captured
+program, and has `save(directory) -> dict`, which writes its files and returns the manifest's
+"backend" entry. A backend that cannot run here is refused with one line; nothing falls back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from dlmc.capture import StepProgram
+
+
+class LowerSettings:
+    """Base of backend settings. Subclasses are @dataclass(frozen=True, kw_only=True)."""
+
+    backend: ClassVar[str]
+    """The recipe's `lower.backend` value."""
+    packages: ClassVar[tuple[str, ...]] = ()
+    """Importable modules the backend needs beyond torch."""
+    extra: ClassVar[str | None] = None
+    """The dlmc extra that installs them."""
+    needs_cuda: ClassVar[bool] = False
+
+    def unsupported(self, device: str, dtypes: frozenset[str]) -> list[str]:
+        """Problems with honouring these settings on `device` for a step computing in `dtypes`."""
+        return []
+
+
+class LoweredStep(Protocol):
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def save(self, directory: Path) -> dict[str, Any]: ...
+
+
+from dlmc.lower import eager, inductor, onnxrt, tensorrt  # noqa: E402  (the closed list of backends)
+
+LOWERINGS: dict[type[LowerSettings], Callable[..., LoweredStep]] = {
+    eager.EagerSettings: eager.lower,
+    inductor.InductorSettings: inductor.lower,
+    onnxrt.OnnxRtSettings: onnxrt.lower,
+    tensorrt.TensorRtSettings: tensorrt.lower,
+}
+BACKENDS: dict[str, type[LowerSettings]] = {settings.backend: settings for settings in LOWERINGS}
+"""Recipe name -> settings type."""
+
+
+def check_backend(settings: LowerSettings, device: str, dtypes: frozenset[str] = frozenset()) -> list[str]:
+    """What stops this backend from running on this machine: missing packages, a missing device, or
+    an option (or a compute dtype in `dtypes`) the backend cannot honour here. Empty when it can run."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        return [f"device: '{device}' is not supported (use cpu, cuda or cuda:N)"]
+    problems = []
+    missing = [name for name in settings.packages if importlib.util.find_spec(name) is None]
+    if missing:
+        hint = f" (pip install 'dlmc[{settings.extra}]')" if settings.extra else ""
+        problems.append(f"lower.backend: {settings.backend} needs the package(s) {', '.join(missing)}{hint}")
+    is_cuda = kind == "cuda"
+    if settings.needs_cuda and not is_cuda:
+        problems.append(f"lower.backend: {settings.backend} runs only on a CUDA device, and the device is '{device}'")
+    if is_cuda and not torch.cuda.is_available():
+        problems.append(f"device: '{device}' was asked for, but torch sees no CUDA device")
+    if not missing:  # the backend's own checks may import its package
+        problems += settings.unsupported(device, dtypes)
+    return problems
+
+
+def lower(program: StepProgram, settings: LowerSettings, device: str) -> LoweredStep:
+    return LOWERINGS[type(settings)](program, settings, device)
+
+
+__all__ = ["BACKENDS", "LOWERINGS", "LowerSettings", "LoweredStep", "check_backend", "lower"]

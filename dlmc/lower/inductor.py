@@ -1,0 +1,73 @@
+"""inductor: the step compiled ahead of time by AOTInductor (C++/OpenMP on CPU, Triton on CUDA).
+
+Compiled once, at `dlmc compile` time, into an AOTInductor package (`step.pt2`: generated code and a
+shared library, no weights). The weights stay in `weights.safetensors` and are handed to the loaded
+package with `load_constants`, so the artifact keeps one portable copy of them. Batch and sequence
+length stay dynamic, with the ranges recorded at capture.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file
+
+from dlmc.capture import StepProgram
+from dlmc.lower import LowerSettings
+from dlmc.lower.eager import WEIGHTS_FILE, save_state
+from dlmc.runtime.backends import attach_weights
+
+PACKAGE_FILE = "step.pt2"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InductorSettings(LowerSettings):
+    """AOTInductor options."""
+
+    backend: ClassVar[str] = "inductor"
+    max_autotune: bool = False
+    """Benchmark kernel variants while compiling (slower compile, sometimes faster step)."""
+
+
+class InductorStep:
+    def __init__(self, program: StepProgram, settings: InductorSettings, device: str):
+        from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+        self.device = device
+        self.settings = settings
+        self._workdir = tempfile.TemporaryDirectory(prefix="dlmc-inductor-")
+        work = Path(self._workdir.name)
+        self.state = save_state(program.exported, work / WEIGHTS_FILE)
+        configs = {
+            # Weights are not baked into the shared library; they come from safetensors at load.
+            "aot_inductor.package_constants_in_so": False,
+            "max_autotune": settings.max_autotune,
+        }
+        aoti_compile_and_package(program.exported, package_path=str(work / PACKAGE_FILE), inductor_configs=configs)
+        self._runner = aoti_load_package(str(work / PACKAGE_FILE))
+        attach_weights(self._runner, load_file(str(work / WEIGHTS_FILE), device=device))
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self._runner(input_ids, attention_mask, position_ids)
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        for name in (PACKAGE_FILE, WEIGHTS_FILE):
+            shutil.copyfile(Path(self._workdir.name) / name, directory / name)
+        return {
+            "name": "inductor",
+            "device": self.device,
+            "files": {"package": PACKAGE_FILE, "weights": WEIGHTS_FILE},
+            "state": self.state,
+            "versions": {"torch": torch.__version__},
+        }
+
+
+def lower(program: StepProgram, settings: InductorSettings, device: str) -> InductorStep:
+    return InductorStep(program, settings, device)

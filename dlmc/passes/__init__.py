@@ -1,0 +1,163 @@
+"""Graph passes over a captured step.
+
+A pass is a frozen, keyword-only config dataclass (the recipe entry) plus one function
+`(StepProgram, config) -> PassResult` registered for that config type. The registry maps types to
+functions and names to types; it never decides order: the recipe's list order is the execution order.
+
+PassResult mirrors torch.fx's `PassResult(graph_module, modified)`, but carries the whole StepProgram,
+because a pass may change what an fx GraphModule alone cannot hold: the weights, the lifted
+constants, and the step signature the runtime drives.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, InputSpec, OutputSpec, TensorArgument
+from torch.fx.node import map_aggregate
+
+from dlmc.capture import StepProgram
+
+
+class PassConfig:
+    """Base of pass configs. Subclasses are @dataclass(frozen=True, kw_only=True)."""
+
+    name: ClassVar[str]
+    """The recipe key, e.g. "fold_constants"."""
+    exact: ClassVar[bool]
+    """True when the rewritten step computes exactly what the original does (so compiled output must
+    equal the reference decoder's); False for approximations such as lower-precision weights."""
+    version: ClassVar[int] = 1
+    """Bump when the pass's semantics change; recorded in the artifact manifest."""
+
+
+class PassResult(NamedTuple):
+    program: StepProgram
+    modified: bool
+
+
+Pass = Callable[[StepProgram, Any], PassResult]
+PASSES: dict[type[PassConfig], Pass] = {}
+
+
+def register(config_type: type[PassConfig]) -> Callable[[Pass], Pass]:
+    def deco(fn: Pass) -> Pass:
+        if config_type in PASSES:
+            raise RuntimeError(f"pass config {config_type.__name__} registered twice")
+        PASSES[config_type] = fn
+        return fn
+
+    return deco
+
+
+def pass_configs() -> dict[str, type[PassConfig]]:
+    """Recipe name -> config type, derived from the one registration site."""
+    return {config_type.name: config_type for config_type in PASSES}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers the pass modules share: editing an ExportedProgram without breaking its invariants
+# ---------------------------------------------------------------------------------------------
+
+
+def copy_graph(program: StepProgram) -> torch.fx.GraphModule:
+    """A private copy of the program's graph module for a pass to edit (passes never edit their input)."""
+    return _deepcopy(program.graph_module)
+
+
+def _deepcopy(obj: Any) -> Any:
+    with warnings.catch_warnings():
+        # Copying pytree specs (in node metadata, in the module call graph) trips a torch-internal
+        # deprecation warning that says nothing about our code.
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(obj)
+
+
+def rebuild(
+    program: StepProgram,
+    gm: torch.fx.GraphModule,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    constants: dict[str, Any] | None = None,
+    new_inputs: dict[str, InputSpec] | None = None,
+) -> StepProgram:
+    """A new StepProgram around an edited graph. The graph signature is re-derived from the graph:
+    input specs follow the placeholders (a pass that adds a placeholder passes its spec in
+    `new_inputs`, keyed by node name; a removed placeholder drops its spec), and output specs follow
+    the output node by position."""
+    ep = program.exported
+    specs_by_name = {spec.arg.name: spec for spec in ep.graph_signature.input_specs} | (new_inputs or {})
+    input_specs = [specs_by_name[node.name] for node in gm.graph.find_nodes(op="placeholder")]
+    returned = gm.graph.output_node().args[0]
+    output_specs = [
+        OutputSpec(kind=old.kind, arg=_rename(old.arg, node), target=old.target)
+        for old, node in zip(ep.graph_signature.output_specs, returned, strict=True)
+    ]
+    module_call_graph = _deepcopy(ep.module_call_graph)
+    root = module_call_graph[0].signature
+    if root is not None and root.outputs:  # names are recorded only when the module call graph is kept
+        user_outputs = [
+            node for spec, node in zip(output_specs, returned, strict=True) if spec.kind.name == "USER_OUTPUT"
+        ]
+        root.outputs = [_rename(arg, node) for arg, node in zip(root.outputs, user_outputs, strict=True)]
+    exported = ExportedProgram(
+        root=gm,
+        graph=gm.graph,
+        graph_signature=ExportGraphSignature(input_specs=input_specs, output_specs=output_specs),
+        state_dict=ep.state_dict if state_dict is None else state_dict,
+        range_constraints=_deepcopy(ep.range_constraints),
+        module_call_graph=module_call_graph,
+        example_inputs=ep.example_inputs,  # AOTInductor compiles against them
+        constants=ep.constants if constants is None else constants,
+        verifiers=ep.verifiers,
+    )
+    return program.with_exported(exported)
+
+
+def _rename(arg: Any, node: torch.fx.Node) -> Any:
+    return TensorArgument(name=node.name) if isinstance(arg, TensorArgument) else arg
+
+
+def fake_value(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+    """The meta["val"] (a FakeTensor) of a node calling `target` on `args`, computed under the graph's
+    own fake mode, so that new nodes carry the metadata the verifier and the backends expect."""
+    kwargs = kwargs or {}
+    vals = [a.meta["val"] for a in _nodes_in((args, kwargs))]
+    mode = torch._guards.detect_fake_mode(vals)
+
+    def val(a: Any) -> Any:
+        return a.meta["val"] if isinstance(a, torch.fx.Node) else a
+
+    with mode:
+        return target(*map_aggregate(args, val), **map_aggregate(kwargs, val))
+
+
+def _nodes_in(obj: Any) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    map_aggregate(obj, lambda a: found.append(a) if isinstance(a, torch.fx.Node) else a)
+    return found
+
+
+def input_kinds(program: StepProgram) -> dict[str, tuple[str, str | None]]:
+    """Placeholder name -> (input kind name, state/constant key), e.g. ("PARAMETER", "lm_head.weight")."""
+    return {spec.arg.name: (spec.kind.name, spec.target) for spec in program.exported.graph_signature.input_specs}
+
+
+# The closed list of pass modules; importing them registers them. Order here means nothing.
+from dlmc.passes import fold_constants, mixed_precision  # noqa: E402
+
+__all__ = [
+    "PASSES",
+    "Pass",
+    "PassConfig",
+    "PassResult",
+    "fold_constants",
+    "mixed_precision",
+    "pass_configs",
+    "register",
+]

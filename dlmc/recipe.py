@@ -1,0 +1,334 @@
+"""Recipes: YAML in, typed frozen dataclasses out; every problem reported at once.
+
+    description: LLaDA on a laptop CPU, exact
+    capture: {dtype: float32, max_batch: 8}
+    passes:                      # list order = execution order
+      - fold_constants: {}
+      - mixed_precision: {dtype: bfloat16}
+    lower: {backend: onnxrt, opset: 20}
+    decode: {decoder: llada, gen_length: 64, steps: 64, block_length: 32}
+
+Pass names, backends and decoders resolve through closed registries (never dotted import paths).
+YAML is a thin serialization of the dataclasses: `dump_recipe` writes the same shape `load_recipe`
+reads, and the artifact embeds that dump as the resolved recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from dlmc.capture import CaptureConfig
+from dlmc.decoding import DECODERS
+from dlmc.errors import DlmcError
+from dlmc.lower import BACKENDS, LowerSettings, check_backend
+from dlmc.lower.inductor import InductorSettings
+from dlmc.lower.tensorrt import TensorRtSettings
+from dlmc.passes import PassConfig, pass_configs
+from dlmc.passes.fold_constants import FoldConstants
+
+SECTIONS = ("description", "capture", "passes", "lower", "decode")
+
+
+class RecipeError(DlmcError):
+    """All of a recipe's problems; str() is one line, `problems` has one entry per problem."""
+
+    def __init__(self, where: str, problems: list[str]):
+        self.problems = problems
+        count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+        super().__init__(f"{where}: {count}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeDefaults:
+    """What `engine.generate()` uses when the caller names no decoder or config."""
+
+    decoder: str | None = None
+    """A name from dlmc.decoding.DECODERS; None = the model's own sampler."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Fields of that decoder's config."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    passes: tuple[PassConfig, ...] = ()
+    lower: LowerSettings = field(default_factory=InductorSettings)
+    decode: DecodeDefaults = field(default_factory=DecodeDefaults)
+    description: str = ""
+
+    @property
+    def exact(self) -> bool:
+        """True when every pass is exact, so the artifact must reproduce the reference tokens."""
+        return all(p.exact for p in self.passes)
+
+
+def default_recipe(device: str = "cpu") -> Recipe:
+    """Exact passes only, Inductor on `device` (cpu or cuda): token-identical to the reference decoder."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise DlmcError(f"device: '{device}' is not supported (use cpu, cuda or cuda:N)")
+    return Recipe(
+        description=f"default: exact passes, Inductor on {kind}",
+        passes=(FoldConstants(),),
+        lower=InductorSettings(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; raises RecipeError listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise DlmcError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DlmcError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise DlmcError(f"{path}: not a text file") from None
+    return parse_recipe({} if data is None else data, where=str(path))
+
+
+def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise RecipeError(where, [f"expected a mapping of {', '.join(SECTIONS)}, got {_kind(data)}"])
+    for key in data:
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
+    description = _convert(str, data.get("description", ""), "description", problems)
+    capture = _build(CaptureConfig, data.get("capture") or {}, "capture", problems)
+    passes = _passes(data.get("passes") or [], problems)
+    lower = _lower(data.get("lower") or {"backend": "inductor"}, problems)
+    decode = _decode(data.get("decode") or {}, problems)
+    if not problems:
+        problems += _cross_checks(capture, lower)
+    if problems:
+        raise RecipeError(where, problems)
+    return Recipe(capture=capture, passes=tuple(passes), lower=lower, decode=decode, description=description)
+
+
+def _passes(items: Any, problems: list[str]) -> list[PassConfig]:
+    if not isinstance(items, list):
+        problems.append(f"passes: expected a list, got {_kind(items)}")
+        return []
+    known = pass_configs()
+    configs = []
+    for i, item in enumerate(items):
+        where = f"passes[{i}]"
+        if isinstance(item, str):  # "- fold_constants" is shorthand for "- fold_constants: {}"
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            problems.append(f"{where}: expected one pass name mapped to its options, e.g. '- fold_constants: {{}}'")
+            continue
+        ((name, options),) = item.items()
+        if name not in known:
+            problems.append(f"{where}: unknown pass '{name}' (known: {', '.join(sorted(known))})")
+            continue
+        config = _build(known[name], options or {}, f"{where}.{name}", problems)
+        if config is not _BAD:
+            configs.append(config)
+    return configs
+
+
+def _lower(data: Any, problems: list[str]) -> LowerSettings:
+    if not isinstance(data, dict):
+        problems.append(f"lower: expected a mapping, got {_kind(data)}")
+        return _BAD
+    backend = data.get("backend", "inductor")
+    if backend not in BACKENDS:
+        problems.append(f"lower.backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+        return _BAD
+    return _build(BACKENDS[backend], {k: v for k, v in data.items() if k != "backend"}, "lower", problems)
+
+
+def _decode(data: Any, problems: list[str]) -> DecodeDefaults:
+    if not isinstance(data, dict):
+        problems.append(f"decode: expected a mapping, got {_kind(data)}")
+        return _BAD
+    name = data.get("decoder")
+    fields = {k: v for k, v in data.items() if k != "decoder"}
+    if name is None:
+        if fields:
+            problems.append(f"decode: options {', '.join(fields)} need a 'decoder' to belong to")
+        return DecodeDefaults()
+    if name not in DECODERS:
+        problems.append(f"decode.decoder: unknown decoder '{name}' (known: {', '.join(sorted(DECODERS))})")
+        return _BAD
+    config = _build(DECODERS[name][0], fields, "decode", problems)
+    if config is _BAD:
+        return _BAD
+    return DecodeDefaults(decoder=name, config=_plain(dataclasses.asdict(config)))
+
+
+def _cross_checks(capture: CaptureConfig, lower: LowerSettings) -> list[str]:
+    """Options that are fine alone but contradict each other."""
+    problems = []
+    if isinstance(lower, TensorRtSettings):
+        if lower.opt_batch > capture.max_batch:
+            problems.append(f"lower.opt_batch: {lower.opt_batch} exceeds capture.max_batch {capture.max_batch}")
+        if lower.opt_seq is not None and capture.seq_buckets and lower.opt_seq > capture.seq_buckets[-1]:
+            problems.append(f"lower.opt_seq: {lower.opt_seq} exceeds the largest of capture.seq_buckets")
+    return problems
+
+
+def check_target(recipe: Recipe, device: str, checkpoint_dtype: str | None = None) -> list[str]:
+    """Problems with running this recipe on this machine: a missing backend package or device, or an
+    option the backend cannot honour (such as a compute dtype it has no kernels for)."""
+    dtypes = {recipe.capture.dtype or checkpoint_dtype or "float32"}
+    dtypes |= {p.dtype for p in recipe.passes if isinstance(getattr(p, "dtype", None), str)}
+    return check_backend(recipe.lower, device, frozenset(dtypes))
+
+
+# ---------------------------------------------------------------------------------------------
+# dumping (the inverse of parse_recipe)
+# ---------------------------------------------------------------------------------------------
+
+
+def dump_recipe(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if recipe.description:
+        out["description"] = recipe.description
+    out["capture"] = _plain(dataclasses.asdict(recipe.capture))
+    out["passes"] = [{p.name: _plain(dataclasses.asdict(p))} for p in recipe.passes]
+    out["lower"] = {"backend": recipe.lower.backend, **_plain(dataclasses.asdict(recipe.lower))}
+    if recipe.decode.decoder is not None:
+        out["decode"] = {"decoder": recipe.decode.decoder, **recipe.decode.config}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the dump is plain YAML/JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# typed conversion: YAML values -> dataclass fields, collecting problems instead of stopping
+# ---------------------------------------------------------------------------------------------
+
+_BAD: Any = object()
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping of options, got {_kind(data)}")
+        return _BAD
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    before = len(problems)
+    for key in data:
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            problems.append(f"{where}.{key}: unknown option (known: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            value = _convert(hints[name], data[name], f"{where}.{name}", problems)
+            if value is not _BAD:
+                kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{where}.{name}: required")
+    if len(problems) > before:
+        return _BAD
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError, DlmcError) as e:
+        message = str(e)
+        head = message.split(":", 1)[0].split("=", 1)[0].strip()
+        problems.append(f"{where}.{message}" if head in fields else f"{where}: {message}")
+        return _BAD
+
+
+def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(options[0], value, where, problems)
+        for option in options:  # first option that accepts the value, silently
+            result = _convert(option, value, where, [])
+            if result is not _BAD:
+                return result
+        problems.append(f"{where}: {value!r} is not {' or '.join(_name(o) for o in options)}")
+        return _BAD
+    if origin is Literal:
+        if value in args and type(value) is type(args[list(args).index(value)]):
+            return value
+        problems.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return _BAD
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {_kind(value)}")
+            return _BAD
+        item = args[0]
+        items = [_convert(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if any(v is _BAD for v in items) else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {_kind(value)}")
+            return _BAD
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, problems)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"recipe field type {tp!r} is not supported")  # a bug in a config class, not user input
+    if not ok:
+        problems.append(f"{where}: expected {_name(tp)}, got {_kind(value)} {value!r}")
+        return _BAD
+    return value
+
+
+def _name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "nothing",
+    }.get(type(value), type(value).__name__)

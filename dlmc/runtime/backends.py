@@ -1,0 +1,255 @@
+"""Loading a compiled step from an artifact, one small loader per backend.
+
+Each loader imports its backend package only when called, so a process that runs an ONNX artifact
+never imports torch._inductor or torch_tensorrt, and a missing package is one clear line. Nothing here
+unpickles a file from the artifact (see ARTIFACT.md, "Loading safely").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlmc.errors import DlmcError
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(input_ids [B, L] int64, attention_mask [B, L] bool, position_ids [B, L] int64) -> logits [B, L, V]."""
+
+PACKAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "eager": ((), None),
+    "inductor": ((), None),
+    "onnxrt": (("onnxruntime",), "onnx"),
+    "tensorrt": (("torch_tensorrt",), "trt"),
+}
+"""Backend -> (modules it imports, the dlmc extra that installs them)."""
+
+
+def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
+    name = entry.get("name")
+    if name not in LOADERS:
+        raise DlmcError(f"{root / 'manifest.json'}: unknown backend '{name}' (this dlmc knows {', '.join(LOADERS)})")
+    modules, extra = PACKAGES[name]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = f"; pip install 'dlmc[{extra}]'" if extra else ""
+        raise DlmcError(f"{root}: this artifact runs on {name}, which needs {', '.join(missing)}{hint}")
+    built_for = torch.device(entry.get("device", "cpu")).type
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DlmcError(f"device '{device}' was asked for, but torch sees no CUDA device")
+    return LOADERS[name](root, entry, device, built_for)
+
+
+def load_state(path: Path, kinds: dict[str, list[str]], device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state_dict, constants) from a safetensors file written by the compiler."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise DlmcError(f"{path}: not a readable safetensors file ({e})") from None
+    names = kinds["parameters"] + kinds["buffers"] + kinds["constants"]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise DlmcError(f"{path}: missing tensor '{missing[0]}'")
+    state: dict[str, Any] = {n: torch.nn.Parameter(tensors[n], requires_grad=False) for n in kinds["parameters"]}
+    state |= {n: tensors[n] for n in kinds["buffers"]}
+    return state, {n: tensors[n] for n in kinds["constants"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# eager: torch.export's JSON graph + safetensors
+# ---------------------------------------------------------------------------------------------
+
+
+def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+    from torch._export.serde.serialize import SerializedArtifact, deserialize
+
+    state, constants = load_state(root / entry["files"]["weights"], entry["state"], "cpu")
+    graph = (root / entry["files"]["graph"]).read_bytes()
+    try:
+        # State and constants are passed as tensors, so the deserializer unpickles nothing.
+        exported = deserialize(SerializedArtifact(graph, state, constants, b""))
+    except Exception as e:
+        raise DlmcError(
+            f"{root / entry['files']['graph']}: cannot load the step graph ({type(e).__name__}: {e})"
+        ) from None
+    if torch.device(device).type != "cpu" or built_for != "cpu":
+        exported = torch.export.passes.move_to_device_pass(exported, device)
+    module = exported.module()
+
+    def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(input_ids, attention_mask, position_ids)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# inductor: an AOTInductor package without weights + safetensors
+# ---------------------------------------------------------------------------------------------
+
+
+def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+    from torch._inductor import aoti_load_package
+
+    if torch.device(device).type != built_for:
+        raise DlmcError(
+            f"{root}: this inductor artifact was compiled for {built_for}; recompile it with device '{device}'"
+        )
+    package = root / entry["files"]["package"]
+    try:
+        runner = aoti_load_package(str(package))
+    except Exception as e:
+        raise DlmcError(f"{package}: cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
+    state, constants = load_state(root / entry["files"]["weights"], entry["state"], device)
+    try:
+        attach_weights(runner, {**state, **constants})
+    except Exception as e:
+        raise DlmcError(
+            f"{package}: weights do not fit the compiled package ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    return runner
+
+
+def attach_weights(runner: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Hand an AOTInductor package the weights it was compiled without. It names the ones it needs
+    (small folded constants may have been compiled into the code); all of those must be supplied."""
+    needed = runner.get_constant_fqns()
+    missing = [name for name in needed if name not in tensors]
+    if missing:
+        raise KeyError(f"weights file lacks '{missing[0]}'")
+    runner.load_constants({name: tensors[name] for name in needed}, check_full_update=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxrt: a standard ONNX model whose external data lives in safetensors
+# ---------------------------------------------------------------------------------------------
+
+ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def open_session(path: Path, providers: tuple[str, ...], optimization: str, device: str) -> Any:
+    """An onnxruntime session on exactly the requested providers. onnxruntime falls back to the CPU
+    when a provider fails to load; that is refused here, never silently accepted."""
+    import onnxruntime as ort
+
+    wanted = list(providers or ORT_PROVIDERS[torch.device(device).type])
+    options = ort.SessionOptions()
+    levels = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    )
+    options.graph_optimization_level = levels[ORT_LEVELS.index(optimization)]
+    options.log_severity_level = 3  # errors only; a failed provider is checked below
+    session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    active = session.get_providers()
+    if active[0] != wanted[0]:
+        raise DlmcError(f"{path}: onnxruntime could not start {wanted[0]} (it would run on {active[0]})")
+    return session
+
+
+def session_step(session: Any) -> Step:
+    def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        feeds = {
+            "input_ids": input_ids.detach().cpu().numpy(),  # [B, L] int64
+            "attention_mask": attention_mask.detach().cpu().numpy(),  # [B, L] bool
+            "position_ids": position_ids.detach().cpu().numpy(),  # [B, L] int64
+        }
+        (logits,) = session.run(["logits"], feeds)  # [B, L, V]
+        return torch.from_numpy(logits).to(input_ids.device)
+
+    return step
+
+
+def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+    model = root / entry["files"]["model"]
+    try:
+        session = open_session(model, tuple(entry.get("providers", ())), entry.get("optimization", "all"), device)
+    except DlmcError:
+        raise
+    except Exception as e:
+        raise DlmcError(f"{model}: onnxruntime cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
+    return session_step(session)
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorrt: torch_tensorrt's ExportedProgram with serialized engines
+# ---------------------------------------------------------------------------------------------
+
+
+def load_tensorrt(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+    if torch.device(device).type != "cuda":
+        raise DlmcError(f"{root}: a TensorRT artifact runs only on a CUDA device, not '{device}'")
+    program = root / entry["files"]["program"]
+    audit_pt2(program)
+    import torch_tensorrt
+
+    try:
+        module = torch_tensorrt.load(str(program)).module()
+    except Exception as e:
+        raise DlmcError(
+            f"{program}: torch_tensorrt cannot load the engine ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    return module
+
+
+SAFE_PAYLOADS = ("weight_", "tensor_", "custom_obj_")
+"""Raw tensor bytes, and torchbind objects; never "opaque_obj_" (Python pickle)."""
+
+
+def audit_pt2(path: Path) -> None:
+    """Refuse a .pt2/.ep archive that would make torch.export.load unpickle Python objects.
+
+    torch.export.load unpickles (a) weights or constants flagged `use_pickle` (tensor subclasses),
+    (b) "opaque" constants, and (c) example inputs, falling back to full pickle when the restricted
+    loader refuses them. Plain tensors are raw bytes and TensorRT engines are torchbind objects
+    (TorchScript's own deserializer, which builds only registered C++ classes); those are allowed.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DlmcError(f"{path}: not a readable .pt2 archive ({e})") from None
+    with archive:
+        for name in archive.namelist():
+            in_state = "/data/weights/" in name or "/data/constants/" in name
+            if in_state and name.endswith(".pt"):  # the legacy layout: one pickled state dict
+                raise DlmcError(f"{path}: '{name}' is a pickled state dict; refusing to load it")
+            if in_state and name.endswith("_config.json"):
+                config = json.loads(archive.read(name)).get("config", {})
+                for key, meta in config.items():
+                    if meta.get("use_pickle"):
+                        raise DlmcError(f"{path}: tensor '{key}' is stored pickled; refusing to load it")
+                    if not str(meta.get("path_name", "")).startswith(SAFE_PAYLOADS):
+                        raise DlmcError(f"{path}: constant '{key}' is a pickled Python object; refusing to load it")
+            elif "/data/sample_inputs/" in name and archive.getinfo(name).file_size:
+                _check_weights_only(path, name, archive.read(name))
+
+
+def _check_weights_only(path: Path, name: str, payload: bytes) -> None:
+    import io
+
+    try:
+        torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception:
+        raise DlmcError(f"{path}: '{name}' holds more than tensors; refusing to load it") from None
+
+
+def _first_line(e: Exception) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
+LOADERS: dict[str, Callable[[Path, dict[str, Any], str, str], Step]] = {
+    "eager": load_eager,
+    "inductor": load_inductor,
+    "onnxrt": load_onnxrt,
+    "tensorrt": load_tensorrt,
+}

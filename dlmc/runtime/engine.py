@@ -1,0 +1,139 @@
+"""Engine: a compiled denoising step loaded from an artifact, driven by the reference decoders.
+
+The decode strategies are the reference decoders of `dlmc.decoding`, run unchanged: the engine is
+just another `model(input_ids, attention_mask, position_ids) -> logits` callable. That is what makes
+"compiled output == reference output" a meaningful test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlmc.artifact import TOKENIZER_DIR, StepSignature, read_manifest
+from dlmc.decoding import DECODERS, Generation, default_decoder
+from dlmc.errors import DlmcError
+from dlmc.tokenizer import load_tokenizer
+from dlmc.runtime.backends import Step, load_step
+from dlmc.spec import DenoiserSpec
+from dlmc.tokenizer import TextTokenizer
+
+KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+"""Step inputs this runtime knows how to feed; an artifact asking for others needs a newer runtime."""
+
+
+class Engine:
+    def __init__(self, root: Path, manifest: dict[str, Any], step: Step, device: torch.device):
+        self.root = root
+        self.manifest = manifest
+        self.spec = DenoiserSpec.from_dict(manifest["spec"])
+        self.signature = StepSignature.from_dict(manifest["signature"])
+        self.device = device
+        tokenizer_dir = root / TOKENIZER_DIR
+        self.tokenizer: TextTokenizer | None = load_tokenizer(tokenizer_dir) if tokenizer_dir.is_dir() else None
+        self._step = step
+
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Raw logits [B, L, V] for input_ids [B, L], on the device input_ids came from. A missing mask
+        means no padding; missing positions mean 0..L-1. Batches above the artifact's largest run in
+        chunks; shorter sequences are padded to the step's smallest length or next bucket."""
+        if input_ids.dim() != 2:
+            raise DlmcError(f"step: input_ids must be [batch, length], got shape {list(input_ids.shape)}")
+        batch, length = input_ids.shape
+        lo, hi = self.signature.seq
+        if length > hi:
+            raise DlmcError(f"step: sequence length {length} exceeds this artifact's maximum {hi}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)  # [B, L] bool
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)  # [B, L] int64
+        target = padded_length(length, lo, self.signature.seq_buckets)
+        chunks = []
+        for start in range(0, batch, self.signature.batch[1]):
+            rows = slice(start, start + self.signature.batch[1])
+            ids, mask, pos = pad_right(input_ids[rows], attention_mask[rows], position_ids[rows], target)
+            logits = self._step(
+                ids.to(self.device, torch.int64), mask.to(self.device, torch.bool), pos.to(self.device, torch.int64)
+            )  # [b, target, V]
+            chunks.append(logits[:, :length])
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # [B, L, V]
+        return logits.to(input_ids.device)
+
+    __call__ = step
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        decoder: str | None = None,
+        config: Any = None,
+        seed: int = 0,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Decode `prompts` (token ids) with a reference decoder running on the compiled step.
+
+        The decoder defaults to the artifact's decode defaults, else the model's own sampler; `config`
+        defaults to the decode defaults' config for that decoder, else the decoder's defaults."""
+        defaults = self.manifest.get("decode") or {}
+        name = decoder or defaults.get("decoder") or default_decoder(self.spec)
+        if name not in DECODERS:
+            raise DlmcError(f"decoder: unknown decoder '{name}' (known: {', '.join(sorted(DECODERS))})")
+        config_type, generate = DECODERS[name]
+        if config is None:
+            fields = (defaults.get("config") or {}) if name == defaults.get("decoder") else {}
+            config = config_type(**_tuples(fields))
+        elif not isinstance(config, config_type):
+            raise DlmcError(f"decoder: '{name}' takes a {config_type.__name__}, got {type(config).__name__}")
+        return generate(self, self.spec, prompts, config, seed=seed, on_step=on_step)
+
+
+def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
+    """Load a compiled artifact: check its format version and every file's hash, then load the step
+    with the one backend it was compiled for. `device` defaults to the one it was compiled for."""
+    root = Path(path)
+    manifest = read_manifest(root, verify=True)
+    entry = manifest["backend"]
+    signature = StepSignature.from_dict(manifest["signature"])
+    unknown = [t.name for t in signature.inputs if t.name not in KNOWN_INPUTS]
+    if unknown or [t.name for t in signature.inputs] != list(KNOWN_INPUTS):
+        raise DlmcError(f"{root}: the compiled step takes inputs this runtime cannot feed ({', '.join(unknown)})")
+    device = torch.device(device if device is not None else entry.get("device", "cpu"))
+    step = load_step(root, entry, str(device))
+    return Engine(root, manifest, step, device)
+
+
+def padded_length(length: int, shortest: int, buckets: tuple[int, ...]) -> int:
+    """The length the step is called with: the next bucket, or at least the shortest it accepts."""
+    for bucket in buckets:
+        if bucket >= length:
+            return bucket
+    return max(length, shortest)
+
+
+def pad_right(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, target: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append masked-out positions up to `target`. Real tokens never attend to them (their key mask is
+    False) and their logits are cut off again, so the real rows' logits are unchanged."""
+    # input_ids, position_ids: [B, L] int64; attention_mask: [B, L] bool
+    extra = target - input_ids.shape[1]
+    if extra <= 0:
+        return input_ids, attention_mask, position_ids
+    batch = input_ids.shape[0]
+    ids = torch.cat([input_ids, input_ids[:, -1:].expand(batch, extra)], dim=1)  # [B, target]
+    mask = torch.cat([attention_mask, attention_mask.new_zeros(batch, extra)], dim=1)  # [B, target]
+    steps = torch.arange(1, extra + 1, device=position_ids.device)  # [extra]
+    pos = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1)  # [B, target]
+    return ids, mask, pos
+
+
+def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no tuples; config dataclasses use them for sequences."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}

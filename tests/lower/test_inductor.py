@@ -1,0 +1,44 @@
+import zipfile
+
+import pytest
+import torch
+
+from dlmc.capture import CaptureConfig, capture
+from dlmc.errors import DlmcError
+from dlmc.lower import lower
+from dlmc.lower.inductor import InductorSettings
+from dlmc.models import load_model
+from dlmc.passes.fold_constants import FoldConstants, fold_constants
+from dlmc.runtime.backends import load_inductor
+from dlmc.testing.fixtures import write_checkpoint
+from tests.helpers import padded_batch
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    # One layer keeps the C++ compile short; the per-family runs live in tests/test_compiler.py.
+    model_dir = write_checkpoint("sdar", tmp_path_factory.mktemp("sdar1"), layers=1, seed=3)
+    step = capture(load_model(model_dir), CaptureConfig(max_batch=4))
+    return fold_constants(step, FoldConstants()).program
+
+
+def test_compiled_package_carries_code_not_weights(program, tmp_path):
+    step = lower(program, InductorSettings(), "cpu")
+    entry = step.save(tmp_path)
+    assert entry["files"] == {"package": "step.pt2", "weights": "weights.safetensors"}
+    names = zipfile.ZipFile(tmp_path / "step.pt2").namelist()
+    assert any(name.endswith(".so") for name in names)
+    assert not any("/data/weights/" in name or "/data/constants/" in name for name in names)
+    reloaded = load_inductor(tmp_path, entry, "cpu", "cpu")
+    for inputs in (padded_batch([6], 6), padded_batch([3, 21, 21], 21)):
+        expected = program(*inputs)
+        actual = step(*inputs)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(reloaded(*inputs), actual)
+
+    entry["state"]["parameters"].append("layers.7.attn.q_proj.weight")
+    with pytest.raises(DlmcError, match=r"missing tensor 'layers\.7\.attn\.q_proj\.weight'"):
+        load_inductor(tmp_path, entry, "cpu", "cpu")
+    entry["state"]["parameters"].pop()
+    with pytest.raises(DlmcError, match="compiled for cpu"):
+        load_inductor(tmp_path, entry, "cuda", "cpu")

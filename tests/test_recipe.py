@@ -1,0 +1,145 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlmc.capture import CaptureConfig
+from dlmc.errors import DlmcError
+from dlmc.lower.inductor import InductorSettings
+from dlmc.lower.onnxrt import OnnxRtSettings
+from dlmc.lower.tensorrt import TensorRtSettings
+from dlmc.passes.fold_constants import FoldConstants
+from dlmc.passes.mixed_precision import MixedPrecision
+from dlmc.recipe import Recipe, RecipeError, check_target, default_recipe, dump_recipe, load_recipe, parse_recipe
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.exact
+    assert parse_recipe(dump_recipe(recipe)) == recipe
+
+
+def test_yaml_maps_to_typed_configs_in_order(tmp_path):
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            """
+description: mixed
+capture: {dtype: float32, max_batch: 4, seq_buckets: [64, 128]}
+passes:
+  - mixed_precision: {dtype: float16, keep: [lm_head]}
+  - fold_constants
+lower: {backend: onnxrt, opset: 20, providers: [CPUExecutionProvider]}
+decode: {decoder: llada, gen_length: 32, steps: 32, block_length: 16}
+""",
+        )
+    )
+    assert recipe.capture == CaptureConfig(dtype="float32", max_batch=4, seq_buckets=(64, 128))
+    assert recipe.passes == (MixedPrecision(dtype="float16", keep=("lm_head",)), FoldConstants())
+    assert recipe.lower == OnnxRtSettings(opset=20, providers=("CPUExecutionProvider",))
+    assert recipe.decode.decoder == "llada" and recipe.decode.config["gen_length"] == 32
+    assert not recipe.exact
+    assert parse_recipe(dump_recipe(recipe)) == recipe
+    assert yaml.safe_load(yaml.safe_dump(dump_recipe(recipe))) == dump_recipe(recipe)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        """
+capture: {dtype: int3, max_batch: "8"}
+passes:
+  - layer_skip: {layers: [1]}
+  - fold_constants: {max_bytes: 1.5, colour: red}
+  - mixed_precision: {dtype: bfloat16}
+lower: {backend: onnxrt, opset: 13}
+decode: {decoder: llada, gen_length: 0}
+extra: 1
+""",
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    problems = info.value.problems
+    expected = [
+        "extra: unknown section",
+        "capture.dtype: 'int3' is not",
+        "capture.max_batch: expected an integer",
+        "passes[0]: unknown pass 'layer_skip'",
+        "passes[1].fold_constants.max_bytes: expected an integer",
+        "passes[1].fold_constants.colour: unknown option",
+        "lower.opset: the dynamo ONNX exporter needs opset 18",
+        "decode.gen_length=0 must be at least 1",
+    ]
+    assert len(problems) == len(expected)
+    for fragment in expected:
+        assert any(p.startswith(fragment) for p in problems), (fragment, problems)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: 8 problems: ")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("lower: {backend: vulkan}", "unknown backend 'vulkan'"),
+        ("passes: {fold_constants: {}}", "passes: expected a list"),
+        ("passes: [{fold_constants: {}, mixed_precision: {}}]", "expected one pass name"),
+        ("decode: {gen_length: 8}", "need a 'decoder'"),
+        ("decode: {decoder: beam}", "unknown decoder 'beam'"),
+        ("lower: {backend: tensorrt, opt_batch: 64}", "lower.opt_batch: 64 exceeds capture.max_batch 16"),
+        ("passes: [{mixed_precision: {dtype: true}}]", "passes[0].mixed_precision.dtype: True is not one of"),
+        ("- just\n- a list", "expected a mapping"),
+    ],
+)
+def test_each_kind_of_mistake_names_its_field(tmp_path, text, fragment):
+    with pytest.raises(RecipeError, match=None) as info:
+        load_recipe(write(tmp_path, text))
+    assert fragment in str(info.value)
+
+
+def test_unreadable_files_are_one_line(tmp_path):
+    with pytest.raises(DlmcError, match="file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(DlmcError, match="not valid YAML at line"):
+        load_recipe(write(tmp_path, "capture: {max_batch: 1\npasses: ]\n"))
+
+
+def test_empty_recipe_means_all_defaults(tmp_path):
+    assert load_recipe(write(tmp_path, "")) == Recipe()
+
+
+def test_default_recipe_is_exact_inductor():
+    recipe = default_recipe("cpu")
+    assert recipe.exact and isinstance(recipe.lower, InductorSettings)
+    assert [p.name for p in recipe.passes] == ["fold_constants"]
+    for device in ("mps", "gpu0"):
+        with pytest.raises(DlmcError, match=f"device: '{device}' is not supported"):
+            default_recipe(device)
+    assert check_target(recipe, "tpu") == ["device: 'tpu' is not supported (use cpu, cuda or cuda:N)"]
+
+
+def test_target_checks_name_what_the_machine_lacks(monkeypatch):
+    trt = Recipe(lower=TensorRtSettings())
+    problems = check_target(trt, "cpu")
+    assert any("runs only on a CUDA device" in p for p in problems)
+    onnx_bf16 = Recipe(passes=(MixedPrecision(dtype="bfloat16"),), lower=OnnxRtSettings())
+    assert any("no bfloat16 MatMul" in p for p in check_target(onnx_bf16, "cpu"))
+    assert check_target(Recipe(lower=OnnxRtSettings()), "cpu") == []
+    assert any("no bfloat16" in p for p in check_target(Recipe(lower=OnnxRtSettings()), "cpu", "bfloat16"))
+    wrong_provider = Recipe(lower=OnnxRtSettings(providers=("NoSuchExecutionProvider",)))
+    assert any("NoSuchExecutionProvider is not available" in p for p in check_target(wrong_provider, "cpu"))
+
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    (problem,) = check_target(Recipe(lower=OnnxRtSettings()), "cpu")
+    assert "onnxscript" in problem and "pip install 'dlmc[onnx]'" in problem
