@@ -19,7 +19,7 @@ import torch
 
 from dlmc.artifact import check_writable, write_artifact
 from dlmc.capture import StepProgram, capture, example_inputs
-from dlmc.errors import DlmcError
+from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
 from dlmc.models import load_model, read_model_config
 from dlmc.models.checkpoint import checkpoint_dtype, weight_map
@@ -74,7 +74,7 @@ def compile_model(
     except DlmcError:
         raise
     except Exception as e:
-        raise DlmcError(f"lower.backend: {recipe.lower.backend} failed to compile the step: {_one_line(e)}") from e
+        raise DlmcError(f"lower.backend: {recipe.lower.backend} failed to compile the step: {one_line(e)}") from e
 
     stage("verify")
     verify(step, program, reference if recipe.exact else program)
@@ -131,8 +131,3 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "unknown"
-
-
-def _one_line(e: Exception) -> str:
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -13,7 +13,7 @@ import torch
 
 from dlmc.artifact import StepSignature
 from dlmc.capture import StepProgram
-from dlmc.errors import DlmcError
+from dlmc.errors import DlmcError, one_line
 from dlmc.passes import PASSES, PassConfig
 
 
@@ -36,12 +36,12 @@ def run_passes(
         except DlmcError:
             raise
         except Exception as e:
-            raise PassError(f"pass '{config.name}' failed (after {before or 'no passes'}): {_one_line(e)}") from e
+            raise PassError(f"pass '{config.name}' failed (after {before or 'no passes'}): {one_line(e)}") from e
         try:
             check_program(program)
         except Exception as e:
             raise PassError(
-                f"pass '{config.name}' left an invalid graph (after {before or 'no passes'}): {_one_line(e)}"
+                f"pass '{config.name}' left an invalid graph (after {before or 'no passes'}): {one_line(e)}"
             ) from e
     return program
 
@@ -79,8 +79,3 @@ def _check_dtype(node: torch.fx.Node, name: str, dtype: str) -> None:
     actual = str(node.meta["val"].dtype).removeprefix("torch.")
     if actual != dtype:
         raise ValueError(f"step {name} is {actual} in the graph but {dtype} in the recorded signature")
-
-
-def _one_line(e: Exception) -> str:
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__

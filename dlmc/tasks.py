@@ -30,8 +30,8 @@ def _count(rng: random.Random) -> Example:
 
 
 def _add(rng: random.Random) -> Example:
-    a, b = rng.randint(100, 999), rng.randint(100, 999)
-    return Example("add", f"add {a}+{b}:", f"{a + b:04d}")
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return Example("add", f"add {a}+{b}:", f"{a + b:03d}")
 
 
 def _reverse(rng: random.Random) -> Example:

@@ -69,7 +69,7 @@ def batch(rng: random.Random, tok: Tokenizer, size: int, banned: set[str]):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("dlmc/data/default_model"))
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--layers", type=int, default=4)
