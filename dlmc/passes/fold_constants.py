@@ -47,6 +47,7 @@ def fold_constants(program: StepProgram, config: FoldConstants) -> PassResult:
     gm = copy_graph(program)
     kinds = input_kinds(program)
     constants = dict(program.exported.constants)
+    state = dict(program.exported.state_dict)
     known = _evaluate_constants(gm, kinds, constants, config.max_bytes)
 
     asserts = [n for n in known if n.op == "call_function" and n.target in ASSERT_OPS]
@@ -59,13 +60,16 @@ def fold_constants(program: StepProgram, config: FoldConstants) -> PassResult:
     for node in frontier:
         value = known[node]
         if isinstance(value, torch.Tensor):
-            key = _fresh_key(constants, "folded")
-            constants[key] = value.detach().clone()
+            # A folded value becomes a persistent buffer, not a lifted constant: backends keep a
+            # buffer's name (AOTInductor renames large lifted constants to its own `_tensor_constantN`,
+            # which the artifact's weights file could then not supply).
+            key = _fresh_key(state | constants, "folded")
+            state[key] = value.detach().clone()
             with gm.graph.inserting_before(first_input):
                 placeholder = gm.graph.placeholder(key)
-            placeholder.meta["val"] = _fake_like(node, constants[key])
+            placeholder.meta["val"] = _fake_like(node, state[key])
             new_inputs[placeholder.name] = InputSpec(
-                kind=InputKind.CONSTANT_TENSOR, arg=TensorArgument(name=placeholder.name), target=key
+                kind=InputKind.BUFFER, arg=TensorArgument(name=placeholder.name), target=key, persistent=True
             )
             node.replace_all_uses_with(placeholder)
         else:  # a dtype, a Python number: substitute the literal into each user's arguments
@@ -74,7 +78,7 @@ def fold_constants(program: StepProgram, config: FoldConstants) -> PassResult:
                 user.kwargs = map_aggregate(user.kwargs, lambda a, n=node, v=value: v if a is n else a)
     erased = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
-    state_dict, removed = _drop_unused_state(gm, kinds, program.exported.state_dict, constants)
+    state_dict, removed = _drop_unused_state(gm, kinds, state, constants)
     erased -= len(gm.graph.nodes)
     modified = bool(asserts or frontier or erased or removed)
     if not modified:

@@ -26,8 +26,8 @@ def test_lowered_and_reloaded_steps_are_bitwise_the_program(program, tmp_path):
     json.loads((tmp_path / "step.json").read_text())  # the graph is plain JSON, nothing pickled
     with safe_open(str(tmp_path / "weights.safetensors"), "pt") as f:
         names = set(f.keys())
-    assert set(entry["state"]["parameters"]) | set(entry["state"]["constants"]) == names
-    assert entry["state"]["constants"] == ["folded_0"]
+    assert set(entry["state"]["parameters"]) | set(entry["state"]["buffers"]) == names
+    assert entry["state"]["buffers"] == ["folded_0"]
     reloaded = load_eager(tmp_path, entry, "cpu", "cpu")
     for inputs in (padded_batch([9], 9), padded_batch([4, 15, 15], 15)):
         expected = program(*inputs)

@@ -16,8 +16,10 @@ def targets(program: StepProgram) -> list:
     return [n.target for n in program.graph_module.graph.nodes if n.op == "call_function"]
 
 
-def constant_inputs(program: StepProgram) -> list[str]:
-    return [s.target for s in program.exported.graph_signature.input_specs if s.kind.name == "CONSTANT_TENSOR"]
+def folded_inputs(program: StepProgram) -> list[str]:
+    """The values the pass folded: persistent buffers named folded_N."""
+    specs = program.exported.graph_signature.input_specs
+    return [s.target for s in specs if s.kind.name == "BUFFER" and s.target.startswith("folded_")]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +41,9 @@ def test_folds_rope_frequencies_and_dtype_promotions(model_and_step):
     assert aten.eye.default in after and aten.scaled_dot_product_attention.default in after
     linears = [n for n in folded.graph_module.graph.nodes if n.target is aten.linear.default]
     assert all("nn_module_stack" in n.meta for n in linears)  # later passes can still find blocks
-    (key,) = constant_inputs(folded)
+    (key,) = folded_inputs(folded)
     head_dim = model.arch.head_dim
-    assert folded.exported.constants[key].shape == (head_dim // 2,)
+    assert folded.exported.state_dict[key].shape == (head_dim // 2,)
     for inputs in (padded_batch([6], 6), padded_batch([2, 19, 19], 19)):
         with torch.no_grad():
             assert torch.equal(folded(*inputs), model(*inputs))
@@ -92,8 +94,8 @@ def test_hand_built_graph_folds_to_one_constant_and_drops_dead_weights():
     assert result.modified
     assert aten.arange.default not in targets(result.program) and aten.exp.default not in targets(result.program)
     assert targets(result.program) == [aten.mul.Tensor, aten.add.Tensor]
-    (key,) = constant_inputs(result.program)
-    torch.testing.assert_close(result.program.exported.constants[key], (torch.arange(4.0) * 2).exp(), rtol=0, atol=0)
+    (key,) = folded_inputs(result.program)
+    torch.testing.assert_close(result.program.exported.state_dict[key], (torch.arange(4.0) * 2).exp(), rtol=0, atol=0)
     assert "unused" not in result.program.exported.state_dict and "scale" in result.program.exported.state_dict
     assert torch.equal(result.program(x), step(x))
 
@@ -102,6 +104,6 @@ def test_size_limit_keeps_large_values_computed():
     step = toy_step()
     result = fold_constants(step, FoldConstants(max_bytes=0))
     # Nothing may be materialised; only the unused weight goes.
-    assert constant_inputs(result.program) == []
+    assert folded_inputs(result.program) == []
     assert aten.exp.default in targets(result.program)
     assert "unused" not in result.program.exported.state_dict
