@@ -25,7 +25,10 @@ from dlmc.recipe import parse_recipe
 from dlmc.testing.fixtures import write_checkpoint
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-TARGETS = [("inductor", "float32"), ("inductor", "bfloat16"), ("onnxrt", "float32"), ("onnxrt", "bfloat16")]
+TARGETS = [("inductor", "float32"), ("inductor", "bfloat16"), ("inductor", "mixed_bf16"), ("onnxrt", "float32"),
+           ("onnxrt", "bfloat16"), ("onnxrt", "mixed_bf16")]
+"""(backend, dtype): `mixed_bf16` keeps the checkpoint in fp32 and adds the mixed_precision pass (bf16
+matmul weights, fp32 norms, softmax and logits); it is approximate, so its reference is fp32."""
 
 
 def main() -> None:
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="backend-dtype names to run, e.g. inductor-mixed_bf16")
     args = ap.parse_args()
     model_dir = args.workdir / "llada-134m"
     if not (model_dir / "config.json").is_file():
@@ -42,8 +46,14 @@ def main() -> None:
                          vocab=32000, max_length=512, shards=3)
     results = []
     for backend, dtype in TARGETS:
+        if args.only and f"{backend}-{dtype}" not in args.only:
+            continue
         data = yaml.safe_load((RECIPES / f"cpu-{backend}.yaml").read_text())
-        data["capture"]["dtype"] = dtype
+        if dtype == "mixed_bf16":
+            data["capture"]["dtype"] = "float32"
+            data["passes"].append({"mixed_precision": {"dtype": "bfloat16"}})
+        else:
+            data["capture"]["dtype"] = dtype
         data["description"] = f"{backend} {dtype} (benchmarks/compile_ratio.py)"
         out = args.workdir / f"{backend}-{dtype}"
         start = time.perf_counter()
