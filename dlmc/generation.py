@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dlmc.decoding import DECODERS, default_decoder
+from dlmc.decoding import DECODERS, config_fields, default_decoder
 from dlmc.decoding.common import StepCallback
 from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
@@ -28,7 +28,7 @@ def decoder_config(spec: DenoiserSpec, name: str | None, options: dict, defaults
     defaults = defaults or {}
     name = name or defaults.get("decoder") or default_decoder(spec)
     if name == defaults.get("decoder"):
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in (defaults.get("config") or {}).items()} | options
+        options = config_fields(defaults.get("config") or {}) | options
     if name not in DECODERS:
         raise DlmcError(f"unknown decoder '{name}' (choose from {', '.join(DECODERS)})")
     config_type, _ = DECODERS[name]

@@ -22,6 +22,11 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
 """Closed registry: decoder name -> (config type, generate function)."""
 
 
+def config_fields(fields: dict) -> dict:
+    """Decoder config fields read back from JSON (an artifact manifest), which has no tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 def default_decoder(spec: DenoiserSpec) -> str:
     """The decoder a model's own sampler corresponds to, read from the spec's attention and alignment."""
     if spec.attention == "block_causal":
@@ -31,4 +36,4 @@ def default_decoder(spec: DenoiserSpec) -> str:
     return "dream" if spec.shift_logits else "llada"
 
 
-__all__ = ["DECODERS", "Generation", "default_decoder"]
+__all__ = ["DECODERS", "Generation", "config_fields", "default_decoder"]

@@ -43,7 +43,7 @@ def read_config(config: dict, where: Path, token_id) -> tuple[ArchConfig, Denois
         num_layers=n_layers,
         num_heads=n_heads,
         num_kv_heads=n_kv_heads,
-        head_dim=default_head_dim(d_model, n_heads),
+        head_dim=default_head_dim(d_model, n_heads, where),
         intermediate_size=mlp_hidden,
         vocab_size=embedding_size,
         rms_norm_eps=need("rms_norm_eps", 1e-5),

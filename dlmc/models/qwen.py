@@ -22,7 +22,7 @@ def read_arch(config: dict, where: Path, family: str, *, qkv_bias: bool, qk_norm
         num_layers=need("num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=need("num_key_value_heads", heads),
-        head_dim=need("head_dim", default_head_dim(hidden, heads)),
+        head_dim=config.get("head_dim") or default_head_dim(hidden, heads, where),
         intermediate_size=need("intermediate_size"),
         vocab_size=need("vocab_size"),
         rms_norm_eps=need("rms_norm_eps", 1e-6),

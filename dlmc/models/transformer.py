@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
 
 
@@ -208,9 +209,9 @@ class DiffusionLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def default_head_dim(hidden_size: int, num_heads: int) -> int:
+def default_head_dim(hidden_size: int, num_heads: int, where) -> int:
     if hidden_size % num_heads:
-        raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        raise DlmcError(f"{where}: hidden size {hidden_size} is not divisible by {num_heads} heads")
     return hidden_size // num_heads
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dlmc.artifact import TOKENIZER_DIR, StepSignature, read_manifest
-from dlmc.decoding import DECODERS, Generation, default_decoder
+from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
 from dlmc.runtime.backends import Step, load_step
@@ -88,7 +88,7 @@ class Engine:
         config_type, generate = DECODERS[name]
         if config is None:
             fields = (defaults.get("config") or {}) if name == defaults.get("decoder") else {}
-            config = config_type(**_tuples(fields))
+            config = config_type(**config_fields(fields))
         elif not isinstance(config, config_type):
             raise DlmcError(f"decoder: '{name}' takes a {config_type.__name__}, got {type(config).__name__}")
         return generate(self, self.spec, prompts, config, seed=seed, on_step=on_step)
@@ -132,8 +132,3 @@ def pad_right(
     steps = torch.arange(1, extra + 1, device=position_ids.device)  # [extra]
     pos = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=1)  # [B, target]
     return ids, mask, pos
-
-
-def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no tuples; config dataclasses use them for sequences."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
