@@ -65,6 +65,9 @@ class StepSignature:
     """Smallest and largest sequence length the step accepts."""
     seq_buckets: tuple[int, ...] = ()
     """When set, the runtime pads every call to the next bucket length (for backends built per shape)."""
+    cache: dict[str, Any] | None = None
+    """For a step with K/V cache inputs: the cache policy the runtime drives it with (the caching
+    pass's resolved config, e.g. {"policy": "dual", "block_length": 32}); None for a plain step."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,7 @@ class StepSignature:
             "batch": list(self.batch),
             "seq": list(self.seq),
             "seq_buckets": list(self.seq_buckets),
+            "cache": self.cache,
         }
 
     @classmethod
@@ -86,6 +90,7 @@ class StepSignature:
             batch=(int(d["batch"][0]), int(d["batch"][1])),
             seq=(int(d["seq"][0]), int(d["seq"][1])),
             seq_buckets=tuple(int(b) for b in d.get("seq_buckets", ())),
+            cache=d.get("cache"),
         )
 
 

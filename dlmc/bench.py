@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dlmc.decoding import DECODERS
+from dlmc.decoding import decode
 from dlmc.spec import DenoiserSpec
 
 
@@ -89,13 +89,12 @@ def measure(
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
 ) -> Measurement:
-    _, generate = DECODERS[decoder]
     times = []
     with torch.inference_mode(), _PeakMemory(device) as memory:
-        generate(model, spec, prompts, config, seed=seed)  # warm-up: compilation, caches, allocator
+        decode(model, spec, prompts, decoder, config, seed=seed)  # warm-up: compilation, caches, allocator
         for _ in range(repeats):
             start = time.perf_counter()
-            result = generate(model, spec, prompts, config, seed=seed)
+            result = decode(model, spec, prompts, decoder, config, seed=seed)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)

@@ -25,6 +25,7 @@ from dlmc.models import load_model, read_model_config
 from dlmc.models.checkpoint import checkpoint_dtype, weight_map
 from dlmc.pipeline import run_passes
 from dlmc.recipe import Recipe, check_target, default_recipe, dump_recipe, load_recipe
+from dlmc.runtime.cache import empty_cache
 
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Largest |lowered - captured| / (1 + |captured|) the verify stage accepts: it catches a broken
@@ -95,18 +96,41 @@ def verify(step: LoweredStep, program: StepProgram, reference: StepProgram) -> N
     device = next(iter(program.exported.state_dict.values())).device if program.exported.state_dict else "cpu"
     lengths = sig.seq_buckets[:1] or (min(max(sig.seq[0], 7), sig.seq[1]),)
     inputs = example_inputs(batch=min(2, sig.batch[1]), seq=lengths[0], device=device)
-    with torch.no_grad():
-        expected = reference(*inputs)
-        actual = step(*inputs).to(expected.device)
-    if actual.shape != expected.shape:
-        raise DlmcError(f"verify: the lowered step returns shape {list(actual.shape)}, expected {list(expected.shape)}")
-    error = ((actual.float() - expected.float()).abs() / (1 + expected.float().abs())).max().item()
     # The loosest tolerance among the dtypes the step computes in (mixed precision keeps fp32 logits).
-    dtypes = {t.dtype for t in program.exported.state_dict.values() if t.is_floating_point()} | {expected.dtype}
-    limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes)
+    dtypes = {t.dtype for t in program.exported.state_dict.values() if t.is_floating_point()}
+    with torch.no_grad():
+        nothing_cached = empty_cache(reference.signature, len(inputs[0]), device) if reference.signature.cache else ()
+        expected = _outputs(reference(*inputs, *nothing_cached))[0]
+        limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes | {expected.dtype})
+        if sig.cache is None:
+            _compare("", _outputs(step(*inputs))[0], expected, limit)
+            return
+        # A cached step, first with nothing cached, then with the first columns' K/V taken from the cache:
+        # both must give the plain step's logits (the keys come from the same canvas, so this is exact).
+        logits, keys, values = _outputs(step(*inputs, *empty_cache(sig, len(inputs[0]), device)))
+        _compare(" with an empty cache", logits, expected, limit)
+        split = inputs[0].shape[1] // 2
+        ids, mask, pos = (t[:, split:] for t in inputs)
+        cached = (inputs[1][:, :split], inputs[2][:, :split], keys[..., :split, :], values[..., :split, :])
+        ids, mask, pos, *cached = (t.contiguous() for t in (ids, mask, pos, *cached))
+        logits = _outputs(step(ids, mask, pos, *cached))[0]
+        _compare(" with a cached prefix", logits, expected[:, split:], limit)
+
+
+def _outputs(result: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def _compare(case: str, actual: torch.Tensor, expected: torch.Tensor, limit: float) -> None:
+    actual = actual.to(expected.device)
+    if actual.shape != expected.shape:
+        raise DlmcError(
+            f"verify: the lowered step{case} returns shape {list(actual.shape)}, expected {list(expected.shape)}"
+        )
+    error = ((actual.float() - expected.float()).abs() / (1 + expected.float().abs())).max().item()
     if not error <= limit:  # also catches NaN
         raise DlmcError(
-            f"verify: the lowered step's logits differ from the captured step's by {error:.3g} (limit {limit})"
+            f"verify: the lowered step's logits{case} differ from the captured step's by {error:.3g} (limit {limit})"
         )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dlmc.decoding import DECODERS, config_fields, default_decoder
+from dlmc.decoding import DECODERS, config_fields, decode, default_decoder
 from dlmc.decoding.common import StepCallback
 from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
@@ -67,10 +67,9 @@ def generate(
     on_step: StepCallback | None = None,
 ) -> list[Completion]:
     """Decode all prompts as one batch. `text` is cut at the first end-of-sequence or end-of-turn."""
-    _, decode = DECODERS[decoder]
     start = time.perf_counter()
     with torch.inference_mode():
-        result = decode(model, spec, prompts, config, seed=seed, on_step=on_step)
+        result = decode(model, spec, prompts, decoder, config, seed=seed, on_step=on_step)
     seconds = time.perf_counter() - start
     stops = {i for i in (spec.eos_token_id, spec.eot_token_id) if i is not None}
     completions = []

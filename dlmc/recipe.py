@@ -119,7 +119,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     lower = _lower(data.get("lower") or {"backend": "inductor"}, problems)
     decode = _decode(data.get("decode") or {}, problems)
     if not problems:
-        problems += _cross_checks(capture, lower)
+        problems += _cross_checks(capture, lower) + _pass_checks(capture, passes, lower, decode)
     if problems:
         raise RecipeError(where, problems)
     return Recipe(capture=capture, passes=tuple(passes), lower=lower, decode=decode, description=description)
@@ -186,6 +186,39 @@ def _cross_checks(capture: CaptureConfig, lower: LowerSettings) -> list[str]:
             problems.append(f"lower.opt_batch: {lower.opt_batch} exceeds capture.max_batch {capture.max_batch}")
         if lower.opt_seq is not None and capture.seq_buckets and lower.opt_seq > capture.seq_buckets[-1]:
             problems.append(f"lower.opt_seq: {lower.opt_seq} exceeds the largest of capture.seq_buckets")
+    return problems
+
+
+def _pass_checks(
+    capture: CaptureConfig, passes: list[PassConfig], lower: LowerSettings, decode: DecodeDefaults
+) -> list[str]:
+    """Passes that cannot work together, or with this capture, backend or decoder."""
+    problems = []
+    caches = [p for p in passes if p.kv_cache]
+    if len(caches) > 1:
+        names = " and ".join(p.name for p in caches)
+        problems.append(f"passes: {names} each give the step a K/V cache; keep one")
+    for p in caches[:1]:
+        if capture.seq_buckets:
+            problems.append(f"passes: {p.name} needs a dynamic sequence length; remove capture.seq_buckets")
+        if isinstance(lower, TensorRtSettings):
+            problems.append(f"passes: {p.name} cannot be lowered to tensorrt yet; use inductor or onnxrt")
+        block = getattr(p, "block_length", None)
+        config = decode.config
+        if block is None or decode.decoder is None:
+            continue
+        if decode.decoder != "llada":
+            problems.append(f"decode.decoder: {p.name} follows the llada decoder's blocks, not {decode.decoder}'s")
+            continue
+        decoder_block = config.get("block_length") or config.get("gen_length")
+        if decoder_block != block:
+            problems.append(f"decode.block_length: {decoder_block} differs from {p.name}.block_length {block}")
+        window = getattr(p, "window", None)
+        if window is not None and window + block > config["gen_length"]:
+            problems.append(
+                f"passes: {p.name}.window {window} plus block_length {block} exceeds decode.gen_length "
+                f"{config['gen_length']}; nothing would be pruned"
+            )
     return problems
 
 

@@ -22,6 +22,15 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
 """Closed registry: decoder name -> (config type, generate function)."""
 
 
+def decode(model, spec: DenoiserSpec, prompts: list[list[int]], decoder: str, config, **kwargs) -> Generation:
+    """Run `decoder` on `model`. A model that keeps state across its calls (a compiled step with a K/V
+    cache) provides `for_generation(decoder, config)`, which returns a fresh model for this one run."""
+    _, generate = DECODERS[decoder]
+    if hasattr(model, "for_generation"):
+        model = model.for_generation(decoder, config)
+    return generate(model, spec, prompts, config, **kwargs)
+
+
 def config_fields(fields: dict) -> dict:
     """Decoder config fields read back from JSON (an artifact manifest), which has no tuples."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
@@ -36,4 +45,4 @@ def default_decoder(spec: DenoiserSpec) -> str:
     return "dream" if spec.shift_logits else "llada"
 
 
-__all__ = ["DECODERS", "Generation", "config_fields", "default_decoder"]
+__all__ = ["DECODERS", "Generation", "config_fields", "decode", "default_decoder"]

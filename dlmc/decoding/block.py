@@ -173,7 +173,7 @@ def generate(
         active = [row for row in rows if not row.done]
         if not active:
             break
-        logits = forward_rows(model, [row.tokens for row in active], pad_id)
+        logits = forward_rows(model, [row.tokens for row in active], pad_id, sequences=[id(row) for row in active])
         nfe += 1
         for row, row_logits in zip(active, logits, strict=True):
             if row.awaiting_ar:

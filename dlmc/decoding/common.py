@@ -13,7 +13,7 @@ produce exactly the tokens it produces alone:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,9 +142,18 @@ def left_pad(
 
 
 def forward_rows(
-    model: Model, rows: Sequence[torch.Tensor], pad_id: int, positions: Sequence[torch.Tensor] | None = None
+    model: Model,
+    rows: Sequence[torch.Tensor],
+    pad_id: int,
+    positions: Sequence[torch.Tensor] | None = None,
+    sequences: Sequence[Hashable] | None = None,
 ) -> list[torch.Tensor]:
-    """One model call over all rows; returns each row's raw logits [len(row), V], padding cut away."""
+    """One model call over all rows; returns each row's raw logits [len(row), V], padding cut away.
+
+    `sequences` names the sequence each row is the current canvas of (stable across a decoder's calls).
+    A model with a K/V cache (dlmc.runtime.cache.CacheManager) serves the rows from it by those names."""
+    if sequences is not None and hasattr(model, "forward_rows"):
+        return model.forward_rows(rows, positions, sequences)
     input_ids, attention_mask, position_ids = left_pad(rows, pad_id, positions)
     logits = model(input_ids, attention_mask, position_ids)  # [B, L, V]
     length = input_ids.shape[1]

@@ -130,7 +130,7 @@ def generate(
     pad_id = pad_token_id(spec)
     nfe = 0
     while active := [row for row in rows if not row.done]:
-        logits = forward_rows(model, [row.x for row in active], pad_id)
+        logits = forward_rows(model, [row.x for row in active], pad_id, sequences=[id(row) for row in active])
         nfe += 1
         for row, row_logits in zip(active, logits, strict=True):
             aligned = shift_right(row_logits) if spec.shift_logits else row_logits  # [P + G, V]

@@ -175,11 +175,13 @@ def _denoiser_logits(
 ) -> list[torch.Tensor]:
     """Each row's logits [P + G, V], aligned so row i predicts position i, guided when cfg_scale > 0."""
     canvases = [row.x for row in rows]
+    sequences = [id(row) for row in rows]  # names a K/V cache (if the model has one) keeps rows apart by
     if config.cfg_scale > 0:
         # the unconditional pass masks the prompt rather than dropping it, so positions stay put
         unconditional = [row.x.clone().index_fill_(0, _prompt_index(row), spec.mask_token_id) for row in rows]
         canvases = canvases + unconditional
-    logits = forward_rows(model, canvases, pad_id)
+        sequences = sequences + [(id(row), "unconditional") for row in rows]
+    logits = forward_rows(model, canvases, pad_id, sequences=sequences)
     if spec.shift_logits:
         logits = [shift_right(row_logits) for row_logits in logits]
     if config.cfg_scale == 0:

@@ -121,7 +121,9 @@ def generate(
         for row in active:
             _refill(row, spec)
         inputs = [_reordered_input(row) for row in active]
-        logits = forward_rows(model, [ids for ids, _ in inputs], pad_id, [pos for _, pos in inputs])
+        logits = forward_rows(
+            model, [ids for ids, _ in inputs], pad_id, [pos for _, pos in inputs], [id(row) for row in active]
+        )
         nfe += 1
         for row, row_logits in zip(active, logits, strict=True):
             n_filled = sum(row.filled)

@@ -34,11 +34,9 @@ class EagerStep:
         self.device = device
         self._module = program.module
 
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return self._module(input_ids, attention_mask, position_ids)
+            return self._module(*inputs)
 
     def save(self, directory: Path) -> dict[str, Any]:
         from torch._export.serde.serialize import serialize

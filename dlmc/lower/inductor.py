@@ -52,10 +52,8 @@ class InductorStep:
         self._runner = aoti_load_package(str(work / PACKAGE_FILE))
         attach_weights(self._runner, load_file(str(work / WEIGHTS_FILE), device=device))
 
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        return self._runner(input_ids, attention_mask, position_ids)
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self._runner(*inputs)
 
     def save(self, directory: Path) -> dict[str, Any]:
         for name in (PACKAGE_FILE, WEIGHTS_FILE):

@@ -84,8 +84,8 @@ class OnnxRtStep:
             (),
             dynamo=True,
             opset_version=settings.opset,
-            input_names=list(STEP_INPUTS),
-            output_names=["logits"],
+            input_names=[t.name for t in program.signature.inputs],
+            output_names=[t.name for t in program.signature.outputs],
             verbose=False,
         )
         model = onnx_program.model_proto
@@ -96,10 +96,8 @@ class OnnxRtStep:
         # The same session code the runtime uses, so the compile-time check runs what users run.
         self._step = session_step(open_session(work / MODEL_FILE, settings.providers, settings.optimization, device))
 
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        return self._step(input_ids, attention_mask, position_ids)
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self._step(*inputs)
 
     def save(self, directory: Path) -> dict[str, Any]:
         import onnx
@@ -166,11 +164,12 @@ def _to_torch(array: Any, onnx_type: int) -> torch.Tensor:
 
 
 def _name_dynamic_dims(model: Any, exported: torch.export.ExportedProgram) -> None:
-    """Give the symbolic dims of the graph's inputs and outputs their capture names (batch, seq)."""
+    """Give the symbolic dims of the graph's inputs and outputs their capture names (batch, seq, cache)."""
     names = {}
     for node in exported.graph.find_nodes(op="placeholder"):
-        if node.name in STEP_INPUTS:
-            for dim, name in zip(node.meta["val"].shape, ("batch", "seq"), strict=False):
+        if node.name in STEP_INPUTS or node.name in ("cache_mask", "cache_positions"):
+            dims = ("batch", "seq") if node.name in STEP_INPUTS else ("batch", "cache")
+            for dim, name in zip(node.meta["val"].shape, dims, strict=False):
                 if isinstance(dim, torch.SymInt):
                     names[str(dim)] = name
     for value in (*model.graph.input, *model.graph.output):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from dlmc.capture import STEP_INPUTS, StepProgram, example_inputs
+from dlmc.errors import DlmcError
 from dlmc.lower import LowerSettings
 
 PROGRAM_FILE = "step.ep"
@@ -62,6 +63,10 @@ class TensorRtStep:
         self.device = device
         self.settings = settings
         sig = program.signature
+        if sig.cache is not None:
+            raise DlmcError(
+                "lower.backend: tensorrt cannot build a step with K/V cache inputs yet; use inductor or onnxrt"
+            )
         low_seq = sig.seq_buckets[0] if sig.seq_buckets else sig.seq[0]
         opt_seq = min(max(settings.opt_seq or sig.seq[1], low_seq), sig.seq[1])
         opt_batch = min(settings.opt_batch, sig.batch[1])
@@ -92,10 +97,8 @@ class TensorRtStep:
         self._dims = tuple({0: batch, 1: seq} if batch is not None else {1: seq} for _ in STEP_INPUTS)
         self._example = example_inputs(batch=min(2, sig.batch[1]), seq=max(low_seq, min(8, sig.seq[1])), device=device)
 
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
-        return self.module(input_ids, attention_mask, position_ids)
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return self.module(*inputs)
 
     def save(self, directory: Path) -> dict[str, Any]:
         import torch_tensorrt

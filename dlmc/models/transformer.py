@@ -168,6 +168,42 @@ def attention_mask_for(
     return allowed
 
 
+def cached_attention_mask(
+    attention: str,
+    block_size: int,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache_mask: torch.Tensor,
+    cache_positions: torch.Tensor,
+) -> torch.Tensor:
+    """The boolean [B, 1, L, C + L] mask of a step whose queries also attend to C cached keys.
+
+    Keys are [cache ; queries]. Cached keys come before every query in physical order (a causal cache
+    holds the committed prefix), so "causal" lets a query see all valid cached keys and the queries up to
+    itself; block-causal compares blocks of logical positions, wherever the key sits. With C masked-out
+    cached keys this is exactly `attention_mask_for` of the same queries."""
+    # attention_mask, position_ids: [B, L]; cache_mask, cache_positions: [B, C]
+    B, L = position_ids.shape
+    C = cache_mask.shape[1]
+    device = position_ids.device
+    keys = torch.cat([cache_mask, attention_mask], dim=1).bool()[:, None, None, :]  # [B, 1, 1, C + L]
+    if attention == "bidirectional":
+        allowed = keys
+    elif attention == "causal":
+        rows = torch.arange(L, device=device)
+        cols = torch.arange(C + L, device=device)
+        allowed = (cols[None, :] <= rows[:, None] + C)[None, None] & keys  # [B, 1, L, C + L]
+    else:
+        key_blocks = torch.div(torch.cat([cache_positions, position_ids], dim=1), block_size, rounding_mode="floor")
+        query_blocks = torch.div(position_ids, block_size, rounding_mode="floor")
+        allowed = (key_blocks[:, None, None, :] <= query_blocks[:, None, :, None]) & keys  # [B, 1, L, C + L]
+    # A padding query must still see something, or its softmax row turns to NaN.
+    itself = torch.cat(
+        [torch.zeros(L, C, dtype=torch.bool, device=device), torch.eye(L, dtype=torch.bool, device=device)], dim=1
+    )  # [L, C + L]
+    return (allowed | itself).expand(B, 1, L, C + L)
+
+
 class DiffusionLM(nn.Module):
     """One denoising forward: token ids in, raw (never shifted) logits out."""
 

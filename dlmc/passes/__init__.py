@@ -34,6 +34,8 @@ class PassConfig:
     equal the reference decoder's); False for approximations such as lower-precision weights."""
     version: ClassVar[int] = 1
     """Bump when the pass's semantics change; recorded in the artifact manifest."""
+    kv_cache: ClassVar[bool] = False
+    """True for the caching passes, which give the step K/V cache inputs (a recipe holds at most one)."""
 
 
 class PassResult(NamedTuple):
@@ -149,15 +151,26 @@ def input_kinds(program: StepProgram) -> dict[str, tuple[str, str | None]]:
 
 
 # The closed list of pass modules; importing them registers them. Order here means nothing.
-from dlmc.passes import fold_constants, mixed_precision  # noqa: E402
+from dlmc.passes import (  # noqa: E402
+    block_cache,
+    causal_cache,
+    delayed_kv,
+    fold_constants,
+    mixed_precision,
+    window_pruning,
+)
 
 __all__ = [
     "PASSES",
     "Pass",
     "PassConfig",
     "PassResult",
+    "block_cache",
+    "causal_cache",
+    "delayed_kv",
     "fold_constants",
     "mixed_precision",
     "pass_configs",
     "register",
+    "window_pruning",
 ]

@@ -18,8 +18,9 @@ import torch
 
 from dlmc.errors import DlmcError
 
-Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(input_ids [B, L] int64, attention_mask [B, L] bool, position_ids [B, L] int64) -> logits [B, L, V]."""
+Step = Callable[..., Any]
+"""The step's inputs in signature order -> its outputs: logits [B, L, V], or a tuple when the step has
+more outputs (a cached step also returns the fresh keys and values)."""
 
 PACKAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "eager": ((), None),
@@ -83,9 +84,9 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
         exported = torch.export.passes.move_to_device_pass(exported, device)
     module = exported.module()
 
-    def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def step(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return module(input_ids, attention_mask, position_ids)
+            return module(*inputs)
 
     return step
 
@@ -158,14 +159,14 @@ def open_session(path: Path, providers: tuple[str, ...], optimization: str, devi
 
 
 def session_step(session: Any) -> Step:
-    def step(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        feeds = {
-            "input_ids": input_ids.detach().cpu().numpy(),  # [B, L] int64
-            "attention_mask": attention_mask.detach().cpu().numpy(),  # [B, L] bool
-            "position_ids": position_ids.detach().cpu().numpy(),  # [B, L] int64
-        }
-        (logits,) = session.run(["logits"], feeds)  # [B, L, V]
-        return torch.from_numpy(logits).to(input_ids.device)
+    """The session as a step: inputs in the model's input order, outputs as a tuple (or the one tensor)."""
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+
+    def step(*inputs: torch.Tensor) -> Any:
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(input_names, inputs, strict=True)}
+        outputs = [torch.from_numpy(o).to(inputs[0].device) for o in session.run(output_names, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     return step
 

@@ -14,15 +14,18 @@ from typing import Any
 import torch
 
 from dlmc.artifact import TOKENIZER_DIR, StepSignature, read_manifest
-from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
+from dlmc.decoding import DECODERS, Generation, config_fields, decode, default_decoder
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
 from dlmc.runtime.backends import Step, load_step
+from dlmc.runtime.cache import BLOCK_POLICIES, CacheManager, CachePolicy, empty_cache
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
-"""Step inputs this runtime knows how to feed; an artifact asking for others needs a newer runtime."""
+CACHE_INPUTS = ("cache_mask", "cache_positions", "cache_keys", "cache_values")
+"""Step inputs this runtime knows how to feed (the plain step, or the plain step plus a K/V cache); an
+artifact asking for others needs a newer runtime."""
 
 
 class Engine:
@@ -60,14 +63,21 @@ class Engine:
         for start in range(0, batch, self.signature.batch[1]):
             rows = slice(start, start + self.signature.batch[1])
             ids, mask, pos = pad_right(input_ids[rows], attention_mask[rows], position_ids[rows], target)
-            logits = self._step(
-                ids.to(self.device, torch.int64), mask.to(self.device, torch.bool), pos.to(self.device, torch.int64)
-            )  # [b, target, V]
+            inputs = (ids.to(self.device, torch.int64), mask.to(self.device, torch.bool), pos.to(self.device, torch.int64))
+            if self.signature.cache is not None:  # a plain call: nothing cached
+                inputs += empty_cache(self.signature, len(ids), self.device)
+            logits = self.run_step(*inputs)[0]  # [b, target, V]
             chunks.append(logits[:, :length])
         logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # [B, L, V]
         return logits.to(input_ids.device)
 
     __call__ = step
+
+    def run_step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The compiled step as is: inputs in signature order (on self.device), outputs as a tuple."""
+        # AOTInductor reads inputs with the strides it was compiled for: never hand it a strided view.
+        outputs = self._step(*(t.contiguous() for t in inputs))
+        return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
     def generate(
         self,
@@ -85,13 +95,34 @@ class Engine:
         name = decoder or defaults.get("decoder") or default_decoder(self.spec)
         if name not in DECODERS:
             raise DlmcError(f"decoder: unknown decoder '{name}' (known: {', '.join(sorted(DECODERS))})")
-        config_type, generate = DECODERS[name]
+        config_type, _ = DECODERS[name]
         if config is None:
             fields = (defaults.get("config") or {}) if name == defaults.get("decoder") else {}
             config = config_type(**config_fields(fields))
         elif not isinstance(config, config_type):
             raise DlmcError(f"decoder: '{name}' takes a {config_type.__name__}, got {type(config).__name__}")
-        return generate(self, self.spec, prompts, config, seed=seed, on_step=on_step)
+        return decode(self, self.spec, prompts, name, config, seed=seed, on_step=on_step)
+
+    def for_generation(self, decoder: str, config: Any) -> Engine | CacheManager:
+        """The model one decoder run uses: the engine itself, or for a cached step a fresh cache manager,
+        after checking that the decoder can run under its cache policy."""
+        if self.signature.cache is None:
+            return self
+        policy = CachePolicy.from_dict(self.signature.cache)
+        if policy.policy in BLOCK_POLICIES:
+            # These freeze everything outside the current block, so the decoder must stay inside it.
+            length = getattr(config, "block_length", None) or getattr(config, "gen_length", None)
+            if decoder != "llada" or length != policy.block_length:
+                raise DlmcError(
+                    f"decoder: this artifact's {policy.policy} cache works with the llada decoder at block_length "
+                    f"{policy.block_length}; got {decoder} with block_length {length}"
+                )
+            if policy.window is not None and policy.window + policy.block_length > config.gen_length:
+                raise DlmcError(
+                    f"decoder: window {policy.window} plus block {policy.block_length} exceeds gen_length "
+                    f"{config.gen_length}; nothing would be pruned"
+                )
+        return CacheManager(self, policy)
 
 
 def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
@@ -101,8 +132,9 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     manifest = read_manifest(root, verify=True)
     entry = manifest["backend"]
     signature = StepSignature.from_dict(manifest["signature"])
-    unknown = [t.name for t in signature.inputs if t.name not in KNOWN_INPUTS]
-    if unknown or [t.name for t in signature.inputs] != list(KNOWN_INPUTS):
+    names = [t.name for t in signature.inputs]
+    unknown = [name for name in names if name not in KNOWN_INPUTS + CACHE_INPUTS]
+    if names not in (list(KNOWN_INPUTS), list(KNOWN_INPUTS + CACHE_INPUTS)):
         raise DlmcError(f"{root}: the compiled step takes inputs this runtime cannot feed ({', '.join(unknown)})")
     device = torch.device(device if device is not None else entry.get("device", "cpu"))
     step = load_step(root, entry, str(device))

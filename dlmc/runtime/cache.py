@@ -1,0 +1,272 @@
+"""Cache managers: the reference decoders' full-canvas calls, served by a step with K/V cache inputs.
+
+A decoder asks for the logits of whole canvases, one row per sequence it is decoding. The manager keeps,
+per sequence, the canvas it last saw, the post-RoPE K/V of every column it has computed (and the token
+each was computed with), and the last logits of every row. Each call its policy splits the new canvas
+into query columns (computed now, their K/V and logits refreshed) and key columns (attended to from the
+store); everything else is pruned. Rows it did not compute keep their last logits, which the decoders
+never read where it matters: a policy only freezes rows outside the decoder's active block, or rows
+whose logits cannot have changed.
+
+Policies (the caching passes record one in the step signature):
+- exact: causal and block-causal models. The columns before the first changed one (for block-causal:
+  before its block) have the same K/V and logits as last time; recompute the rest. Token-identical.
+- prefix (Fast-dLLM v1): at each block's first step a full forward; then only the block and everything
+  after it are computed, the prefix K/V frozen for the block.
+- dual (Fast-dLLM v1): as prefix, but the masked suffix's K/V are frozen too; only the block is computed.
+- window (Window-Diffusion): as dual, and masks further than `window` columns past the block are pruned
+  from every step, the block's first one included.
+- delayed (dKV-Cache-Decode): a column's K/V are reused once they were computed with its decoded token,
+  i.e. one step after it was decoded; masks and just-decoded tokens are recomputed; a full forward every
+  `refresh` steps (and at each block start when `block_length` is set).
+`refresh` (prefix, dual, window) adds a full forward every that many steps within a block.
+For models whose logits are shifted by one (Dream), the row before every query column is computed too,
+since that row predicts it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Literal, Sequence
+
+import torch
+
+from dlmc.artifact import StepSignature
+from dlmc.errors import DlmcError
+from dlmc.spec import DenoiserSpec
+
+PolicyName = Literal["exact", "prefix", "dual", "window", "delayed"]
+BLOCK_POLICIES = ("prefix", "dual", "window")
+"""Policies that freeze everything outside the decoder's current block: they need a block decoder."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachePolicy:
+    policy: PolicyName
+    block_length: int | None = None
+    refresh: int | None = None
+    window: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CachePolicy:
+        return cls(**{k: d.get(k) for k in ("policy", "block_length", "refresh", "window")})
+
+
+def empty_cache(signature: StepSignature, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Cache inputs holding one masked-out key per row: the cached step then equals the plain step."""
+    layers, _, kv_heads, _, head_dim = _kv_spec(signature).shape
+    mask = torch.zeros(batch, 1, dtype=torch.bool, device=device)  # [B, 1]
+    positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
+    kv = torch.zeros(layers, batch, kv_heads, 1, head_dim, dtype=_kv_dtype(signature), device=device)
+    return mask, positions, kv, kv.clone()
+
+
+@dataclass
+class _Sequence:
+    tokens: torch.Tensor  # [L] int64: the canvas the store belongs to
+    positions: torch.Tensor  # [L] int64
+    keys: torch.Tensor  # [layers, kv_heads, L, head_dim]
+    values: torch.Tensor  # [layers, kv_heads, L, head_dim]
+    kv_tokens: torch.Tensor  # [L] int64: the token each column's K/V were computed with, -1 = none
+    logits: torch.Tensor  # [L, V]: the last logits of every row (zeros where never computed)
+    origin: int  # the first masked column at the first call: where the generation (and block 0) starts
+    block: int = -1  # the decoder's block at the last full forward
+    since_refresh: int = 0
+
+
+@dataclass
+class _Plan:
+    query: torch.Tensor  # [L] bool: rows computed now
+    keys: torch.Tensor  # [L] bool: columns attended to from the store (disjoint from query)
+    refresh: bool  # the store is rebuilt from this call
+
+
+@dataclass
+class CacheManager:
+    """A `model` for the reference decoders: `forward_rows(rows, positions, sequences)` serves each
+    sequence from its cache; a plain `model(input_ids, attention_mask, position_ids)` call runs the full
+    step uncached."""
+
+    engine: Any  # dlmc.runtime.Engine (not imported: engine imports this module)
+    policy: CachePolicy
+    _sequences: dict[Hashable, _Sequence] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        return self.engine.step(input_ids, attention_mask, position_ids)
+
+    def forward_rows(
+        self,
+        rows: Sequence[torch.Tensor],
+        positions: Sequence[torch.Tensor] | None,
+        sequences: Sequence[Hashable],
+    ) -> list[torch.Tensor]:
+        """Each row's logits [len(row), V]. rows[i] is the whole current canvas of sequences[i]."""
+        spec: DenoiserSpec = self.engine.spec
+        plans = []
+        for i, (tokens, key) in enumerate(zip(rows, sequences, strict=True)):
+            pos = positions[i] if positions is not None else torch.arange(len(tokens), device=tokens.device)
+            seq = self._sequences.get(key)
+            plan = plan_call(self.policy, spec, seq, tokens, pos)
+            if plan.refresh or seq is None or len(seq.tokens) != len(tokens):
+                seq = self._resize(seq, tokens, pos, plan.refresh)
+                self._sequences[key] = seq
+            plans.append((seq, tokens, pos, plan))
+        limit = self.engine.signature.batch[1]
+        for start in range(0, len(plans), limit):
+            self._run(plans[start : start + limit])
+        return [seq.logits for seq, _, _, _ in plans]
+
+    def _resize(self, seq: _Sequence | None, tokens: torch.Tensor, pos: torch.Tensor, refresh: bool) -> _Sequence:
+        """A store sized for this canvas: kept columns carry over (exact policy), the rest start empty."""
+        sig = self.engine.signature
+        layers, _, kv_heads, _, head_dim = _kv_spec(sig).shape
+        length, device = len(tokens), tokens.device
+        vocab = sig.outputs[0].shape[-1]
+        new = _Sequence(
+            tokens=tokens.clone(),
+            positions=pos.clone(),
+            keys=torch.zeros(layers, kv_heads, length, head_dim, dtype=_kv_dtype(sig), device=device),
+            values=torch.zeros(layers, kv_heads, length, head_dim, dtype=_kv_dtype(sig), device=device),
+            kv_tokens=torch.full((length,), -1, dtype=torch.long, device=device),
+            logits=torch.zeros(length, vocab, dtype=_logits_dtype(sig), device=device),
+            origin=_first_mask(tokens, self.engine.spec.mask_token_id) if seq is None else seq.origin,
+        )
+        if seq is not None and not refresh:
+            n = min(length, len(seq.tokens))
+            new.keys[:, :, :n], new.values[:, :, :n] = seq.keys[:, :, :n], seq.values[:, :, :n]
+            new.kv_tokens[:n], new.logits[:n] = seq.kv_tokens[:n], seq.logits[:n]
+            new.block, new.since_refresh = seq.block, seq.since_refresh
+        return new
+
+    def _run(self, plans: list[tuple[_Sequence, torch.Tensor, torch.Tensor, _Plan]]) -> None:
+        """One step call for up to max-batch sequences, queries and keys padded to the longest."""
+        sig, spec = self.engine.signature, self.engine.spec
+        device = self.engine.device
+        queries = [plan.query.nonzero().squeeze(1) for _, _, _, plan in plans]  # each [Q_b] int64
+        keyed = [plan.keys.nonzero().squeeze(1) for _, _, _, plan in plans]  # each [C_b] int64
+        q_len = max(sig.seq[0], max(len(q) for q in queries))
+        c_len = max(1, max(len(k) for k in keyed))
+        B = len(plans)
+        pad = spec.pad_token_id if spec.pad_token_id is not None else 0
+        input_ids = torch.full((B, q_len), pad, dtype=torch.long)  # [B, Q]
+        attention_mask = torch.zeros(B, q_len, dtype=torch.bool)  # [B, Q]
+        position_ids = torch.zeros(B, q_len, dtype=torch.long)  # [B, Q]
+        cache_mask = torch.zeros(B, c_len, dtype=torch.bool)  # [B, C]
+        cache_positions = torch.zeros(B, c_len, dtype=torch.long)  # [B, C]
+        layers, _, kv_heads, _, head_dim = _kv_spec(sig).shape
+        cache_keys = torch.zeros(layers, B, kv_heads, c_len, head_dim, dtype=_kv_dtype(sig))  # [N, B, H, C, D]
+        cache_values = torch.zeros_like(cache_keys)
+        for b, ((seq, tokens, pos, plan), q, k) in enumerate(zip(plans, queries, keyed, strict=True)):
+            input_ids[b, : len(q)] = tokens[q].cpu()
+            attention_mask[b, : len(q)] = True
+            position_ids[b, : len(q)] = pos[q].cpu()
+            cache_mask[b, : len(k)] = True
+            cache_positions[b, : len(k)] = seq.positions[k].cpu()
+            cache_keys[:, b, :, : len(k)] = seq.keys[:, :, k].cpu()
+            cache_values[:, b, :, : len(k)] = seq.values[:, :, k].cpu()
+        inputs = (input_ids, attention_mask, position_ids, cache_mask, cache_positions, cache_keys, cache_values)
+        logits, keys, values = self.engine.run_step(*(t.to(device) for t in inputs))
+        for b, ((seq, tokens, pos, plan), q) in enumerate(zip(plans, queries, strict=True)):
+            store = seq.logits.device
+            seq.tokens, seq.positions = tokens.clone(), pos.clone()
+            seq.logits[q] = logits[b, : len(q)].to(store, seq.logits.dtype)
+            seq.keys[:, :, q] = keys[:, b, :, : len(q)].to(store)
+            seq.values[:, :, q] = values[:, b, :, : len(q)].to(store)
+            seq.kv_tokens[q] = tokens[q]
+            seq.since_refresh = 1 if plan.refresh else seq.since_refresh + 1
+            if plan.refresh:
+                seq.block = _block_of(self.policy, tokens, spec.mask_token_id, seq.origin)
+
+
+def plan_call(
+    policy: CachePolicy, spec: DenoiserSpec, seq: _Sequence | None, tokens: torch.Tensor, pos: torch.Tensor
+) -> _Plan:
+    """Which columns of `tokens` [L] to compute now and which to take from the store."""
+    length = len(tokens)
+    everything = torch.ones(length, dtype=torch.bool, device=tokens.device)
+    nothing = torch.zeros_like(everything)
+    if policy.policy == "exact":
+        if seq is None:
+            return _Plan(everything, nothing, refresh=True)
+        reusable = _unchanged_prefix(spec, seq, tokens, pos)
+        if bool(reusable.all()):
+            reusable[-1] = False  # an identical canvas: recompute one row so the step has a query
+        return _Plan(~reusable, reusable, refresh=False)
+
+    mask = tokens == spec.mask_token_id
+    origin = seq.origin if seq is not None else _first_mask(tokens, spec.mask_token_id)
+    block = _block_of(policy, tokens, spec.mask_token_id, origin)
+    stale = (
+        seq is None
+        or len(seq.tokens) != length
+        or (policy.refresh is not None and seq.since_refresh >= policy.refresh)
+        or (policy.block_length is not None and block != seq.block)
+    )
+    visible = everything
+    if policy.block_length is not None:
+        start, end = _block_span(policy, origin, block, length)
+    if policy.policy == "window":
+        beyond = torch.arange(length, device=tokens.device) >= end
+        far = mask & beyond
+        visible = ~(far & (far.cumsum(0) > policy.window))  # masks past the first `window` after the block
+    if stale:
+        return _Plan(visible.clone(), nothing, refresh=True)
+    if policy.policy == "delayed":
+        query = ~((seq.kv_tokens == tokens) & ~mask)  # masks and tokens decoded since their K/V were made
+    else:
+        query = nothing.clone()
+        query[start : length if policy.policy == "prefix" else end] = True
+    if spec.shift_logits:
+        query[:-1] |= query[1:].clone()  # the row before a query column predicts it
+    query &= visible
+    return _Plan(query, visible & ~query & (seq.kv_tokens >= 0), refresh=False)
+
+
+def _unchanged_prefix(spec: DenoiserSpec, seq: _Sequence, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[L] bool: columns whose stored K/V and logits are exactly what this canvas would compute."""
+    length, n = len(tokens), min(len(tokens), len(seq.tokens))
+    same = (tokens[:n] == seq.tokens[:n]) & (pos[:n] == seq.positions[:n]) & (seq.kv_tokens[:n] >= 0)
+    first = int(same.logical_not().nonzero()[0, 0]) if not bool(same.all()) else n
+    reusable = torch.zeros(length, dtype=torch.bool, device=tokens.device)
+    reusable[:first] = True
+    if spec.attention == "block_causal" and first < length:
+        # A column's K/V depend on every column of its block and earlier ones: drop the changed blocks.
+        blocks = torch.div(pos, spec.block_size, rounding_mode="floor")  # [L]
+        reusable &= blocks < blocks[first:].min()
+    return reusable
+
+
+def _first_mask(tokens: torch.Tensor, mask_id: int) -> int:
+    hits = (tokens == mask_id).nonzero()
+    return int(hits[0, 0]) if len(hits) else len(tokens)
+
+
+def _block_of(policy: CachePolicy, tokens: torch.Tensor, mask_id: int, origin: int) -> int:
+    """The decoder's current block: the one holding the leftmost mask (-1 without blocks)."""
+    if policy.block_length is None:
+        return -1
+    return max(0, (_first_mask(tokens, mask_id) - origin) // policy.block_length)
+
+
+def _block_span(policy: CachePolicy, origin: int, block: int, length: int) -> tuple[int, int]:
+    start = min(origin + block * policy.block_length, length)
+    return start, min(start + policy.block_length, length)
+
+
+def _kv_spec(signature: StepSignature):
+    for spec in signature.inputs:
+        if spec.name == "cache_keys":
+            return spec
+    raise DlmcError("this step has no K/V cache inputs")
+
+
+def _kv_dtype(signature: StepSignature) -> torch.dtype:
+    return getattr(torch, _kv_spec(signature).dtype)
+
+
+def _logits_dtype(signature: StepSignature) -> torch.dtype:
+    return getattr(torch, signature.outputs[0].dtype)
