@@ -112,7 +112,7 @@ def synthetic(args) -> None:
 
 def _compile(args, name: str, model_dir: Path) -> Path:
     passes, backend, _ = ROWS[name]
-    out = args.workdir / name
+    out = args.workdir / f"{model_dir.name}-{name}"
     if not (out / "manifest.json").is_file():
         start = time.perf_counter()
         if isinstance(passes, Path):

@@ -254,6 +254,7 @@ def summarize(manifest: dict[str, Any]) -> dict[str, str]:
         "inputs": inputs,
         "outputs": outputs,
         "shapes": f"batch {sig['batch'][0]}-{sig['batch'][1]}, seq {sig['seq'][0]}-{sig['seq'][1]}{buckets}",
+        "cache": ", ".join(f"{k} {v}" for k, v in sig["cache"].items() if v is not None) if sig.get("cache") else "none",
         "decoder": decode.get("decoder") or "(the model's own)",
         "size": f"{_size(total)} in {len(manifest['files'])} files: {sizes}",
     }

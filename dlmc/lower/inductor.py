@@ -32,6 +32,10 @@ class InductorSettings(LowerSettings):
     backend: ClassVar[str] = "inductor"
     max_autotune: bool = False
     """Benchmark kernel variants while compiling (slower compile, sometimes faster step)."""
+    exact_casts: bool = True
+    """Round every intermediate of a fused kernel to the dtype eager PyTorch gives it. A bf16/fp16 step
+    is then bit-identical to the captured one (and token-identical to the reference decoder); False
+    lets Inductor keep fused intermediates in fp32, which moves bf16 logits by up to ~0.06."""
 
 
 class InductorStep:
@@ -47,6 +51,7 @@ class InductorStep:
             # Weights are not baked into the shared library; they come from safetensors at load.
             "aot_inductor.package_constants_in_so": False,
             "max_autotune": settings.max_autotune,
+            "emulate_precision_casts": settings.exact_casts,
         }
         aoti_compile_and_package(program.exported, package_path=str(work / PACKAGE_FILE), inductor_configs=configs)
         self._runner = aoti_load_package(str(work / PACKAGE_FILE))

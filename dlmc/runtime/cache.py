@@ -152,30 +152,30 @@ class CacheManager:
         c_len = max(1, max(len(k) for k in keyed))
         B = len(plans)
         pad = spec.pad_token_id if spec.pad_token_id is not None else 0
-        input_ids = torch.full((B, q_len), pad, dtype=torch.long)  # [B, Q]
-        attention_mask = torch.zeros(B, q_len, dtype=torch.bool)  # [B, Q]
-        position_ids = torch.zeros(B, q_len, dtype=torch.long)  # [B, Q]
-        cache_mask = torch.zeros(B, c_len, dtype=torch.bool)  # [B, C]
-        cache_positions = torch.zeros(B, c_len, dtype=torch.long)  # [B, C]
+        # The stores live where the decoder's canvases do, which is the engine's device.
+        input_ids = torch.full((B, q_len), pad, dtype=torch.long, device=device)  # [B, Q]
+        attention_mask = torch.zeros(B, q_len, dtype=torch.bool, device=device)  # [B, Q]
+        position_ids = torch.zeros(B, q_len, dtype=torch.long, device=device)  # [B, Q]
+        cache_mask = torch.zeros(B, c_len, dtype=torch.bool, device=device)  # [B, C]
+        cache_positions = torch.zeros(B, c_len, dtype=torch.long, device=device)  # [B, C]
         layers, _, kv_heads, _, head_dim = _kv_spec(sig).shape
-        cache_keys = torch.zeros(layers, B, kv_heads, c_len, head_dim, dtype=_kv_dtype(sig))  # [N, B, H, C, D]
-        cache_values = torch.zeros_like(cache_keys)
+        cache_keys = torch.zeros(layers, B, kv_heads, c_len, head_dim, dtype=_kv_dtype(sig), device=device)
+        cache_values = torch.zeros_like(cache_keys)  # both [N, B, H, C, D]
         for b, ((seq, tokens, pos, plan), q, k) in enumerate(zip(plans, queries, keyed, strict=True)):
-            input_ids[b, : len(q)] = tokens[q].cpu()
+            input_ids[b, : len(q)] = tokens[q]
             attention_mask[b, : len(q)] = True
-            position_ids[b, : len(q)] = pos[q].cpu()
+            position_ids[b, : len(q)] = pos[q]
             cache_mask[b, : len(k)] = True
-            cache_positions[b, : len(k)] = seq.positions[k].cpu()
-            cache_keys[:, b, :, : len(k)] = seq.keys[:, :, k].cpu()
-            cache_values[:, b, :, : len(k)] = seq.values[:, :, k].cpu()
+            cache_positions[b, : len(k)] = seq.positions[k]
+            cache_keys[:, b, :, : len(k)] = seq.keys[:, :, k]
+            cache_values[:, b, :, : len(k)] = seq.values[:, :, k]
         inputs = (input_ids, attention_mask, position_ids, cache_mask, cache_positions, cache_keys, cache_values)
-        logits, keys, values = self.engine.run_step(*(t.to(device) for t in inputs))
+        logits, keys, values = self.engine.run_step(*inputs)
         for b, ((seq, tokens, pos, plan), q) in enumerate(zip(plans, queries, strict=True)):
-            store = seq.logits.device
             seq.tokens, seq.positions = tokens.clone(), pos.clone()
-            seq.logits[q] = logits[b, : len(q)].to(store, seq.logits.dtype)
-            seq.keys[:, :, q] = keys[:, b, :, : len(q)].to(store)
-            seq.values[:, :, q] = values[:, b, :, : len(q)].to(store)
+            seq.logits[q] = logits[b, : len(q)].to(seq.logits.dtype)
+            seq.keys[:, :, q] = keys[:, b, :, : len(q)]
+            seq.values[:, :, q] = values[:, b, :, : len(q)]
             seq.kv_tokens[q] = tokens[q]
             seq.since_refresh = 1 if plan.refresh else seq.since_refresh + 1
             if plan.refresh:

@@ -42,3 +42,13 @@ def test_compiled_package_carries_code_not_weights(program, tmp_path):
     entry["state"]["parameters"].pop()
     with pytest.raises(DlmcError, match="compiled for cpu"):
         load_inductor(tmp_path, entry, "cuda", "cpu")
+
+
+def test_bf16_step_is_bit_identical_to_the_captured_one(tmp_path):
+    """exact_casts rounds fused intermediates as eager does; without it bf16 logits drift."""
+    model_dir = write_checkpoint("llada", tmp_path / "llada", layers=1, hidden=128, intermediate=256, seed=5)
+    program = capture(load_model(model_dir, dtype=torch.bfloat16), CaptureConfig(max_batch=2))
+    inputs = padded_batch([9, 5], 9)
+    expected = program(*inputs)
+    assert torch.equal(lower(program, InductorSettings(), "cpu")(*inputs), expected)
+    assert not torch.equal(lower(program, InductorSettings(exact_casts=False), "cpu")(*inputs), expected)
