@@ -44,6 +44,7 @@ ROWS = {
     "prefix_cache": ([{"block_cache": {"mode": "prefix", "block_length": 32}}], "inductor", {}),
     "dual_cache": ([{"block_cache": {"mode": "dual", "block_length": 32}}], "inductor", {}),
     "delayed_kv": ([{"delayed_kv": {"refresh": 8, "block_length": 32}}], "inductor", {}),
+    "prefill_kv": ([{"delayed_kv": {"mode": "prefill", "refresh": None}}], "inductor", {}),
     "window": ([{"window_pruning": {"window": 16, "block_length": 32}}], "inductor", {}),
     "threshold": (None, None, {"threshold": 0.9}),
     "dual+thr": (COMBINED, "inductor", {"threshold": 0.9}),  # the shipped recipe

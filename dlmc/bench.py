@@ -57,11 +57,11 @@ class _PeakMemory:
             return self
         self._stop = threading.Event()
         self.start = _rss_mb()
-        self.peak = self.start
+        self._highest = self.start
 
         def sample():
             while not self._stop.wait(0.005):
-                self.peak = max(self.peak, _rss_mb()) - self.start
+                self._highest = max(self._highest, _rss_mb())
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -73,7 +73,7 @@ class _PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss_mb()) - self.start
+            self.peak = max(self._highest, _rss_mb()) - self.start
 
 
 def measure(

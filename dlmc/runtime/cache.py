@@ -19,6 +19,7 @@ Policies (the caching passes record one in the step signature):
 - delayed (dKV-Cache-Decode): a column's K/V are reused once they were computed with its decoded token,
   i.e. one step after it was decoded; masks and just-decoded tokens are recomputed; a full forward every
   `refresh` steps (and at each block start when `block_length` is set).
+- prefill (dKV-Cache): the prompt's K/V from the first step, reused; the generation region is computed.
 `refresh` (prefix, dual, window) adds a full forward every that many steps within a block.
 For models whose logits are shifted by one (Dream), the row before every query column is computed too,
 since that row predicts it.
@@ -35,7 +36,7 @@ from dlmc.artifact import StepSignature
 from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
 
-PolicyName = Literal["exact", "prefix", "dual", "window", "delayed"]
+PolicyName = Literal["exact", "prefix", "dual", "window", "delayed", "prefill"]
 BLOCK_POLICIES = ("prefix", "dual", "window")
 """Policies that freeze everything outside the decoder's current block: they need a block decoder."""
 
@@ -217,6 +218,8 @@ def plan_call(
         return _Plan(visible.clone(), nothing, refresh=True)
     if policy.policy == "delayed":
         query = ~((seq.kv_tokens == tokens) & ~mask)  # masks and tokens decoded since their K/V were made
+    elif policy.policy == "prefill":
+        query = torch.arange(length, device=tokens.device) >= seq.origin  # the generation region
     else:
         query = nothing.clone()
         query[start : length if policy.policy == "prefix" else end] = True

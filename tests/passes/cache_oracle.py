@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 
 @dataclass
 class OraclePolicy:
-    policy: str  # prefix | dual | window | delayed
+    policy: str  # prefix | dual | window | delayed | prefill
     prompt_len: int
     mask_id: int
     shift: bool = False  # shifted logits (Dream): the row before each computed column is computed too
@@ -94,6 +94,8 @@ class OracleModel:
             frozen = None
         elif p.policy == "delayed":
             frozen = (self.kv_tokens == canvas) & ~masks
+        elif p.policy == "prefill":
+            frozen = cols < p.prompt_len
         elif p.policy == "prefix":
             frozen = cols < block[0]
         else:  # dual, window: everything outside the block

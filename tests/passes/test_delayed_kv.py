@@ -56,6 +56,14 @@ def test_matches_eager_oracle(compiled, family, block_length):
     assert compare_with_oracle(engine, model, CONFIG, PROMPT, policy, masked_rows(engine.spec.mask_token_id, engine.spec.shift_logits)) == 12
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_prefill_matches_eager_oracle(compiled, family):
+    engine, model = compiled(family, mode="prefill", refresh=None)
+    spec = engine.spec
+    policy = OraclePolicy("prefill", len(PROMPT), spec.mask_token_id, spec.shift_logits)
+    assert compare_with_oracle(engine, model, CONFIG, PROMPT, policy, masked_rows(spec.mask_token_id, spec.shift_logits)) == 12
+
+
 def test_one_step_delay(compiled):
     """Between refreshes a step computes the masks and the token decoded by the step before."""
     engine, _ = compiled("llada", refresh=100)
