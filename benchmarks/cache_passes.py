@@ -45,10 +45,10 @@ ROWS = {
     "dual_cache": ([{"block_cache": {"mode": "dual", "block_length": 32}}], "inductor", {}),
     "delayed_kv": ([{"delayed_kv": {"refresh": 8, "block_length": 32}}], "inductor", {}),
     "prefill_kv": ([{"delayed_kv": {"mode": "prefill", "refresh": None}}], "inductor", {}),
-    "window": ([{"window_pruning": {"window": 16, "block_length": 32}}], "inductor", {}),
+    "window": ([{"window_pruning": {"window": 32, "block_length": 32}}], "inductor", {}),
     "threshold": (None, None, {"threshold": 0.9}),
     "dual+thr": (COMBINED, "inductor", {"threshold": 0.9}),  # the shipped recipe
-    "window+thr": ([{"window_pruning": {"window": 16, "block_length": 32}}], "inductor", {"threshold": 0.9}),
+    "window+thr": ([{"window_pruning": {"window": 32, "block_length": 32}}], "inductor", {"threshold": 0.9}),
 }
 SYNTHETIC_ROWS = ("compiled", "prefix_cache", "dual_cache", "delayed_kv", "window")
 

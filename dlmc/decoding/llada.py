@@ -175,7 +175,7 @@ def _denoiser_logits(
 ) -> list[torch.Tensor]:
     """Each row's logits [P + G, V], aligned so row i predicts position i, guided when cfg_scale > 0."""
     canvases = [row.x for row in rows]
-    sequences = [id(row) for row in rows]  # names a K/V cache (if the model has one) keeps rows apart by
+    sequences = [id(row) for row in rows]  # stable per-row names; a K/V cache keeps a store per name
     if config.cfg_scale > 0:
         # the unconditional pass masks the prompt rather than dropping it, so positions stay put
         unconditional = [row.x.clone().index_fill_(0, _prompt_index(row), spec.mask_token_id) for row in rows]

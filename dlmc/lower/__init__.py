@@ -1,9 +1,9 @@
 """Lowering: a StepProgram becomes a backend-specific compiled step.
 
 One module per backend, each with its own small settings dataclass and one `lower(program, settings,
-device)` returning that backend's step object. Every step object is callable like the model
-(input_ids, attention_mask, position_ids) -> logits, so the compiler can check it against the captured
-program, and has `save(directory) -> dict`, which writes its files and returns the manifest's
+device)` returning that backend's step object. Every step object is callable like the program it was
+lowered from (the signature's inputs -> logits, plus keys and values for a cached step), so the
+compiler can check it against the captured program, and has `save(directory) -> dict`, which writes its files and returns the manifest's
 "backend" entry. A backend that cannot run here is refused with one line; nothing falls back.
 """
 
@@ -36,9 +36,9 @@ class LowerSettings:
 
 
 class LoweredStep(Protocol):
-    def __call__(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor: ...
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        """The step's inputs in signature order -> logits, or a tuple (logits, keys, values) for a step
+        with a K/V cache."""
 
     def save(self, directory: Path) -> dict[str, Any]: ...
 
