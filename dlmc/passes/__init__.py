@@ -149,7 +149,7 @@ def input_kinds(program: StepProgram) -> dict[str, tuple[str, str | None]]:
 
 
 # The closed list of pass modules; importing them registers them. Order here means nothing.
-from dlmc.passes import fold_constants, mixed_precision  # noqa: E402
+from dlmc.passes import fold_constants, layer_skip, mixed_precision  # noqa: E402
 
 __all__ = [
     "PASSES",
@@ -157,6 +157,7 @@ __all__ = [
     "PassConfig",
     "PassResult",
     "fold_constants",
+    "layer_skip",
     "mixed_precision",
     "pass_configs",
     "register",
