@@ -91,6 +91,11 @@ def layer_skip(program: StepProgram, config: LayerSkip) -> PassResult:
         block.output.replace_all_uses_with(block.input)
         for node in reversed(block.nodes):  # users before producers
             gm.graph.erase_node(node)
+        for node in reversed(block.shared):
+            if not node.users:  # asserts included: they only checked values nothing reads any more
+                gm.graph.erase_node(node)
+            else:  # still read by later blocks: it belongs to the model now, not to a removed block
+                node.meta["nn_module_stack"] = _outside_layers(node.meta["nn_module_stack"])
     gm.graph.eliminate_dead_code()
     kinds = input_kinds(program)
     state_dict, constants = dict(program.exported.state_dict), dict(program.exported.constants)
@@ -115,11 +120,15 @@ def layer_skip(program: StepProgram, config: LayerSkip) -> PassResult:
 class Block:
     index: int
     nodes: list[torch.fx.Node]
-    """Every node captured inside `layers.{index}`, in graph order."""
+    """The nodes captured inside `layers.{index}` that read the residual stream, in graph order."""
+    shared: list[torch.fx.Node]
+    """Its other nodes: they compute from values outside the block only. An alias made inside the
+    first block (RoPE's cos.to(dtype) when that dtype is already cos's) is read by every later
+    block, so these stay when the block goes."""
     input: torch.fx.Node
     """The residual stream entering the block."""
     output: torch.fx.Node
-    """The residual stream leaving it: the block's only value read outside it."""
+    """The residual stream leaving it: the block's only residual-dependent value read outside it."""
 
 
 def layer_of(node: torch.fx.Node) -> int | None:
@@ -137,20 +146,47 @@ def find_blocks(gm: torch.fx.GraphModule) -> dict[int, Block]:
         index = layer_of(node) if node.op == "call_function" else None
         if index is not None:
             members.setdefault(index, []).append(node)
-    blocks = {}
-    for index, nodes in members.items():
-        inside = set(nodes)
-        outputs = [n for n in nodes if any(user not in inside for user in n.users)]
-        if len(outputs) != 1:
-            raise DlmcError(f"layer_skip: layers.{index} has {len(outputs)} values read outside it, expected 1")
-        (output,) = outputs
-        want = _shape_and_dtype(output)
-        reads = {arg for n in nodes for arg in n.all_input_nodes if arg not in inside}
-        inputs = [n for n in reads if _shape_and_dtype(n) == want]
-        if len(inputs) != 1:
-            raise DlmcError(f"layer_skip: cannot tell the residual stream entering layers.{index} ({len(inputs)} candidates)")
-        blocks[index] = Block(index=index, nodes=nodes, input=inputs[0], output=output)
-    return blocks
+    return {index: _block(index, nodes) for index, nodes in members.items()}
+
+
+def _block(index: int, nodes: list[torch.fx.Node]) -> Block:
+    inside = set(nodes)
+    reads = {arg for n in nodes for arg in n.all_input_nodes if arg not in inside}
+    dependent_on: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for candidate in reads:
+        dependent_on[candidate] = _dependents(nodes, candidate)
+    # The residual stream is the outside value the block's value read from outside derives from:
+    # a [batch, seq, hidden] tensor of the block output's dtype.
+    candidates = []
+    for candidate, dependent in dependent_on.items():
+        outputs = [n for n in dependent if any(user not in inside for user in n.users)]
+        if len(outputs) == 1 and _shape_and_dtype(outputs[0]) == _shape_and_dtype(candidate) is not None:
+            candidates.append((candidate, dependent, outputs[0]))
+    if len(candidates) != 1:
+        raise DlmcError(f"layer_skip: cannot tell the residual stream through layers.{index} "
+                        f"({len(candidates)} candidates)")
+    ((input_, dependent, output),) = candidates
+    depends = set(dependent)
+    return Block(index=index, nodes=dependent, shared=[n for n in nodes if n not in depends], input=input_, output=output)
+
+
+def _dependents(nodes: list[torch.fx.Node], source: torch.fx.Node) -> list[torch.fx.Node]:
+    """The nodes (in graph order) that read `source`, directly or through each other."""
+    found: set[torch.fx.Node] = set()
+    for node in nodes:
+        if any(arg is source or arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return [n for n in nodes if n in found]
+
+
+def _outside_layers(stack: dict[str, Any]) -> dict[str, Any]:
+    """The module stack cut above its `layers.N` entry."""
+    kept = {}
+    for key, (path, kind) in stack.items():
+        if _LAYER.fullmatch(path):
+            break
+        kept[key] = (path, kind)
+    return kept
 
 
 def _shape_and_dtype(node: torch.fx.Node) -> tuple[str, Any] | None:
@@ -183,6 +219,9 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return {"similarity": {str(i): round(s, 6) for i, s in self.similarity.items()},
                 "canvases": self.canvases, "tokens": self.tokens}
+
+    def summary(self) -> str:
+        return " ".join(f"{i}:{s:.3f}" for i, s in sorted(self.similarity.items()))
 
     def table(self, chosen: Sequence[int] = ()) -> str:
         lines = [f"{'layer':>5}  {'cos(in, out)':>12}"]
