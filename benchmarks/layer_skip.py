@@ -10,7 +10,8 @@ decode the held-out task prompts with the reference LLaDA decoder settings of `d
 calibration chose, task accuracy, token agreement with the reference decoder on the eager
 checkpoint (same prompts, same decoder), and the median seconds per step and tokens/s of
 `--speed-prompts` prompts, with ratios against the k = 0 artifact and the reference decoder, all
-measured in this run. `--every-single-layer` adds each single-layer skip chosen by hand, to show
+measured in this run, in interleaved rounds (every model once per round) so that load from other
+processes falls on all of them alike. `--every-single-layer` adds each single-layer skip chosen by hand, to show
 whether calibration picks the best one.
 
 `--large`: a random LLaDA-format checkpoint of 134M parameters (hidden 768, 12 layers, as in
@@ -22,14 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import dlmc.runtime
-from dlmc.bench import bench_prompts, measure, token_agreement
+from dlmc.bench import bench_prompts, token_agreement
+from dlmc.decoding import DECODERS
 from dlmc.capture import CaptureConfig
 from dlmc.compiler import compile_model
 from dlmc.decoding.llada import LLaDAConfig
@@ -55,12 +57,27 @@ def recipe_for(skip: int | None = None, layers: tuple[int, ...] | None = None) -
 
 
 def compiled(model_dir: Path, recipe: Recipe, out: Path):
-    start = time.perf_counter()
     compile_model(model_dir, recipe, out, force=True)
     engine = dlmc.runtime.load(out)
     passes = engine.manifest["recipe"]["passes"]
-    layers = next((p["layer_skip"]["layers"] for p in passes if "layer_skip" in p), [])
-    return engine, layers, time.perf_counter() - start
+    return engine, next((p["layer_skip"]["layers"] for p in passes if "layer_skip" in p), [])
+
+
+def interleaved_speed(models: dict[str, object], spec, prompts, config, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds per step, median tokens/s). One warm-up each, then `repeats` rounds
+    that time every model once, so load from other processes on the machine spreads evenly."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    nfe = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            nfe[name] = DECODERS["llada"][1](model, spec, prompts, config, seed=0).nfe
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                DECODERS["llada"][1](model, spec, prompts, config, seed=0)
+                times[name].append(time.perf_counter() - start)
+    tokens = len(prompts) * config.gen_length
+    return {name: (statistics.median(t) / nfe[name], tokens / statistics.median(t)) for name, t in times.items()}
 
 
 def embedded(args: argparse.Namespace) -> list[dict]:
@@ -69,39 +86,46 @@ def embedded(args: argparse.Namespace) -> list[dict]:
     reference = load_model(model_dir)
     config = LLaDAConfig(gen_length=128, steps=128, block_length=32)
     eval_args = dict(per_task=args.per_task, batch_size=25)
-    speed_prompts = bench_prompts(reference.spec, tokenizer, args.speed_prompts, seed=0)
-    speed_args = dict(repeats=args.repeats, seed=0)
 
     ref_eval = evaluate(reference, reference.spec, tokenizer, "llada", config, **eval_args)
     ref_ids = [c.output_ids for c in ref_eval.completions]
-    ref_speed = measure("reference", reference, reference.spec, speed_prompts, "llada", config, **speed_args)
     rows = [{"name": "reference (eager, all layers)", "layers": [], "parameters": reference.num_parameters(),
-             "accuracy": ref_eval.accuracy, "per_task": ref_eval.per_task, "agreement": 1.0,
-             "s_per_step": ref_speed.seconds_per_step, "tok_per_s": ref_speed.tokens_per_s}]
-    print(f"reference: accuracy {ref_eval.accuracy:.1%} of {ref_eval.examples}, "
-          f"{ref_speed.seconds_per_step * 1e3:.2f} ms/step", flush=True)
+             "accuracy": ref_eval.accuracy, "per_task": ref_eval.per_task, "agreement": 1.0}]
+    models = {rows[0]["name"]: reference}
+    print(f"reference: accuracy {ref_eval.accuracy:.1%} of {ref_eval.examples}", flush=True)
 
     runs = [(f"skip {k}", recipe_for(skip=k)) for k in args.skips]
-    if args.every_single_layer:
-        runs += [(f"layer {i} by hand", recipe_for(layers=(i,))) for i in range(reference.arch.num_layers)]
+    chosen: set[int] = set()
     for name, recipe in runs:
-        out = args.workdir / "layer-skip-embedded"
-        engine, layers, compile_s = compiled(model_dir, recipe, out)
-        report = evaluate(engine, engine.spec, tokenizer, "llada", config, **eval_args)
-        speed = measure(name, engine, engine.spec, speed_prompts, "llada", config, **speed_args)
-        row = {"name": name, "layers": layers, "parameters": engine.manifest["model"]["parameters"],
-               "accuracy": report.accuracy, "per_task": report.per_task,
-               "agreement": token_agreement([c.output_ids for c in report.completions], ref_ids),
-               "s_per_step": speed.seconds_per_step, "tok_per_s": speed.tokens_per_s, "compile_s": compile_s}
-        rows.append(row)
-        print(f"{name}: layers {layers}, accuracy {report.accuracy:.1%}, agreement {row['agreement']:.1%}, "
-              f"{speed.seconds_per_step * 1e3:.2f} ms/step", flush=True)
-        del engine
-        shutil.rmtree(out, ignore_errors=True)
-    print(f"\nembedded model, {ref_eval.examples} held-out prompts (dlmc eval --block-length 32 settings), "
-          f"speed on {len(speed_prompts)} prompts, median of {args.repeats}:")
+        engine, layers = compiled(model_dir, recipe, args.workdir / f"layer-skip-{len(models)}")
+        chosen |= {layers[0]} if len(layers) == 1 else set()
+        rows.append(quality_row(name, engine, layers, tokenizer, config, eval_args, ref_ids))
+        models[name] = engine
+    if args.every_single_layer:  # single layers by hand that calibration did not already pick
+        for i in sorted(set(range(reference.arch.num_layers)) - chosen):
+            name = f"layer {i} by hand"
+            engine, layers = compiled(model_dir, recipe_for(layers=(i,)), args.workdir / f"layer-skip-{len(models)}")
+            rows.append(quality_row(name, engine, layers, tokenizer, config, eval_args, ref_ids))
+            models[name] = engine
+
+    prompts = bench_prompts(reference.spec, tokenizer, args.speed_prompts, seed=0)
+    speed = interleaved_speed(models, reference.spec, prompts, config, args.repeats)
+    for row in rows:
+        row["s_per_step"], row["tok_per_s"] = speed[row["name"]]
+    print(f"\nembedded model: {ref_eval.examples} held-out prompts (the settings of dlmc eval --block-length 32); "
+          f"speed: {len(prompts)} prompts, median of {args.repeats} interleaved rounds")
     print(table(rows, base="skip 0"))
     return rows
+
+
+def quality_row(name, engine, layers, tokenizer, config, eval_args, ref_ids) -> dict:
+    report = evaluate(engine, engine.spec, tokenizer, "llada", config, **eval_args)
+    row = {"name": name, "layers": layers, "parameters": engine.manifest["model"]["parameters"],
+           "accuracy": report.accuracy, "per_task": report.per_task,
+           "agreement": token_agreement([c.output_ids for c in report.completions], ref_ids)}
+    print(f"{name}: layers {layers}, accuracy {report.accuracy:.1%} {report.per_task}, "
+          f"agreement {row['agreement']:.1%}", flush=True)
+    return row
 
 
 def large(args: argparse.Namespace) -> list[dict]:
@@ -112,22 +136,22 @@ def large(args: argparse.Namespace) -> list[dict]:
     reference = load_model(model_dir)
     config = LLaDAConfig(gen_length=256, steps=16)
     prompts = bench_prompts(reference.spec, load_tokenizer(model_dir), 1, seed=0)
-    ref = measure("reference", reference, reference.spec, prompts, "llada", config, repeats=args.repeats)
-    rows = [{"name": "reference (eager, all layers)", "layers": [], "parameters": reference.num_parameters(),
-             "agreement": 1.0, "s_per_step": ref.seconds_per_step, "tok_per_s": ref.tokens_per_s}]
-    del reference
+    rows = [{"name": "reference (eager, all layers)", "layers": [], "parameters": reference.num_parameters()}]
+    models = {rows[0]["name"]: reference}
     for k in args.large_skips:
-        out = args.workdir / "layer-skip-large"
-        engine, layers, compile_s = compiled(model_dir, recipe_for(skip=k), out)
-        speed = measure(f"skip {k}", engine, engine.spec, prompts, "llada", config, reference=ref.output_ids,
-                        repeats=args.repeats)
-        rows.append({"name": f"skip {k}", "layers": layers, "parameters": engine.manifest["model"]["parameters"],
-                     "agreement": speed.agreement, "s_per_step": speed.seconds_per_step,
-                     "tok_per_s": speed.tokens_per_s, "compile_s": compile_s})
-        print(f"skip {k}: layers {layers}, {speed.seconds_per_step * 1e3:.1f} ms/step", flush=True)
-        del engine
-        shutil.rmtree(out, ignore_errors=True)
-    print("\n134M random LLaDA checkpoint, 1 prompt, generation length 256, 16 steps (speed only):")
+        engine, layers = compiled(model_dir, recipe_for(skip=k), args.workdir / f"layer-skip-large-{k}")
+        rows.append({"name": f"skip {k}", "layers": layers, "parameters": engine.manifest["model"]["parameters"]})
+        models[f"skip {k}"] = engine
+        print(f"skip {k}: layers {layers}", flush=True)
+    with torch.inference_mode():
+        outputs = {name: DECODERS["llada"][1](m, reference.spec, prompts, config, seed=0).output_ids
+                   for name, m in models.items()}
+    speed = interleaved_speed(models, reference.spec, prompts, config, args.repeats)
+    for row in rows:
+        row["agreement"] = token_agreement(outputs[row["name"]], outputs[rows[0]["name"]])
+        row["s_per_step"], row["tok_per_s"] = speed[row["name"]]
+    print(f"\n134M random LLaDA checkpoint, 1 prompt, generation length 256, 16 steps (speed only), "
+          f"median of {args.repeats} interleaved rounds:")
     print(table(rows, base="skip 0"))
     return rows
 
