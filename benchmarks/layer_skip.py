@@ -3,8 +3,10 @@
     python benchmarks/layer_skip.py [--per-task 25] [--skips 0 1 2 3] [--every-single-layer]
     python benchmarks/layer_skip.py --large [--large-skips 0 3 6] [--workdir /tmp/dlmc-bench]
 
-Embedded model (4 layers): for each k, compile with fold_constants + layer_skip {budget: k}
-(calibrated at compile time; k = 0 is the same recipe without layer_skip) on AOTInductor, then
+Embedded model (4 layers): for each k and each criterion (similarity: the paper's cos(h_in, h_out);
+logits: greedy on the arg-max tokens at masked positions), compile with fold_constants + layer_skip
+{budget: k, criterion: ...} (calibrated at compile time; k = 0 is the same recipe without
+layer_skip) on AOTInductor, then
 decode the held-out task prompts with the reference LLaDA decoder settings of `dlmc eval
 --block-length 32` (generation length 128, one token per step) on the artifact. Reported: the layers
 calibration chose, task accuracy, token agreement with the reference decoder on the eager
@@ -46,10 +48,10 @@ from dlmc.testing.fixtures import write_checkpoint
 from dlmc.tokenizer import load_tokenizer
 
 
-def recipe_for(skip: int | None = None, layers: tuple[int, ...] | None = None) -> Recipe:
+def recipe_for(skip: int | None = None, layers: tuple[int, ...] | None = None, criterion: str = "similarity") -> Recipe:
     passes = [FoldConstants()]
     if skip:
-        passes.append(LayerSkip(budget=skip))
+        passes.append(LayerSkip(budget=skip, criterion=criterion))
     if layers is not None:
         passes.append(LayerSkip(layers=layers))
     return Recipe(capture=CaptureConfig(dtype="float32"), passes=tuple(passes), lower=InductorSettings(),
@@ -94,11 +96,12 @@ def embedded(args: argparse.Namespace) -> list[dict]:
     models = {rows[0]["name"]: reference}
     print(f"reference: accuracy {ref_eval.accuracy:.1%} of {ref_eval.examples}", flush=True)
 
-    runs = [(f"skip {k}", recipe_for(skip=k)) for k in args.skips]
+    runs = [(f"skip {k}" + (f" ({c})" if k else ""), recipe_for(skip=k, criterion=c))
+            for c in args.criteria for k in args.skips if k or c == args.criteria[0]]
     chosen: set[int] = set()
     for name, recipe in runs:
         engine, layers = compiled(model_dir, recipe, args.workdir / f"layer-skip-{len(models)}")
-        chosen |= {layers[0]} if len(layers) == 1 else set()
+        chosen |= set(layers) if len(layers) == 1 else set()
         rows.append(quality_row(name, engine, layers, tokenizer, config, eval_args, ref_ids))
         models[name] = engine
     if args.every_single_layer:  # single layers by hand that calibration did not already pick
@@ -139,7 +142,8 @@ def large(args: argparse.Namespace) -> list[dict]:
     rows = [{"name": "reference (eager, all layers)", "layers": [], "parameters": reference.num_parameters()}]
     models = {rows[0]["name"]: reference}
     for k in args.large_skips:
-        engine, layers = compiled(model_dir, recipe_for(skip=k), args.workdir / f"layer-skip-large-{k}")
+        engine, layers = compiled(model_dir, recipe_for(skip=k, criterion=args.criteria[0]),
+                                  args.workdir / f"layer-skip-large-{k}")
         rows.append({"name": f"skip {k}", "layers": layers, "parameters": engine.manifest["model"]["parameters"]})
         models[f"skip {k}"] = engine
         print(f"skip {k}: layers {layers}", flush=True)
@@ -178,6 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-task", type=int, default=25, help="held-out prompts per task (4 tasks)")
     ap.add_argument("--skips", type=int, nargs="*", default=[0, 1, 2, 3])
+    ap.add_argument("--criteria", nargs="*", default=["similarity", "logits"], choices=["similarity", "logits"])
     ap.add_argument("--every-single-layer", action="store_true")
     ap.add_argument("--speed-prompts", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)

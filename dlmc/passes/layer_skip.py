@@ -21,12 +21,13 @@ measured similarities.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -52,6 +53,11 @@ class LayerSkip(PassConfig):
     """Blocks to remove, by their index in the checkpoint (0 = the first). [] removes nothing."""
     budget: int | None = None
     """How many blocks to remove, chosen by calibration (never block 0). Excludes `layers`."""
+    criterion: Literal["similarity", "logits"] = "similarity"
+    """How a budget is spent. similarity: the blocks with the highest mean cos(h_in, h_out), spread
+    out (the paper's measure; one calibration run). logits: greedily, the block whose removal (on
+    top of those already chosen) keeps the step's arg-max token at the most masked positions of the
+    calibration canvases (budget x layers calibration runs; measures what decoding sees)."""
     prompts: tuple[str, ...] = ()
     """Calibration prompts (text, fully masked generation region). Empty: `examples` task prompts
     with their answers, drawn from the training distribution of dlmc.tasks (never the held-out set)."""
@@ -215,19 +221,30 @@ class Calibration:
     """Layer index -> mean cos(h_in, h_out) over the calibration tokens (1.0: the block does nothing)."""
     canvases: int
     tokens: int
+    agreement: dict[int, float] | None = None
+    """criterion logits: layer index -> fraction of masked positions whose arg-max token survives
+    removing that layer alone (the first greedy round)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"similarity": {str(i): round(s, 6) for i, s in self.similarity.items()},
-                "canvases": self.canvases, "tokens": self.tokens}
+        out = {"similarity": {str(i): round(s, 6) for i, s in self.similarity.items()},
+               "canvases": self.canvases, "tokens": self.tokens}
+        if self.agreement is not None:
+            out["agreement"] = {str(i): round(a, 6) for i, a in self.agreement.items()}
+        return out
 
     def summary(self) -> str:
-        return " ".join(f"{i}:{s:.3f}" for i, s in sorted(self.similarity.items()))
+        text = " ".join(f"{i}:{s:.3f}" for i, s in sorted(self.similarity.items()))
+        if self.agreement is not None:
+            text += "; arg-max kept without each layer " + " ".join(f"{i}:{a:.3f}" for i, a in sorted(self.agreement.items()))
+        return text
 
     def table(self, chosen: Sequence[int] = ()) -> str:
-        lines = [f"{'layer':>5}  {'cos(in, out)':>12}"]
+        extra = self.agreement is not None
+        lines = [f"{'layer':>5}  {'cos(in, out)':>12}" + ("  arg-max kept without it" if extra else "")]
         for index, sim in sorted(self.similarity.items()):
             note = "  skip" if index in chosen else ("  (first layer: kept unless listed)" if index == 0 else "")
-            lines.append(f"{index:5d}  {sim:12.4f}{note}")
+            kept = f"  {self.agreement[index]:24.4f}" if extra and index in self.agreement else ("  " + " " * 24 if extra else "")
+            lines.append(f"{index:5d}  {sim:12.4f}{kept}{note}")
         return "\n".join(lines)
 
 
@@ -377,6 +394,42 @@ def resolve(program: StepProgram, config: PassConfig, tokenizer: Any) -> tuple[P
     if config.budget >= present:
         raise DlmcError(f"layer_skip.budget: must be between 1 and {present - 1} (the step has {present} layers "
                         f"and keeps the first), got {config.budget}")
-    calibration = calibrate(program, calibration_batches(program.spec, tokenizer, config))
-    layers = choose_layers(calibration.similarity, config.budget)
-    return LayerSkip(layers=layers), calibration
+    batches = calibration_batches(program.spec, tokenizer, config)
+    calibration = calibrate(program, batches)
+    if config.criterion == "similarity":
+        return LayerSkip(layers=choose_layers(calibration.similarity, config.budget)), calibration
+    layers, agreement = choose_by_logits(program, batches, config.budget)
+    return LayerSkip(layers=layers), dataclasses.replace(calibration, agreement=agreement)
+
+
+def choose_by_logits(
+    program: StepProgram, batches: Sequence[tuple[torch.Tensor, ...]], budget: int
+) -> tuple[tuple[int, ...], dict[int, float]]:
+    """Greedy: each round removes the block (never the first) whose removal, on top of the blocks
+    already chosen, keeps the full step's arg-max token at the most masked positions. Returns the
+    choice and the first round's scores."""
+    mask_id = program.spec.mask_token_id
+    wanted = []  # per batch: (positions whose logits predict a masked token [B, L] bool, full arg-max)
+    for input_ids, attention_mask, position_ids in batches:
+        masked = (input_ids == mask_id) & attention_mask  # [B, L] bool
+        if program.spec.shift_logits:  # the logits at i predict token i + 1 (Dream)
+            masked = torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], dim=1)
+        wanted.append((masked, program(input_ids, attention_mask, position_ids).argmax(-1)))
+    if not any(m.any() for m, _ in wanted):
+        raise DlmcError("layer_skip.criterion: logits needs masked positions in the calibration canvases")
+    chosen: list[int] = []
+    first: dict[int, float] = {}
+    candidates = sorted(find_blocks(program.graph_module))[1:]
+    for _ in range(budget):
+        scores = {}
+        for index in (i for i in candidates if i not in chosen):
+            trial = layer_skip(program, LayerSkip(layers=(*chosen, index))).program
+            kept = total = 0
+            for (input_ids, attention_mask, position_ids), (masked, full) in zip(batches, wanted, strict=True):
+                tokens = trial(input_ids, attention_mask, position_ids).argmax(-1)  # [B, L] int64
+                kept += int((tokens == full)[masked].sum())
+                total += int(masked.sum())
+            scores[index] = kept / total
+        first = first or scores
+        chosen.append(max(scores, key=lambda i: (scores[i], -i)))
+    return tuple(chosen), first
