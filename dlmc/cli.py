@@ -199,6 +199,7 @@ def eval_(
 def calibrate(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the embedded model).")] = None,
     budget: Annotated[int, Opt(help="Layers to drop.")] = 1,
+    criterion: Annotated[str, Opt(help="similarity (cos of block input/output) | logits (arg-max kept, greedy)")] = "similarity",
     prompt: Annotated[list[str], Opt("--prompt", help="Calibration prompt (repeatable; default: task prompts).")] = [],
     examples: Annotated[int, Opt(help="Task canvases when no --prompt is given.")] = 32,
     gen_length: Annotated[int, Opt(help="Generation region of each canvas.")] = 64,
@@ -213,14 +214,17 @@ def calibrate(
 
     try:
         try:
-            config = LayerSkip(budget=budget, prompts=tuple(prompt), examples=examples, gen_length=gen_length)
+            if criterion not in ("similarity", "logits"):
+                raise ValueError(f"criterion: '{criterion}' is not one of similarity, logits")
+            config = LayerSkip(budget=budget, criterion=criterion, prompts=tuple(prompt), examples=examples,
+                               gen_length=gen_length)
         except ValueError as e:
             raise DlmcError("--" + str(e).replace("_", "-", str(e).find(":"))) from None
         calibration, layers = calibrate_checkpoint(path or default_model_dir(), config, dtype=_torch_dtype(dtype))
     except DlmcError as e:
         _fail(e, debug)
     if as_json:
-        typer.echo(json.dumps(calibration.to_dict() | {"budget": budget, "layers": list(layers)}))
+        typer.echo(json.dumps(calibration.to_dict() | {"budget": budget, "criterion": criterion, "layers": list(layers)}))
         return
     typer.echo(calibration.table(layers))
     typer.echo(f"{calibration.canvases} canvases, {calibration.tokens} tokens; budget {budget} drops layers "

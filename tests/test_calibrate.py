@@ -27,6 +27,14 @@ def test_table_and_chosen_layers_of_the_embedded_model():
     assert "8 canvases" in lines[5] and "budget 2 drops layers" in lines[5]
 
 
+def test_logits_criterion_adds_its_column():
+    result = invoke("calibrate", "--criterion", "logits", "--examples", 4, "--gen-length", 16)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "arg-max kept without it" in lines[0]
+    assert len(lines[2].split()) == 3 and len(lines[1].split()) == 2 + len("(first layer: kept unless listed)".split())
+
+
 def test_json_matches_the_library_on_the_same_canvases(checkpoints):
     result = invoke("calibrate", checkpoints["dream"], "--budget", 1, "--examples", 4, "--gen-length", 8, "--json")
     assert result.exit_code == 0, result.output
@@ -43,6 +51,7 @@ def test_bad_options_are_one_line():
         (("--budget", 4), "error: layer_skip.budget: must be between 1 and 3 (the step has 4 layers"),
         (("--budget", 0), "error: --budget: must be >= 1, got 0"),
         (("--gen-length", 0), "error: --gen-length: must be >= 1, got 0"),
+        (("--criterion", "cosine"), "error: --criterion: 'cosine' is not one of similarity, logits"),
         ((default_model_dir() / "nope",), "nope"),
     ]:
         result = invoke("calibrate", *args)

@@ -319,7 +319,7 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def calibration_batches(
-    spec: DenoiserSpec, tokenizer: Any, config: LayerSkip, *, batch_size: int = 8
+    spec: DenoiserSpec, tokenizer: Any, config: LayerSkip, *, batch_size: int = 8, max_length: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Step inputs that look like the middle of denoising: [prompt | generation region], left-padded.
 
@@ -342,9 +342,10 @@ def calibration_batches(
         pairs = [([rng.choice(pool) for _ in range(16)], [rng.choice(pool) for _ in range(config.gen_length)])
                  for _ in range(config.examples)]
     longest = max(len(p) for p, _ in pairs)
-    gen_length = min(config.gen_length, spec.max_length - longest)
+    max_length = max_length or spec.max_length
+    gen_length = min(config.gen_length, max_length - longest)
     if gen_length < 1:
-        raise DlmcError(f"layer_skip.prompts: a prompt of {longest} tokens leaves no room in max_length {spec.max_length}")
+        raise DlmcError(f"layer_skip.prompts: a prompt of {longest} tokens leaves no room in the step's {max_length}")
     rows = []
     for i, (prompt, answer) in enumerate(pairs):
         region = torch.full((gen_length,), spec.mask_token_id, dtype=torch.long)  # [G] int64
@@ -394,7 +395,8 @@ def resolve(program: StepProgram, config: PassConfig, tokenizer: Any) -> tuple[P
     if config.budget >= present:
         raise DlmcError(f"layer_skip.budget: must be between 1 and {present - 1} (the step has {present} layers "
                         f"and keeps the first), got {config.budget}")
-    batches = calibration_batches(program.spec, tokenizer, config)
+    sig = program.signature
+    batches = calibration_batches(program.spec, tokenizer, config, batch_size=min(8, sig.batch[1]), max_length=sig.seq[1])
     calibration = calibrate(program, batches)
     if config.criterion == "similarity":
         return LayerSkip(layers=choose_layers(calibration.similarity, config.budget)), calibration

@@ -106,16 +106,38 @@ def zeroed(model, layer):
     return model
 
 
-def test_calibration_picks_an_identity_layer_first(model_and_step, four_layers):
+@pytest.mark.parametrize("criterion", ["similarity", "logits"])
+def test_calibration_picks_an_identity_layer_first(model_and_step, four_layers, criterion):
     model, _ = model_and_step
     tokenizer = load_tokenizer(four_layers)
     for identity in (1, 2, 3):
         step = capture(zeroed(model, identity), CaptureConfig(max_batch=4))
-        config, calibration = resolve(step, LayerSkip(budget=1, examples=8, gen_length=16), tokenizer)
+        config, calibration = resolve(step, LayerSkip(budget=1, examples=8, gen_length=16, criterion=criterion), tokenizer)
         assert config == LayerSkip(layers=(identity,))
         assert calibration.similarity[identity] == pytest.approx(1.0, abs=1e-9)
         assert max(calibration.similarity.values()) == calibration.similarity[identity]
         assert calibration.canvases == 8 and calibration.tokens > 8 * 16
+        if criterion == "logits":  # removing an identity block changes no token; the others change some
+            assert calibration.agreement[identity] == 1.0
+            assert sorted(calibration.agreement) == [1, 2, 3] and min(calibration.agreement.values()) < 1.0
+        else:
+            assert calibration.agreement is None
+
+
+def test_logits_criterion_is_greedy_over_what_is_already_removed(model_and_step, four_layers):
+    model, step = model_and_step
+    tokenizer = load_tokenizer(four_layers)
+    config = LayerSkip(budget=2, examples=8, gen_length=16, criterion="logits")
+    resolved, calibration = resolve(step, config, tokenizer)
+    first = max(calibration.agreement, key=lambda i: (calibration.agreement[i], -i))
+    assert resolved.layers[0] == first and len(set(resolved.layers)) == 2 and 0 not in resolved.layers
+
+
+def test_logits_criterion_reads_shifted_logits_for_dream(checkpoints):
+    step = capture(load_model(checkpoints["dream"]), CaptureConfig(max_batch=4))
+    config = LayerSkip(budget=1, examples=4, gen_length=8, criterion="logits")
+    resolved, calibration = resolve(step, config, load_tokenizer(checkpoints["dream"]))
+    assert resolved.layers == (1,) and 0 < calibration.agreement[1] <= 1
 
 
 def test_calibration_never_picks_the_first_layer(model_and_step, four_layers):
@@ -162,6 +184,7 @@ def test_empty_list_is_a_no_op(model_and_step):
         ({"layers": [-1]}, "passes[0].layer_skip.layers: indices must be >= 0"),
         ({"layers": [2, 2]}, "passes[0].layer_skip.layers: an index is listed twice"),
         ({"layers": "2"}, "passes[0].layer_skip.layers"),
+        ({"budget": 1, "criterion": "cosine"}, "passes[0].layer_skip.criterion: 'cosine' is not one of"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(options, message):
