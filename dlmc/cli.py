@@ -199,7 +199,7 @@ def eval_(
 def calibrate(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the embedded model).")] = None,
     budget: Annotated[int, Opt(help="Layers to drop.")] = 1,
-    criterion: Annotated[str, Opt(help="similarity (cos of block input/output) | logits (arg-max kept, greedy)")] = "similarity",
+    criterion: Annotated[str, Opt(help="similarity (cos of block in/out) | logits (arg-max kept)")] = "similarity",
     prompt: Annotated[list[str], Opt("--prompt", help="Calibration prompt (repeatable; default: task prompts).")] = [],
     examples: Annotated[int, Opt(help="Task canvases when no --prompt is given.")] = 32,
     gen_length: Annotated[int, Opt(help="Generation region of each canvas.")] = 64,
@@ -224,7 +224,8 @@ def calibrate(
     except DlmcError as e:
         _fail(e, debug)
     if as_json:
-        typer.echo(json.dumps(calibration.to_dict() | {"budget": budget, "criterion": criterion, "layers": list(layers)}))
+        report = calibration.to_dict() | {"budget": budget, "criterion": criterion, "layers": list(layers)}
+        typer.echo(json.dumps(report))
         return
     typer.echo(calibration.table(layers))
     typer.echo(f"{calibration.canvases} canvases, {calibration.tokens} tokens; budget {budget} drops layers "

@@ -41,7 +41,8 @@ def test_json_matches_the_library_on_the_same_canvases(checkpoints):
     report = json.loads(result.output)
     model = load_model(checkpoints["dream"])
     config = LayerSkip(budget=1, examples=4, gen_length=8)
-    expected = calibrate(capture(model, CaptureConfig()), calibration_batches(model.spec, load_tokenizer(checkpoints["dream"]), config))
+    batches = calibration_batches(model.spec, load_tokenizer(checkpoints["dream"]), config)
+    expected = calibrate(capture(model, CaptureConfig()), batches)
     assert report["similarity"] == expected.to_dict()["similarity"]
     assert report["layers"] == list(choose_layers(expected.similarity, 1)) == [1]  # 2 layers: never the first
 

@@ -173,7 +173,8 @@ def _block(index: int, nodes: list[torch.fx.Node]) -> Block:
                         f"({len(candidates)} candidates)")
     ((input_, dependent, output),) = candidates
     depends = set(dependent)
-    return Block(index=index, nodes=dependent, shared=[n for n in nodes if n not in depends], input=input_, output=output)
+    shared = [n for n in nodes if n not in depends]
+    return Block(index=index, nodes=dependent, shared=shared, input=input_, output=output)
 
 
 def _dependents(nodes: list[torch.fx.Node], source: torch.fx.Node) -> list[torch.fx.Node]:
@@ -235,7 +236,8 @@ class Calibration:
     def summary(self) -> str:
         text = " ".join(f"{i}:{s:.3f}" for i, s in sorted(self.similarity.items()))
         if self.agreement is not None:
-            text += "; arg-max kept without each layer " + " ".join(f"{i}:{a:.3f}" for i, a in sorted(self.agreement.items()))
+            kept = " ".join(f"{i}:{a:.3f}" for i, a in sorted(self.agreement.items()))
+            text += f"; arg-max kept without each layer {kept}"
         return text
 
     def table(self, chosen: Sequence[int] = ()) -> str:
@@ -243,7 +245,9 @@ class Calibration:
         lines = [f"{'layer':>5}  {'cos(in, out)':>12}" + ("  arg-max kept without it" if extra else "")]
         for index, sim in sorted(self.similarity.items()):
             note = "  skip" if index in chosen else ("  (first layer: kept unless listed)" if index == 0 else "")
-            kept = f"  {self.agreement[index]:24.4f}" if extra and index in self.agreement else ("  " + " " * 24 if extra else "")
+            kept = ""
+            if extra:
+                kept = f"  {self.agreement[index]:24.4f}" if index in self.agreement else " " * 26
             lines.append(f"{index:5d}  {sim:12.4f}{kept}{note}")
         return "\n".join(lines)
 
@@ -252,7 +256,7 @@ def choose_layers(similarity: dict[int, float], budget: int) -> tuple[int, ...]:
     """The `budget` most redundant layers, never the first; non-adjacent ones first, then the rest.
     Returned most redundant first."""
     layers = sorted(similarity)
-    candidates = sorted(layers[1:], key=lambda i: (-similarity[i], i))
+    candidates = sorted((i for i in layers if i != 0), key=lambda i: (-similarity[i], i))
     if not 1 <= budget < len(layers):
         raise DlmcError(f"layer_skip.budget: must be between 1 and {len(layers) - 1} (the step has {len(layers)} "
                         f"layers and keeps the first), got {budget}")
@@ -335,7 +339,8 @@ def calibration_batches(
             raise DlmcError("layer_skip.prompts: the model has no tokenizer to encode them")
         pairs = [(tokenizer.encode(p), None) for p in config.prompts]
     elif _spells_tasks(tokenizer):
-        pairs = [(tokenizer.encode(e.prompt), tokenizer.encode(e.answer)) for e in _training_examples(rng, config.examples)]
+        examples = _training_examples(rng, config.examples)
+        pairs = [(tokenizer.encode(e.prompt), tokenizer.encode(e.answer)) for e in examples]
     else:
         special = {spec.mask_token_id, spec.eos_token_id, spec.pad_token_id, spec.eot_token_id}
         pool = [i for i in range(min(spec.vocab_size, 1000)) if i not in special]
@@ -396,7 +401,9 @@ def resolve(program: StepProgram, config: PassConfig, tokenizer: Any) -> tuple[P
         raise DlmcError(f"layer_skip.budget: must be between 1 and {present - 1} (the step has {present} layers "
                         f"and keeps the first), got {config.budget}")
     sig = program.signature
-    batches = calibration_batches(program.spec, tokenizer, config, batch_size=min(8, sig.batch[1]), max_length=sig.seq[1])
+    batches = calibration_batches(
+        program.spec, tokenizer, config, batch_size=min(8, sig.batch[1]), max_length=sig.seq[1]
+    )
     calibration = calibrate(program, batches)
     if config.criterion == "similarity":
         return LayerSkip(layers=choose_layers(calibration.similarity, config.budget)), calibration
@@ -421,7 +428,7 @@ def choose_by_logits(
         raise DlmcError("layer_skip.criterion: logits needs masked positions in the calibration canvases")
     chosen: list[int] = []
     first: dict[int, float] = {}
-    candidates = sorted(find_blocks(program.graph_module))[1:]
+    candidates = [i for i in sorted(find_blocks(program.graph_module)) if i != 0]
     for _ in range(budget):
         scores = {}
         for index in (i for i in candidates if i not in chosen):

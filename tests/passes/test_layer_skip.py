@@ -112,7 +112,8 @@ def test_calibration_picks_an_identity_layer_first(model_and_step, four_layers, 
     tokenizer = load_tokenizer(four_layers)
     for identity in (1, 2, 3):
         step = capture(zeroed(model, identity), CaptureConfig(max_batch=4))
-        config, calibration = resolve(step, LayerSkip(budget=1, examples=8, gen_length=16, criterion=criterion), tokenizer)
+        config = LayerSkip(budget=1, examples=8, gen_length=16, criterion=criterion)
+        config, calibration = resolve(step, config, tokenizer)
         assert config == LayerSkip(layers=(identity,))
         assert calibration.similarity[identity] == pytest.approx(1.0, abs=1e-9)
         assert max(calibration.similarity.values()) == calibration.similarity[identity]
