@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from dlmc import tasks
-from dlmc.capture import StepProgram
+from dlmc.capture import STEP_INPUTS, StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, copy_graph, input_kinds, rebuild, register
 from dlmc.spec import DenoiserSpec
@@ -87,6 +87,7 @@ class LayerSkip(PassConfig):
 def layer_skip(program: StepProgram, config: LayerSkip) -> PassResult:
     if config.layers is None:
         raise DlmcError("layer_skip.budget: not resolved to layers; calibrate first (layer_skip.resolve)")
+    check_plain_step(program)
     gm = copy_graph(program)
     blocks = find_blocks(gm)
     check_layers(config.layers, sorted(blocks))
@@ -200,6 +201,15 @@ def _shape_and_dtype(node: torch.fx.Node) -> tuple[str, Any] | None:
     val = node.meta.get("val")
     # Symbolic sizes compare by name: == on them would add guards to the graph's shape environment.
     return (str(tuple(val.shape)), val.dtype) if isinstance(val, torch.Tensor) else None
+
+
+def check_plain_step(program: StepProgram) -> None:
+    """Blocks are found by the residual stream alone; a step another pass gave more inputs (a K/V
+    cache) has more values leaving each block, so layer_skip must run before such passes."""
+    names = tuple(t.name for t in program.signature.inputs)
+    if names != STEP_INPUTS:
+        raise DlmcError(f"layer_skip: put it before the passes that change the step's inputs (this step takes "
+                        f"{', '.join(names)})")
 
 
 def check_layers(layers: Sequence[int], present: Sequence[int]) -> None:
@@ -396,6 +406,7 @@ def resolve(program: StepProgram, config: PassConfig, tokenizer: Any) -> tuple[P
     (the step as the passes before this one left it). Any other config comes back unchanged."""
     if not isinstance(config, LayerSkip) or config.budget is None:
         return config, None
+    check_plain_step(program)
     present = len(find_blocks(program.graph_module))
     if config.budget >= present:
         raise DlmcError(f"layer_skip.budget: must be between 1 and {present - 1} (the step has {present} layers "

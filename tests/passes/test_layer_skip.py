@@ -1,9 +1,11 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 import dlmc.runtime
+from dlmc.artifact import TensorSpec
 from dlmc.capture import CaptureConfig, capture
 from dlmc.compiler import compile_model
 from dlmc.errors import DlmcError
@@ -209,6 +211,19 @@ def test_layers_the_step_does_not_have_are_refused(model_and_step, four_layers):
             resolve(step, LayerSkip(budget=budget), tokenizer)
     with pytest.raises(DlmcError, match="layer_skip.budget: not resolved"):
         layer_skip(step, LayerSkip(budget=1))
+
+
+def test_a_step_with_extra_inputs_is_refused(model_and_step, four_layers):
+    # A caching pass adds K/V inputs and outputs per layer; layer_skip has to run before it.
+    _, step = model_and_step
+    extra = TensorSpec("cache_mask", "bool", ("batch", "cache"))
+    signature = dataclasses.replace(step.signature, inputs=(*step.signature.inputs, extra))
+    cached = dataclasses.replace(step, signature=signature)
+    message = r"^layer_skip: put it before the passes that change the step's inputs \(this step takes .*cache_mask\)$"
+    with pytest.raises(DlmcError, match=message):
+        layer_skip(cached, LayerSkip(layers=(1,)))
+    with pytest.raises(DlmcError, match=message):
+        resolve(cached, LayerSkip(budget=1), load_tokenizer(four_layers))
 
 
 def test_compiles_with_inductor_and_records_the_calibration(four_layers, tmp_path):
