@@ -195,6 +195,43 @@ def eval_(
     typer.echo(f"seconds   {report.seconds:.1f}")
 
 
+@app.command()
+def calibrate(
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the embedded model).")] = None,
+    budget: Annotated[int, Opt(help="Layers to drop.")] = 1,
+    criterion: Annotated[str, Opt(help="similarity (cos of block in/out) | logits (arg-max kept)")] = "similarity",
+    prompt: Annotated[list[str], Opt("--prompt", help="Calibration prompt (repeatable; default: task prompts).")] = [],
+    examples: Annotated[int, Opt(help="Task canvases when no --prompt is given.")] = 32,
+    gen_length: Annotated[int, Opt(help="Generation region of each canvas.")] = 64,
+    dtype: Annotated[Optional[str], Opt()] = None,
+    as_json: Annotated[bool, Opt("--json")] = False,
+    debug: Debug = False,
+) -> None:
+    """Each block's input/output cosine similarity and the layers a layer_skip budget would drop."""
+    from dlmc.calibrate import calibrate_checkpoint
+    from dlmc.generation import default_model_dir
+    from dlmc.passes.layer_skip import LayerSkip
+
+    try:
+        try:
+            if criterion not in ("similarity", "logits"):
+                raise ValueError(f"criterion: '{criterion}' is not one of similarity, logits")
+            config = LayerSkip(budget=budget, criterion=criterion, prompts=tuple(prompt), examples=examples,
+                               gen_length=gen_length)
+        except ValueError as e:
+            raise DlmcError("--" + str(e).replace("_", "-", str(e).find(":"))) from None
+        calibration, layers = calibrate_checkpoint(path or default_model_dir(), config, dtype=_torch_dtype(dtype))
+    except DlmcError as e:
+        _fail(e, debug)
+    if as_json:
+        report = calibration.to_dict() | {"budget": budget, "criterion": criterion, "layers": list(layers)}
+        typer.echo(json.dumps(report))
+        return
+    typer.echo(calibration.table(layers))
+    typer.echo(f"{calibration.canvases} canvases, {calibration.tokens} tokens; budget {budget} drops layers "
+               f"{list(layers)}: in a recipe, - layer_skip: {{layers: {list(layers)}}}")
+
+
 @app.command("compile")
 def compile_(
     model_dir: Annotated[Path, typer.Argument(help="Checkpoint directory in its published format.")],

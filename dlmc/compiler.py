@@ -10,6 +10,7 @@ complete.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,9 +24,11 @@ from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
 from dlmc.models import load_model, read_model_config
 from dlmc.models.checkpoint import checkpoint_dtype, weight_map
+from dlmc.passes import PassConfig, layer_skip
 from dlmc.pipeline import run_passes
 from dlmc.recipe import Recipe, check_target, default_recipe, dump_recipe, load_recipe
 from dlmc.runtime.cache import empty_cache
+from dlmc.tokenizer import load_tokenizer
 
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Largest |lowered - captured| / (1 + |captured|) the verify stage accepts: it catches a broken
@@ -67,7 +70,19 @@ def compile_model(
     program = capture(model, recipe.capture)
     reference = program  # the captured step, before any pass: what "verify" compares against
 
-    program = run_passes(program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"))
+    applied, calibrations, tokenizer = [], {}, load_tokenizer(model_dir)
+
+    def resolve(program: StepProgram, config: PassConfig) -> PassConfig:
+        resolved, calibration = layer_skip.resolve(program, config, tokenizer)
+        if calibration is not None:  # the measurement behind the choice, for the progress log and the manifest
+            calibrations[len(applied)] = calibration.to_dict()
+            stage(f"calibrate {config.name}: {calibration.canvases} canvases, cos(in, out) per layer "
+                  f"{calibration.summary()}; dropping layers {list(resolved.layers)}")
+        applied.append(resolved)
+        return resolved
+
+    program = run_passes(program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"), resolve=resolve)
+    recipe = dataclasses.replace(recipe, passes=tuple(applied))  # the manifest records what ran
 
     stage(f"lower {recipe.lower.backend}")
     try:
@@ -82,6 +97,8 @@ def compile_model(
 
     stage("save")
     manifest = _manifest(recipe, program, stored, model_dir, device)
+    for i, calibration in calibrations.items():
+        manifest["passes"][i]["calibration"] = calibration
 
     def write_files(staging: Path) -> None:
         manifest["backend"] = {**step.save(staging), "settings": dump_recipe(recipe)["lower"]}

@@ -26,8 +26,13 @@ def run_passes(
     configs: Sequence[PassConfig],
     *,
     on_pass: Callable[[PassConfig], None] | None = None,
+    resolve: Callable[[StepProgram, PassConfig], PassConfig] | None = None,
 ) -> StepProgram:
+    """`resolve` turns a config that depends on measurements (a layer_skip budget) into the config
+    that runs, on the program as the earlier passes left it; `on_pass` sees the config that runs."""
     for i, config in enumerate(configs):
+        if resolve is not None:
+            config = resolve(program, config)
         if on_pass is not None:
             on_pass(config)
         before = [c.name for c in configs[:i]]

@@ -113,7 +113,7 @@ def test_bad_recipe_fails_before_loading_anything(checkpoints, tmp_path):
     with pytest.raises(RecipeError) as info:
         compile_model(checkpoints["llada"], bad, tmp_path / "out")
     assert len(info.value.problems) == 3
-    assert_one_line_and_nothing_written(info, tmp_path, "unknown pass 'layer_skip'")
+    assert_one_line_and_nothing_written(info, tmp_path, "passes[0].layer_skip.layers: give exactly one of")
 
 
 def test_missing_backend_package_names_the_extra(checkpoints, tmp_path, monkeypatch):

@@ -156,6 +156,7 @@ from dlmc.passes import (  # noqa: E402
     causal_cache,
     delayed_kv,
     fold_constants,
+    layer_skip,
     mixed_precision,
     window_pruning,
 )
@@ -169,6 +170,7 @@ __all__ = [
     "causal_cache",
     "delayed_kv",
     "fold_constants",
+    "layer_skip",
     "mixed_precision",
     "pass_configs",
     "register",
