@@ -35,7 +35,7 @@ from dlmc.runtime import load
 from dlmc.testing.fixtures import write_checkpoint
 
 EMBEDDED = Path(__file__).parents[1] / "dlmc" / "data" / "default_model"
-COMBINED = Path(__file__).parents[1] / "recipes" / "default-cpu-dual-threshold.yaml"
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 # name -> (passes or a recipe file, backend, decoder config overrides); None = the eager reference model
 ROWS = {
@@ -47,7 +47,10 @@ ROWS = {
     "prefill_kv": ([{"delayed_kv": {"mode": "prefill", "refresh": None}}], "inductor", {}),
     "window": ([{"window_pruning": {"window": 32, "block_length": 32}}], "inductor", {}),
     "threshold": (None, None, {"threshold": 0.9}),
-    "dual+thr": (COMBINED, "inductor", {"threshold": 0.9}),  # the shipped recipe
+    "compiled+thr": (RECIPES / "default-cpu-threshold.yaml", "inductor", {"threshold": 0.9}),  # shipped
+    "prefix+thr": (RECIPES / "default-cpu-prefix-threshold.yaml", "inductor", {"threshold": 0.9}),  # shipped
+    "dual+thr": ([{"block_cache": {"mode": "dual", "block_length": 32}}], "inductor", {"threshold": 0.9}),
+    "delayed+thr": ([{"delayed_kv": {"refresh": 8, "block_length": 32}}], "inductor", {"threshold": 0.9}),
     "window+thr": ([{"window_pruning": {"window": 32, "block_length": 32}}], "inductor", {"threshold": 0.9}),
 }
 SYNTHETIC_ROWS = ("compiled", "prefix_cache", "dual_cache", "delayed_kv", "window")
@@ -58,7 +61,7 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="the 134M checkpoint, cost per step only")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dlmc-bench-cache"))
     ap.add_argument("--prompts", type=int, default=8, help="bench prompts (one batch)")
-    ap.add_argument("--per-task", type=int, default=10, help="held-out prompts per task for accuracy")
+    ap.add_argument("--per-task", type=int, default=25, help="held-out prompts per task for accuracy (25: all 100)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--only", nargs="*", help="row names to run (reference always runs)")
     args = ap.parse_args()
@@ -83,8 +86,7 @@ def embedded(args) -> None:
         m = measure(name, model, reference.spec, prompts, "llada", config, reference=reference_ids,
                     repeats=args.repeats)
         reference_ids = reference_ids or m.output_ids
-        report = evaluate(model, reference.spec, tokenizer, "llada", config, per_task=args.per_task,
-                          batch_size=4 * args.per_task)
+        report = evaluate(model, reference.spec, tokenizer, "llada", config, per_task=args.per_task)
         results.append({**m.row(), "accuracy": report.accuracy, "per_task": report.per_task})
         print(json.dumps(results[-1]), flush=True)
     print_table(results, "reference")
