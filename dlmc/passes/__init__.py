@@ -149,7 +149,7 @@ def input_kinds(program: StepProgram) -> dict[str, tuple[str, str | None]]:
 
 
 # The closed list of pass modules; importing them registers them. Order here means nothing.
-from dlmc.passes import fold_constants, mixed_precision  # noqa: E402
+from dlmc.passes import fold_constants, mixed_precision, quantize  # noqa: E402
 
 __all__ = [
     "PASSES",
@@ -159,5 +159,6 @@ __all__ = [
     "fold_constants",
     "mixed_precision",
     "pass_configs",
+    "quantize",
     "register",
 ]
