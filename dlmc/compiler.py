@@ -10,6 +10,7 @@ complete.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,8 +25,10 @@ from dlmc.lower import LoweredStep, lower
 from dlmc.models import load_model, read_model_config
 from dlmc.models.checkpoint import checkpoint_dtype, weight_map
 from dlmc.pipeline import run_passes
+from dlmc.quant.calibration import quant_session
 from dlmc.recipe import Recipe, check_target, default_recipe, dump_recipe, load_recipe
 
+QUANT_REPORT = "quant_report.json"
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Largest |lowered - captured| / (1 + |captured|) the verify stage accepts: it catches a broken
 lowering, not last-bit differences (fidelity to the reference decoder is tested, not assumed)."""
@@ -66,7 +69,8 @@ def compile_model(
     program = capture(model, recipe.capture)
     reference = program  # the captured step, before any pass: what "verify" compares against
 
-    program = run_passes(program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"))
+    with quant_session(model_dir) as quant:  # the quantize pass calibrates with the checkpoint's tokenizer
+        program = run_passes(program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"))
 
     stage(f"lower {recipe.lower.backend}")
     try:
@@ -84,6 +88,8 @@ def compile_model(
 
     def write_files(staging: Path) -> None:
         manifest["backend"] = {**step.save(staging), "settings": dump_recipe(recipe)["lower"]}
+        if quant.reports:  # what was quantized and how much each layer's output moved
+            (staging / QUANT_REPORT).write_text(json.dumps(quant.reports, indent=1) + "\n")
 
     return write_artifact(out_dir, manifest, write_files, tokenizer_from=model_dir, force=force)
 

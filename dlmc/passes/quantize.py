@@ -4,7 +4,7 @@ Each chosen linear's float weight is replaced by integer codes and scales (int8,
 per byte) stored as buffers of the program, so the artifact's weights file holds the small form, and
 the linear becomes a call to one of the `torch.ops.dlmc` operators (dlmc.quant.ops):
 
-  W8A16 / W4A16   y = linear(x [* 1/s_awq], dequant_weight(q, scale, zero))
+  W8A16 / W4A16   y = linear_woq(x [* 1/s_awq], q, scale, zero, bias)
   W8A8            y = linear_w8a8((x * 1/s_smooth) @ R_hadamard, q, scale, bias, act_scale?)
 
 Smoothing and rotation are exact in float (x W^T = (x/s)(W s)^T = (x R)(W R)^T); they only change
@@ -210,13 +210,19 @@ def transform_input(x: torch.Tensor, layer: QuantizedLayer) -> torch.Tensor:
 
 
 def buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors stored for the layer, by suffix; scales in the weight's dtype."""
+    """The tensors stored for the layer, by suffix, in the layouts dlmc.quant.ops reads; scales in the
+    weight's dtype."""
     stored = layer.weight.storage()
-    out = {"qweight": stored["qweight"]}
-    scale = stored["scale"].to(dtype)
-    out["scale"] = scale.reshape(-1) if layer.scheme.activations != "none" else scale
-    if "zero" in stored:
-        out["zero"] = stored["zero"]
+    qweight, scale, zero = stored["qweight"], stored["scale"].to(dtype), stored.get("zero")
+    out_features, groups = scale.shape
+    if layer.weight.bits == 4:  # [out, G, gs // 2] blocks, scales and zeros flat [out * G]
+        qweight = qweight.reshape(out_features, groups, -1)
+        scale, zero = scale.reshape(-1), (zero.reshape(-1) if zero is not None else None)
+    elif groups == 1:  # per channel: [out]
+        scale, zero = scale.reshape(-1), (zero.reshape(-1) if zero is not None else None)
+    out = {"qweight": qweight, "scale": scale}
+    if zero is not None:
+        out["zero"] = zero
     if layer.inv_scale is not None:
         out["inv_scale"] = layer.inv_scale.to(dtype)
     if layer.rotation is not None:
@@ -232,8 +238,7 @@ def run_layer(x: torch.Tensor, layer: QuantizedLayer, dtype: torch.dtype, bias: 
     x = x.to(dtype)
     if layer.scheme.activations != "none":
         return ops.linear_w8a8(x, b["qweight"], b["scale"], bias, b.get("act_scale"))
-    w = ops.dequant_weight(b["qweight"], b["scale"], b.get("zero"), layer.weight.bits, layer.weight.group_size)
-    return torch.nn.functional.linear(x, w, bias)
+    return ops.linear_woq(x, b["qweight"], b["scale"], b.get("zero"), bias, layer.weight.bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,9 +297,8 @@ def _rewrite(
             if layer.scheme.activations != "none":
                 new = call(ops.linear_w8a8, (x, nodes["qweight"], nodes["scale"], bias, nodes.get("act_scale")), linear)
             else:
-                w = call(ops.dequant_weight, (nodes["qweight"], nodes["scale"], nodes.get("zero"),
-                                              layer.weight.bits, layer.weight.group_size), linear)
-                new = call(LINEAR, (x, w, bias), linear)
+                new = call(ops.linear_woq, (x, nodes["qweight"], nodes["scale"], nodes.get("zero"), bias,
+                                            layer.weight.bits), linear)
             linear.replace_all_uses_with(new)
             graph.erase_node(linear)
         if not weight_node.users:

@@ -5,7 +5,11 @@ translate each one into QDQ / MatMulNBits, see dlmc.quant.onnx), while eager exe
 see their ATen bodies (Inductor fuses the dequantization into the matmul's producer). Importing this
 module registers them; the runtime imports it before it deserializes a graph that uses them.
 
-  dequant_weight(qweight, scale, zero?, bits, group_size) -> w [out, in] in scale's dtype
+  linear_woq(x, qweight, scale, zero?, bias?, bits) -> y [..., out]     weight-only (W8A16, W4A16)
+      y = x @ dequantize(qweight)^T + bias, the weight dequantized in scale's dtype. Layouts (the
+      ONNX lowering's, so no reshapes sit between the stored tensors and the ONNX operators):
+        bits 8: qweight [out, in] int8 (uint8 with zero), scale and zero [out] or [out, G]
+        bits 4: qweight [out, G, gs // 2] uint8 (MatMulNBits' blocks), scale and zero [out * G]
   linear_w8a8(x, qweight int8 [out, in], scale [out], bias?, act_scale?) -> y [..., out]
       x is quantized to int8 per token (absmax / 127, computed on the fly) or, when act_scale is
       given, per tensor with that static scale; y = (x_q @ qweight^T) * x_scale * scale + bias.
@@ -16,28 +20,42 @@ from __future__ import annotations
 import torch
 
 _LIB = torch.library.Library("dlmc", "DEF")
-_LIB.define("dequant_weight(Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size) -> Tensor")
+_LIB.define("linear_woq(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? bias, int bits) -> Tensor")
 _LIB.define("linear_w8a8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, Tensor? act_scale) -> Tensor")
 
 INT8_MAX = 127
 
 
-def _dequant_weight(
-    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int
+def dequantize_weight(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
-    if bits == 4:  # qweight: [out, in // 2] uint8, two codes per byte, even column low
+    """w [out, in] in scale's dtype from the stored layout (see the module docstring)."""
+    out = qweight.shape[0]
+    if bits == 4:  # qweight: [out, G, gs // 2] uint8, two codes per byte, even column low
         low = torch.bitwise_and(qweight, 15)
         high = torch.bitwise_right_shift(qweight, 4)
-        codes = torch.stack((low, high), dim=-1).reshape(qweight.shape[0], -1)  # [out, in] uint8
+        codes = torch.stack((low, high), dim=-1).reshape(out, qweight.shape[1], -1)  # [out, G, gs] uint8
     else:
-        codes = qweight  # [out, in] int8 (symmetric) or uint8 (with zero)
-    out, inn = codes.shape
-    q = codes.to(scale.dtype).reshape(out, inn // group_size, group_size)  # [out, G, gs]
+        groups = 1 if scale.dim() == 1 else scale.shape[1]
+        codes = qweight.reshape(out, groups, -1)  # [out, G, gs] int8 (symmetric) or uint8 (with zero)
+    groups = codes.shape[1]
+    q = codes.to(scale.dtype)
     if zero is not None:
-        q = q - zero.to(scale.dtype).unsqueeze(-1)
+        q = q - zero.reshape(out, groups, 1).to(scale.dtype)
     elif bits == 4:
         q = q - 8  # symmetric int4 is stored shifted by +8
-    return (q * scale.unsqueeze(-1)).reshape(out, inn)
+    return (q * scale.reshape(out, groups, 1)).reshape(out, -1)
+
+
+def _linear_woq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
+    return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, bits).to(x.dtype), bias)
 
 
 def _linear_w8a8(
@@ -57,8 +75,8 @@ def _linear_w8a8(
     return y if bias is None else y + bias
 
 
-_LIB.impl("dequant_weight", _dequant_weight, "CompositeImplicitAutograd")
+_LIB.impl("linear_woq", _linear_woq, "CompositeImplicitAutograd")
 _LIB.impl("linear_w8a8", _linear_w8a8, "CompositeImplicitAutograd")
 
-dequant_weight = torch.ops.dlmc.dequant_weight.default
+linear_woq = torch.ops.dlmc.linear_woq.default
 linear_w8a8 = torch.ops.dlmc.linear_w8a8.default
