@@ -218,8 +218,6 @@ def buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor
     if layer.weight.bits == 4:  # [out, G, gs // 2] blocks, scales and zeros flat [out * G]
         qweight = qweight.reshape(out_features, groups, -1)
         scale, zero = scale.reshape(-1), (zero.reshape(-1) if zero is not None else None)
-    elif groups == 1:  # per channel: [out]
-        scale, zero = scale.reshape(-1), (zero.reshape(-1) if zero is not None else None)
     out = {"qweight": qweight, "scale": scale}
     if zero is not None:
         out["zero"] = zero

@@ -2,7 +2,7 @@
 
   linear_woq, 4 bits  -> com.microsoft MatMulNBits (symmetric, block size a power of two >= 16); the
                          stored [out, G, gs // 2] blocks and flat scales are its B and scales inputs
-  linear_woq, 8 bits  -> DequantizeLinear (per axis; per block from opset 21) + MatMul
+  linear_woq, 8 bits  -> blocked DequantizeLinear (opset 21) + MatMul
   linear_w8a8, static -> QuantizeLinear / DequantizeLinear on the activation (per tensor) and
                          DequantizeLinear on the weight: the QDQ form ONNX Runtime and TensorRT fuse
   linear_w8a8, dynamic-> per-token scale (ReduceMax |x| / 127), int8 codes, MatMulInteger (int32
@@ -28,9 +28,9 @@ def unsupported(scheme: Scheme, opset: int | None) -> list[str]:
         g = scheme.group_size
         if g is None or g < 16 or g & (g - 1):
             problems.append(f"quantize.group_size: int4 on ONNX (MatMulNBits) needs a power of two >= 16, got {g}")
-    elif scheme.activations == "none" and scheme.group_size is not None and (opset or 0) < MIN_BLOCKED_OPSET:
+    elif scheme.activations != "per_token" and (opset or 0) < MIN_BLOCKED_OPSET:
         problems.append(
-            f"quantize.group_size: grouped int8 weights need blocked DequantizeLinear, lower.opset >= {MIN_BLOCKED_OPSET}"
+            f"lower.opset: int8 weights lower to blocked DequantizeLinear, which needs opset >= {MIN_BLOCKED_OPSET}"
         )
     return problems
 
@@ -52,13 +52,7 @@ def translation_table() -> dict[Any, Any]:
             block = blob * 2
             y = matmul_nbits(x, qweight, scale, K=blocks * block, N=n, bits=4, block_size=block)
         else:
-            if len(scale.shape) == 1:  # per output channel
-                y = op20.MatMul(x, _dequantize_transposed(op20, qweight, scale, zero))
-            else:
-                block = int(qweight.shape[1]) // int(scale.shape[1])
-                w = op21.DequantizeLinear(qweight, scale, zero, axis=1, block_size=block) if zero is not None else \
-                    op21.DequantizeLinear(qweight, scale, axis=1, block_size=block)
-                y = op20.MatMul(x, op20.Transpose(w, perm=[1, 0]))
+            y = op20.MatMul(x, _dequantize_transposed(op21, qweight, scale, zero))
         return y if bias is None else op20.Add(y, bias)
 
     def linear_w8a8(x, qweight, scale, bias=None, act_scale=None):
@@ -66,7 +60,7 @@ def translation_table() -> dict[Any, Any]:
             zero = op20.Constant(value=ir.tensor(0, dtype=ir.DataType.INT8))
             xq = op20.QuantizeLinear(x, act_scale, zero)
             xd = op20.DequantizeLinear(xq, act_scale, zero)
-            y = op20.MatMul(xd, _dequantize_transposed(op20, qweight, scale, None))
+            y = op20.MatMul(xd, _dequantize_transposed(op21, qweight, scale, None))
         else:  # dynamic per token
             s = op20.Div(op20.Max(op20.ReduceMax(op20.Abs(x), op20.Constant(value_ints=[-1]), keepdims=1),
                                   op20.CastLike(op20.Constant(value_float=1e-8), x)),
@@ -75,21 +69,22 @@ def translation_table() -> dict[Any, Any]:
                               op20.CastLike(op20.Constant(value_float=127.0), x))
             xq = op20.Cast(codes, to=ir.DataType.INT8)
             acc = op20.MatMulInteger(xq, op20.Transpose(qweight, perm=[1, 0]))  # int32 [..., out]
-            y = op20.Mul(op20.Mul(op20.CastLike(acc, x), s), op20.CastLike(scale, x))
+            y = op20.Mul(op20.Mul(op20.CastLike(acc, x), s), op20.Transpose(scale, perm=[1, 0]))
         return y if bias is None else op20.Add(y, bias)
 
     return {torch.ops.dlmc.linear_woq.default: linear_woq, torch.ops.dlmc.linear_w8a8.default: linear_w8a8}
 
 
 def _dequantize_transposed(op: Any, qweight: Any, scale: Any, zero: Any) -> Any:
-    """w^T [in, out] from per-output-channel codes [out, in]. The codes are transposed before
-    DequantizeLinear (axis 1), not the float weight after it: onnxruntime 1.32's optimizer (level
-    extended and above) moves a Transpose across a per-axis DequantizeLinear without moving its axis,
-    which silently corrupts the weights."""
-    codes = op.Transpose(qweight, perm=[1, 0])
+    """w^T [in, out] from codes [out, in] and scales [out, G]: blocked DequantizeLinear (opset 21),
+    also for one block per row. Not per-axis: onnxruntime 1.32 fuses a per-axis int8
+    DequantizeLinear + MatMul into MatMulNBits and computes it wrongly (measured: logits off by 10%)."""
+    block = int(qweight.shape[1]) // int(scale.shape[1])
     if zero is not None:
-        return op.DequantizeLinear(codes, scale, zero, axis=1)
-    return op.DequantizeLinear(codes, scale, axis=1)
+        w = op.DequantizeLinear(qweight, scale, zero, axis=1, block_size=block)
+    else:
+        w = op.DequantizeLinear(qweight, scale, axis=1, block_size=block)
+    return op.Transpose(w, perm=[1, 0])
 
 
 def _matmul_nbits_schema() -> Any:

@@ -8,9 +8,9 @@ module registers them; the runtime imports it before it deserializes a graph tha
   linear_woq(x, qweight, scale, zero?, bias?, bits) -> y [..., out]     weight-only (W8A16, W4A16)
       y = x @ dequantize(qweight)^T + bias, the weight dequantized in scale's dtype. Layouts (the
       ONNX lowering's, so no reshapes sit between the stored tensors and the ONNX operators):
-        bits 8: qweight [out, in] int8 (uint8 with zero), scale and zero [out] or [out, G]
+        bits 8: qweight [out, in] int8 (uint8 with zero), scale and zero [out, G]
         bits 4: qweight [out, G, gs // 2] uint8 (MatMulNBits' blocks), scale and zero [out * G]
-  linear_w8a8(x, qweight int8 [out, in], scale [out], bias?, act_scale?) -> y [..., out]
+  linear_w8a8(x, qweight int8 [out, in], scale [out, 1], bias?, act_scale?) -> y [..., out]
       x is quantized to int8 per token (absmax / 127, computed on the fly) or, when act_scale is
       given, per tensor with that static scale; y = (x_q @ qweight^T) * x_scale * scale + bias.
 """
@@ -36,7 +36,7 @@ def dequantize_weight(
         high = torch.bitwise_right_shift(qweight, 4)
         codes = torch.stack((low, high), dim=-1).reshape(out, qweight.shape[1], -1)  # [out, G, gs] uint8
     else:
-        groups = 1 if scale.dim() == 1 else scale.shape[1]
+        groups = scale.shape[1]
         codes = qweight.reshape(out, groups, -1)  # [out, G, gs] int8 (symmetric) or uint8 (with zero)
     groups = codes.shape[1]
     q = codes.to(scale.dtype)
@@ -71,7 +71,7 @@ def _linear_w8a8(
         s = act_scale.to(x.dtype)  # [] per tensor
     xq = torch.clamp(torch.round(x / s), -INT8_MAX - 1, INT8_MAX)  # [..., in] integer-valued
     # Integer-valued operands: the float matmul equals the int32 one while |sum| < 2^24.
-    y = torch.matmul(xq, qweight.to(x.dtype).t()) * (s * scale.to(x.dtype))  # [..., out]
+    y = torch.matmul(xq, qweight.to(x.dtype).t()) * (s * scale.reshape(-1).to(x.dtype))  # [..., out]
     return y if bias is None else y + bias
 
 
