@@ -216,6 +216,11 @@ def compile_(
         path = compile_model(model_dir, recipe, out, force=force, device=device, on_stage=stage)
     except DlmcError as e:
         _fail(e, debug)
+    if (path / "quant_report.json").is_file():
+        from dlmc.quant.report import summary_lines
+
+        for line in summary_lines(json.loads((path / "quant_report.json").read_text())):
+            typer.echo(line)
     typer.echo(f"wrote {path}")
 
 

@@ -25,6 +25,7 @@ from dlmc.lower import LoweredStep, lower
 from dlmc.models import load_model, read_model_config
 from dlmc.models.checkpoint import checkpoint_dtype, weight_map
 from dlmc.pipeline import run_passes
+from dlmc.quant import ops as _quant_ops  # noqa: F401  (registers torch.ops.dlmc)
 from dlmc.quant.calibration import quant_session
 from dlmc.recipe import Recipe, check_target, default_recipe, dump_recipe, load_recipe
 
@@ -32,6 +33,11 @@ QUANT_REPORT = "quant_report.json"
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Largest |lowered - captured| / (1 + |captured|) the verify stage accepts: it catches a broken
 lowering, not last-bit differences (fidelity to the reference decoder is tested, not assumed)."""
+ACT_QUANT_TOLERANCE = 0.25
+"""The same, for a step that rounds activations to int8: a last-bit float difference upstream moves an
+activation across a rounding boundary, a whole int8 step (measured on the embedded model: 0.05-0.13
+between eager and Inductor / ONNX Runtime, with identical argmax). A broken lowering is off by >> 1."""
+ACT_QUANT_OP = torch.ops.dlmc.linear_w8a8.default
 
 
 def compile_model(
@@ -110,6 +116,8 @@ def verify(step: LoweredStep, program: StepProgram, reference: StepProgram) -> N
     # The loosest tolerance among the dtypes the step computes in (mixed precision keeps fp32 logits).
     dtypes = {t.dtype for t in program.exported.state_dict.values() if t.is_floating_point()} | {expected.dtype}
     limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes)
+    if any(node.target is ACT_QUANT_OP for node in program.graph_module.graph.nodes):
+        limit = max(limit, ACT_QUANT_TOLERANCE)
     if not error <= limit:  # also catches NaN
         raise DlmcError(
             f"verify: the lowered step's logits differ from the captured step's by {error:.3g} (limit {limit})"

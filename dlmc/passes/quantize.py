@@ -58,11 +58,11 @@ class Quantize(PassConfig):
 
     def lower_problems(self, backend: str, opset: int | None = None) -> list[str]:
         """Schemes the chosen backend cannot run (checked when the recipe is read)."""
-        if backend not in ("onnxrt", "tensorrt"):
+        if backend != "onnxrt":
             return []
         from dlmc.quant.onnx import unsupported
 
-        return [p for s in self.schemes() for p in unsupported(s, opset)]
+        return sorted({p for s in self.schemes() for p in unsupported(s, opset)})
 
 
 @dataclass
