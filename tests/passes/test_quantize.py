@@ -205,3 +205,51 @@ def test_lowers_with_inductor(w8a8, weight_only):
         actual = lower(program, InductorSettings(), "cpu")(*inputs)
         assert (actual.argmax(-1) == expected.argmax(-1)).float().mean() > 0.95
         assert ((actual - expected).abs() / (1 + expected.abs())).max() < 0.25
+
+
+def test_compile_and_run_a_quantized_artifact_from_the_cli(checkpoints, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dlmc.cli import app
+
+    recipe = tmp_path / "w4.yaml"
+    recipe.write_text(
+        "capture: {dtype: float32, max_batch: 4}\n"
+        "passes:\n  - fold_constants: {}\n  - quantize:\n"
+        "      scheme: {weights: int4, group_size: 32, method: gptq}\n"
+        "      rules: [{match: lm_head, scheme: null}]\n"
+        "      calibration: {source: tasks, samples: 8, seq_len: 24}\n"
+        "lower: {backend: eager}\n"
+    )
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compile", str(checkpoints["llada"]), "--recipe", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "quantized 14 linear layers (W4A16 gptq g32) on 8 tasks samples x 24 tokens" in result.stdout
+    assert "layer output SQNR: median" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "quant_report.json" in manifest["files"] and manifest["exact"] is False
+    report = json.loads((out / "quant_report.json").read_text())
+    assert len(report[0]["layers"]) == 14
+    run = runner.invoke(app, ["run", str(out), "--prompt-ids", "5,6,7", "--gen-length", "8", "--steps", "8", "--json"])
+    assert run.exit_code == 0, run.output
+    assert len(json.loads(run.stdout.strip().splitlines()[-1])["output_ids"]) == 8
+
+
+def test_cli_refuses_a_scheme_the_backend_cannot_run_and_writes_nothing(checkpoints, tmp_path):
+    from typer.testing import CliRunner
+
+    from dlmc.cli import app
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        "passes:\n  - quantize: {scheme: {weights: int4, group_size: 32, symmetric: false}}\n"
+        "lower: {backend: onnxrt, opset: 21}\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compile", str(checkpoints["llada"]), "--recipe", str(recipe), "-o", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "asymmetric int4 has no ONNX lowering" in result.stderr
+    assert not out.exists()
