@@ -224,6 +224,23 @@ def compile_(
     typer.echo(f"wrote {path}")
 
 
+@app.command("build-engine")
+def build_engine_(
+    artifact: Annotated[Path, typer.Argument(help="An artifact compiled with lower.backend: onnxrt.")],
+    fp16: Annotated[bool, Opt(help="Let TensorRT run float layers in fp16.")] = True,
+    workspace_gib: Annotated[float, Opt(help="TensorRT builder workspace.")] = 4.0,
+    debug: Debug = False,
+) -> None:
+    """Build a TensorRT engine from the artifact's ONNX graph, on this machine's GPU (e.g. a Jetson)."""
+    from dlmc.lower.tensorrt_engine import build_engine
+
+    try:
+        path = build_engine(artifact, fp16=fp16, workspace_gib=workspace_gib)
+    except DlmcError as e:
+        _fail(e, debug)
+    typer.echo(f"wrote {path}")
+
+
 @app.command()
 def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")], debug: Debug = False) -> None:
     """Check recipes; every problem of every file is printed, one per line."""
