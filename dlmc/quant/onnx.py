@@ -36,7 +36,7 @@ def unsupported(scheme: Scheme, opset: int | None) -> list[str]:
 
 
 def translation_table() -> dict[Any, Any]:
-    import onnx_ir as ir
+    from onnxscript import ir
     import torch
     from onnxscript import opset20 as op20
     from onnxscript import opset21 as op21
