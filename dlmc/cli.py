@@ -227,6 +227,7 @@ def compile_(
 @app.command("build-engine")
 def build_engine_(
     artifact: Annotated[Path, typer.Argument(help="An artifact compiled with lower.backend: onnxrt.")],
+    out: Annotated[Optional[Path], Opt("-o", "--out", help="Engine file (default: <artifact>.engine).")] = None,
     fp16: Annotated[bool, Opt(help="Let TensorRT run float layers in fp16.")] = True,
     workspace_gib: Annotated[float, Opt(help="TensorRT builder workspace.")] = 4.0,
     debug: Debug = False,
@@ -235,7 +236,7 @@ def build_engine_(
     from dlmc.lower.tensorrt_engine import build_engine
 
     try:
-        path = build_engine(artifact, fp16=fp16, workspace_gib=workspace_gib)
+        path = build_engine(artifact, out, fp16=fp16, workspace_gib=workspace_gib)
     except DlmcError as e:
         _fail(e, debug)
     typer.echo(f"wrote {path}")

@@ -5,8 +5,9 @@ are TensorRT's explicit-quantization input, so int8 layers run as int8 kernels.
 
 TensorRT (the `tensorrt` Python package: JetPack on Jetson, pip/NVIDIA index elsewhere) is imported
 only here. Without it, or without a CUDA device, the command fails with one line. The engine is
-written next to the artifact's files as `model.engine` (atomically); the dlmc runtime does not load
-engines yet: run it with TensorRT's runtime (e.g. `trtexec --loadEngine`).
+written atomically beside the artifact (default `<artifact>.engine`: inside it, the manifest's file
+list would no longer match); the dlmc runtime does not load engines yet: run it with TensorRT's
+runtime (e.g. `trtexec --loadEngine`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 
 from dlmc.errors import DlmcError
 
-ENGINE_FILE = "model.engine"
 TRT_UNSUPPORTED_OPS = {"MatMulNBits": "int4 weights are lowered to ONNX Runtime's MatMulNBits, which TensorRT cannot parse"}
 
 
@@ -42,8 +42,12 @@ def onnx_graph_of(artifact: Path) -> tuple[Path, dict]:
     return path, manifest
 
 
-def build_engine(artifact: str | Path, *, fp16: bool = True, workspace_gib: float = 4.0, opt_batch: int = 1) -> Path:
+def build_engine(
+    artifact: str | Path, out: str | Path | None = None, *, fp16: bool = True, workspace_gib: float = 4.0,
+    opt_batch: int = 1,
+) -> Path:
     artifact = Path(artifact)
+    out = Path(out) if out is not None else artifact.parent / f"{artifact.name}.engine"
     onnx_path, manifest = onnx_graph_of(artifact)
     try:
         import tensorrt as trt
@@ -78,8 +82,7 @@ def build_engine(artifact: str | Path, *, fp16: bool = True, workspace_gib: floa
     engine = builder.build_serialized_network(network, config)
     if engine is None:
         raise DlmcError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
-    out = artifact / ENGINE_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".model.engine.", dir=artifact)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(engine)

@@ -30,7 +30,7 @@ def test_build_engine_without_tensorrt_or_gpu_is_one_line(qdq_artifact):
     result = runner.invoke(app, ["build-engine", str(qdq_artifact)])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and ("TensorRT is not installed" in result.stderr or "no CUDA device" in result.stderr)
-    assert not (qdq_artifact / "model.engine").exists()
+    assert not qdq_artifact.with_name(qdq_artifact.name + ".engine").exists()
 
 
 def test_build_engine_refuses_an_artifact_without_onnx(checkpoints, tmp_path):
@@ -44,4 +44,7 @@ def test_build_engine_on_a_gpu(qdq_artifact):
     pytest.importorskip("tensorrt")
     result = runner.invoke(app, ["build-engine", str(qdq_artifact)])
     assert result.exit_code == 0, result.output
-    assert (qdq_artifact / "model.engine").stat().st_size > 0
+    assert qdq_artifact.with_name(qdq_artifact.name + ".engine").stat().st_size > 0
+    import dlmc.runtime
+
+    dlmc.runtime.load(qdq_artifact)  # the artifact itself is untouched
