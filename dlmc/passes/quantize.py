@@ -145,7 +145,7 @@ def find_linears(
 
 def quantize_layer(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats) -> QuantizedLayer:
     """Quantize one weight [out, in] under `scheme` from its input statistics."""
-    w = w.detach().float()
+    w = w.detach().float().cpu()  # quantization runs on the host; buffers go back to the weight's device
     inn = w.shape[1]
     group = check_group_size(inn, scheme.group_size, name)
     layer = QuantizedLayer(scheme=scheme, weight=None)  # type: ignore[arg-type]
@@ -260,7 +260,7 @@ def _rewrite(
     def placeholder(key: str, value: torch.Tensor) -> torch.fx.Node:
         if key in shared:
             return shared[key]
-        state[key] = value.contiguous()
+        state[key] = value.to(device).contiguous()
         with graph.inserting_before(first_input):
             node = graph.placeholder("q_" + key.replace(".", "_"))
         added[node.name] = key
@@ -279,7 +279,7 @@ def _rewrite(
 
     for name, layer in layers.items():
         weight_node = linears[name][0].args[1]
-        dtype = state[name + ".weight"].dtype
+        dtype, device = state[name + ".weight"].dtype, state[name + ".weight"].device
         nodes = {
             suffix: placeholder(
                 f"quant.hadamard_{value.shape[0]}_{str(dtype).removeprefix('torch.')}" if suffix == "rotation"

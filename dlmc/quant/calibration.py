@@ -152,7 +152,7 @@ class LayerStats:
     sample: list[torch.Tensor] = field(default_factory=list)  # kept rows [k, in]
 
     def add(self, x: torch.Tensor, keep: int, generator: torch.Generator, hessian: bool) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # [n, in]
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # [n, in]; statistics live on the host
         a = x.abs()
         self.absmax = a.amax(0) if self.absmax is None else torch.maximum(self.absmax, a.amax(0))
         self.abssum = a.sum(0) if self.abssum is None else self.abssum + a.sum(0)
@@ -222,7 +222,8 @@ def collect_stats(
             return super().run_node(n)
 
     recorder = Recorder(gm)
+    device = next((t.device for t in flat_state if isinstance(t, torch.Tensor)), torch.device("cpu"))
     with torch.no_grad():
         for batch in batches:
-            recorder.run(*flat_state, *batch)
+            recorder.run(*flat_state, *(t.to(device) for t in batch))
     return stats
