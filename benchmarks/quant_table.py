@@ -105,8 +105,17 @@ def child_eval(artifact: Path, per_task: int, prompts: int, gen_length: int | No
         completions = generate(engine, engine.spec, None, ids, name, config)
         out = {"seconds": time.perf_counter() - start, "outputs": [c.output_ids for c in completions]}
     out["tokens"] = sum(len(o) for o in out["outputs"])
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux keeps that across
+    exec, so a child would report its parent's size when the parent is larger."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
