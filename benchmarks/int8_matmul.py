@@ -72,7 +72,8 @@ def main() -> None:
         "dlmc linear_woq int4, eager": lambda: woq4(x),
         "dlmc linear_w8a8 per-token, eager": lambda: w8a8(x),
     }
-    compiled = {"dlmc linear_woq int8, inductor": torch.compile(woq8), "dlmc linear_woq int4, inductor": torch.compile(woq4),
+    compiled = {"dlmc linear_woq int8, inductor": torch.compile(woq8),
+                "dlmc linear_woq int4, inductor": torch.compile(woq4),
                 "dlmc linear_w8a8 per-token, inductor": torch.compile(w8a8)}
     for name, fn in compiled.items():
         variants[name] = lambda fn=fn: fn(x)

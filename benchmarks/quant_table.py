@@ -148,7 +148,8 @@ def table(model_dir: Path, args: argparse.Namespace, synthetic: bool) -> list[di
         row = {"scheme": name, "accuracy": result.get("accuracy"), "per_task": result.get("per_task"),
                "weights_mb": size / 2**20, "linears_vs_bf16": ratio, "peak_rss_mb": result["peak_rss_mb"],
                "tokens_per_s": result["tokens"] / result["seconds"], "compile_s": compile_s,
-               "sqnr_median": report and report["output_sqnr_db_median"], "sqnr_min": report and report["output_sqnr_db_min"],
+               "sqnr_median": report and report["output_sqnr_db_median"],
+               "sqnr_min": report and report["output_sqnr_db_min"],
                "outputs": result["outputs"]}
         rows.append(row)
         print(f"  {name}: done in {compile_s:.0f}s + {result['seconds']:.0f}s", file=sys.stderr, flush=True)

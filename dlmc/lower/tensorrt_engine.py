@@ -18,7 +18,9 @@ from pathlib import Path
 
 from dlmc.errors import DlmcError
 
-TRT_UNSUPPORTED_OPS = {"MatMulNBits": "int4 weights are lowered to ONNX Runtime's MatMulNBits, which TensorRT cannot parse"}
+TRT_UNSUPPORTED_OPS = {
+    "MatMulNBits": "int4 weights are lowered to ONNX Runtime's MatMulNBits, which TensorRT cannot parse"
+}
 
 
 def onnx_graph_of(artifact: Path) -> tuple[Path, dict]:
@@ -38,7 +40,8 @@ def onnx_graph_of(artifact: Path) -> tuple[Path, dict]:
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         if node.op_type in TRT_UNSUPPORTED_OPS:
-            raise DlmcError(f"{path}: {TRT_UNSUPPORTED_OPS[node.op_type]} (node {node.name}); use int8 weights for TensorRT")
+            reason = TRT_UNSUPPORTED_OPS[node.op_type]
+            raise DlmcError(f"{path}: {reason} (node {node.name}); use int8 weights for TensorRT")
     return path, manifest
 
 

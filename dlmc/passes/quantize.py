@@ -113,7 +113,7 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
         hessian_for={n for n, s in chosen.items() if s.method == "gptq"},
         max_rows=config.calibration.max_rows, seed=config.calibration.seed,
     )
-    layers = {name: quantize_layer(name, state[name + ".weight"], scheme, stats[name]) for name, scheme in chosen.items()}
+    layers = {n: quantize_layer(n, state[n + ".weight"], scheme, stats[n]) for n, scheme in chosen.items()}
     added = _rewrite(gm, kinds, state, linears, layers)
     gm.graph.lint()
     gm.recompile()
@@ -230,7 +230,9 @@ def buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor
     return out
 
 
-def run_layer(x: torch.Tensor, layer: QuantizedLayer, dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+def run_layer(
+    x: torch.Tensor, layer: QuantizedLayer, dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The quantized layer on an already transformed input, through the same ops the graph calls."""
     b = buffers(layer, dtype)
     x = x.to(dtype)
@@ -323,7 +325,9 @@ def _summary(t: torch.Tensor) -> dict[str, float]:
     return {"min": float(f"{t.min():.4g}"), "max": float(f"{t.max():.4g}"), "mean": float(f"{t.mean():.4g}")}
 
 
-def _report(config: Quantize, layers: dict[str, QuantizedLayer], batches: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+def _report(
+    config: Quantize, layers: dict[str, QuantizedLayer], batches: list[tuple[torch.Tensor, ...]]
+) -> dict[str, Any]:
     sqnr = [layer.report["output_sqnr_db"] for layer in layers.values()]
     worst = min(layers, key=lambda n: layers[n].report["output_sqnr_db"])
     return {

@@ -68,7 +68,8 @@ def calibration_inputs(
     """Batches of (input_ids, attention_mask, position_ids), each [B, L] with L = seq_len."""
     seq_len = min(config.seq_len, max_seq)
     rng = random.Random(config.seed)
-    rows = [_row(ids, spec, seq_len, rng, masked_from) for ids, masked_from in _token_rows(config, spec, model_dir, rng)]
+    samples = _token_rows(config, spec, model_dir, rng)
+    rows = [_row(ids, spec, seq_len, rng, masked_from) for ids, masked_from in samples]
     batches = []
     for start in range(0, len(rows), config.batch_size):
         input_ids = torch.tensor(rows[start : start + config.batch_size], dtype=torch.long)  # [B, L]
@@ -85,7 +86,8 @@ def _token_rows(
     if config.source == "random":
         special = {spec.mask_token_id, spec.pad_token_id, spec.eos_token_id}
         vocab = [i for i in range(spec.vocab_size) if i not in special]
-        return [([rng.choice(vocab) for _ in range(config.seq_len)], config.seq_len // 2) for _ in range(config.samples)]
+        n = config.seq_len
+        return [([rng.choice(vocab) for _ in range(n)], n // 2) for _ in range(config.samples)]
     tokenizer = _tokenizer(model_dir, config.source)
     if config.source == "file":
         path = Path(config.file)

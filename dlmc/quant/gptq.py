@@ -51,7 +51,9 @@ def gptq(
         L = torch.linalg.cholesky(H)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # [in, in] upper
     except torch.linalg.LinAlgError:
-        raise DlmcError(f"quantize: the calibration Hessian of {layer} is not positive definite; raise gptq_damp") from None
+        raise DlmcError(
+            f"quantize: the calibration Hessian of {layer} is not positive definite; raise gptq_damp"
+        ) from None
 
     lo, hi = qrange(bits, symmetric)
     codes = torch.zeros(out, inn, dtype=torch.int16)  # in permuted column order

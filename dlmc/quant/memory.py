@@ -59,6 +59,8 @@ def kv_cache_bytes(arch: ArchConfig, *, batch: int, seq: int, kv_bytes: int = 2)
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * batch * seq * kv_bytes
 
 
-def memory_budget(arch: ArchConfig, scheme: Scheme | None, *, batch: int = 1, seq: int = 0, kv_bytes: int = 2) -> MemoryBudget:
+def memory_budget(
+    arch: ArchConfig, scheme: Scheme | None, *, batch: int = 1, seq: int = 0, kv_bytes: int = 2
+) -> MemoryBudget:
     """Weights under `scheme` (None: fp16/bf16) and a KV cache of batch x seq tokens (seq 0: none)."""
     return MemoryBudget(weight_bytes(arch, scheme), kv_cache_bytes(arch, batch=batch, seq=seq, kv_bytes=kv_bytes))

@@ -29,7 +29,8 @@ def test_build_engine_without_tensorrt_or_gpu_is_one_line(qdq_artifact):
         pytest.skip("TensorRT and a GPU are present: the gpu test builds the engine")
     result = runner.invoke(app, ["build-engine", str(qdq_artifact)])
     assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and ("TensorRT is not installed" in result.stderr or "no CUDA device" in result.stderr)
+    assert result.stderr.count("\n") == 1
+    assert "TensorRT is not installed" in result.stderr or "no CUDA device" in result.stderr
     assert not qdq_artifact.with_name(qdq_artifact.name + ".engine").exists()
 
 

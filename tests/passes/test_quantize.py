@@ -180,7 +180,8 @@ def test_group_size_that_does_not_divide_fails_before_calibrating(llada):
     def never():
         raise AssertionError("calibration ran")
 
-    with pytest.raises(DlmcError, match=r"^quantize.group_size: 64 does not divide the 96 input channels of layers.0.mlp.down_proj$"):
+    message = r"^quantize.group_size: 64 does not divide the 96 input channels of layers.0.mlp.down_proj$"
+    with pytest.raises(DlmcError, match=message):
         quantize_program(step, config, never)
 
 
@@ -192,7 +193,8 @@ def test_non_finite_activations_are_one_clear_line(llada):
     state[embed] = torch.nn.Parameter(torch.full_like(state[embed], float("nan")), requires_grad=False)
     broken = rebuild(step, copy_graph(step), state_dict=state)
     batches = calibration_inputs(Calibration(samples=4), model.spec, path, 256)
-    with pytest.raises(DlmcError, match=r"^quantize.calibration: non-finite activations \(NaN/inf\) at the input of layers.0.attn.q_proj"):
+    message = r"^quantize.calibration: non-finite activations \(NaN/inf\) at the input of layers.0.attn.q_proj"
+    with pytest.raises(DlmcError, match=message):
         quantize_program(broken, Quantize(), batches)
 
 

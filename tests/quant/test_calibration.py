@@ -26,12 +26,14 @@ def test_task_calibration_looks_like_denoising_states(spec):
 def test_file_calibration_and_its_errors(spec, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("add 12+34:\n\nreverse abcdefghij:\ncount 100:\nshift abcdefghij:\n")
-    batches = calibration_inputs(Calibration(source="file", file=str(prompts), samples=4), spec, default_model_dir(), 256)
+    config = Calibration(source="file", file=str(prompts), samples=4)
+    batches = calibration_inputs(config, spec, default_model_dir(), 256)
     assert sum(b[0].shape[0] for b in batches) == 4
     with pytest.raises(DlmcError, match=r"has 4 prompts, calibration.samples asks for 8"):
         calibration_inputs(Calibration(source="file", file=str(prompts), samples=8), spec, default_model_dir(), 256)
     with pytest.raises(DlmcError, match="file not found"):
-        calibration_inputs(Calibration(source="file", file=str(tmp_path / "nope"), samples=4), spec, default_model_dir(), 256)
+        missing = Calibration(source="file", file=str(tmp_path / "nope"), samples=4)
+        calibration_inputs(missing, spec, default_model_dir(), 256)
 
 
 def test_tasks_need_a_tokenizer_random_does_not(spec, tmp_path):

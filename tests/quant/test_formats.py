@@ -18,7 +18,8 @@ def test_rtn_symmetric_int8_per_channel_by_hand():
 
 @pytest.mark.parametrize(
     ("bits", "symmetric", "group_size", "min_db"),
-    [(8, True, 128, 38), (8, False, 128, 38), (8, True, 32, 40), (4, True, 32, 17), (4, False, 32, 18), (4, True, 128, 14)],
+    [(8, True, 128, 38), (8, False, 128, 38), (8, True, 32, 40),
+     (4, True, 32, 17), (4, False, 32, 18), (4, True, 128, 14)],
 )
 def test_rtn_sqnr_on_random_weights(bits, symmetric, group_size, min_db):
     w = torch.randn(64, 128)
@@ -61,5 +62,6 @@ def test_storage_is_small_and_typed():
 
 def test_group_size_that_does_not_divide_names_layer_and_field():
     assert check_group_size(96, None, "x") == 96
-    with pytest.raises(DlmcError, match=r"quantize.group_size: 64 does not divide the 96 input channels of layers.0.mlp.down_proj"):
+    message = r"quantize.group_size: 64 does not divide the 96 input channels of layers.0.mlp.down_proj"
+    with pytest.raises(DlmcError, match=message):
         check_group_size(96, 64, "layers.0.mlp.down_proj")

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from dlmc.generation import default_model_dir
 from dlmc.models import load_model, read_model_config

@@ -6,7 +6,9 @@ from dlmc.quant import ops
 from dlmc.quant.formats import rtn
 
 
-@pytest.mark.parametrize(("bits", "symmetric", "group_size"), [(8, True, 64), (8, False, 16), (4, True, 16), (4, False, 32)])
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "group_size"), [(8, True, 64), (8, False, 16), (4, True, 16), (4, False, 32)]
+)
 def test_linear_woq_is_linear_with_the_dequantized_weight(bits, symmetric, group_size):
     from dlmc.passes.quantize import QuantizedLayer, buffers
     from dlmc.quant.scheme import Scheme
