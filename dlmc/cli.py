@@ -253,6 +253,29 @@ def compile_(
         path = compile_model(model_dir, recipe, out, force=force, device=device, on_stage=stage)
     except DlmcError as e:
         _fail(e, debug)
+    if (path / "quant_report.json").is_file():
+        from dlmc.quant.report import summary_lines
+
+        for line in summary_lines(json.loads((path / "quant_report.json").read_text())):
+            typer.echo(line)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("build-engine")
+def build_engine_(
+    artifact: Annotated[Path, typer.Argument(help="An artifact compiled with lower.backend: onnxrt.")],
+    out: Annotated[Optional[Path], Opt("-o", "--out", help="Engine file (default: <artifact>.engine).")] = None,
+    fp16: Annotated[bool, Opt(help="Let TensorRT run float layers in fp16.")] = True,
+    workspace_gib: Annotated[float, Opt(help="TensorRT builder workspace.")] = 4.0,
+    debug: Debug = False,
+) -> None:
+    """Build a TensorRT engine from the artifact's ONNX graph, on this machine's GPU (e.g. a Jetson)."""
+    from dlmc.lower.tensorrt_engine import build_engine
+
+    try:
+        path = build_engine(artifact, out, fp16=fp16, workspace_gib=workspace_gib)
+    except DlmcError as e:
+        _fail(e, debug)
     typer.echo(f"wrote {path}")
 
 

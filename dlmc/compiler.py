@@ -11,6 +11,7 @@ complete.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,13 +27,21 @@ from dlmc.models import load_model, read_model_config
 from dlmc.models.checkpoint import checkpoint_dtype, weight_map
 from dlmc.passes import PassConfig, layer_skip
 from dlmc.pipeline import run_passes
+from dlmc.quant import ops as _quant_ops  # noqa: F401  (registers torch.ops.dlmc)
+from dlmc.quant.calibration import quant_session
 from dlmc.recipe import Recipe, check_target, default_recipe, dump_recipe, load_recipe
 from dlmc.runtime.cache import empty_cache
 from dlmc.tokenizer import load_tokenizer
 
+QUANT_REPORT = "quant_report.json"
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Largest |lowered - captured| / (1 + |captured|) the verify stage accepts: it catches a broken
 lowering, not last-bit differences (fidelity to the reference decoder is tested, not assumed)."""
+ACT_QUANT_TOLERANCE = 0.25
+"""The same, for a step that rounds activations to int8: a last-bit float difference upstream moves an
+activation across a rounding boundary, a whole int8 step (measured on the embedded model: 0.05-0.13
+between eager and Inductor / ONNX Runtime, with identical argmax). A broken lowering is off by >> 1."""
+ACT_QUANT_OP = torch.ops.dlmc.linear_w8a8.default
 
 
 def compile_model(
@@ -81,7 +90,10 @@ def compile_model(
         applied.append(resolved)
         return resolved
 
-    program = run_passes(program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"), resolve=resolve)
+    with quant_session(model_dir) as quant:  # the quantize pass calibrates with the checkpoint's tokenizer
+        program = run_passes(
+            program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"), resolve=resolve
+        )
     recipe = dataclasses.replace(recipe, passes=tuple(applied))  # the manifest records what ran
 
     stage(f"lower {recipe.lower.backend}")
@@ -102,6 +114,8 @@ def compile_model(
 
     def write_files(staging: Path) -> None:
         manifest["backend"] = {**step.save(staging), "settings": dump_recipe(recipe)["lower"]}
+        if quant.reports:  # what was quantized and how much each layer's output moved
+            (staging / QUANT_REPORT).write_text(json.dumps(quant.reports, indent=1) + "\n")
 
     return write_artifact(out_dir, manifest, write_files, tokenizer_from=model_dir, force=force)
 
@@ -119,6 +133,8 @@ def verify(step: LoweredStep, program: StepProgram, reference: StepProgram) -> N
         nothing_cached = empty_cache(reference.signature, len(inputs[0]), device) if reference.signature.cache else ()
         expected = _outputs(reference(*inputs, *nothing_cached))[0]
         limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes | {expected.dtype})
+        if any(node.target is ACT_QUANT_OP for node in program.graph_module.graph.nodes):
+            limit = max(limit, ACT_QUANT_TOLERANCE)
         if sig.cache is None:
             _compare("", _outputs(step(*inputs))[0], expected, limit)
             return

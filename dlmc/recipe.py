@@ -119,7 +119,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     lower = _lower(data.get("lower") or {"backend": "inductor"}, problems)
     decode = _decode(data.get("decode") or {}, problems)
     if not problems:
-        problems += _cross_checks(capture, lower) + _pass_checks(capture, passes, lower, decode)
+        problems += _cross_checks(capture, lower, passes) + _pass_checks(capture, passes, lower, decode)
     if problems:
         raise RecipeError(where, problems)
     return Recipe(capture=capture, passes=tuple(passes), lower=lower, decode=decode, description=description)
@@ -178,9 +178,13 @@ def _decode(data: Any, problems: list[str]) -> DecodeDefaults:
     return DecodeDefaults(decoder=name, config=_plain(dataclasses.asdict(config)))
 
 
-def _cross_checks(capture: CaptureConfig, lower: LowerSettings) -> list[str]:
+def _cross_checks(capture: CaptureConfig, lower: LowerSettings, passes: list[PassConfig] = ()) -> list[str]:
     """Options that are fine alone but contradict each other."""
     problems = []
+    for p in passes:  # a pass whose output the chosen backend cannot run (e.g. a quantization scheme)
+        check = getattr(p, "lower_problems", None)
+        if check is not None:
+            problems += check(lower.backend, getattr(lower, "opset", None))
     if isinstance(lower, TensorRtSettings):
         if lower.opt_batch > capture.max_batch:
             problems.append(f"lower.opt_batch: {lower.opt_batch} exceeds capture.max_batch {capture.max_batch}")

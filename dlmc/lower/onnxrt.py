@@ -71,6 +71,8 @@ class OnnxRtStep:
     def __init__(self, program: StepProgram, settings: OnnxRtSettings, device: str):
         import onnx
 
+        from dlmc.quant.onnx import translation_table
+
         self.device = device
         self.settings = settings
         self._workdir = tempfile.TemporaryDirectory(prefix="dlmc-onnx-")
@@ -87,6 +89,7 @@ class OnnxRtStep:
             input_names=[t.name for t in program.signature.inputs],
             output_names=[t.name for t in program.signature.outputs],
             verbose=False,
+            custom_translation_table=translation_table(),  # the dlmc quantized operators
         )
         model = onnx_program.model_proto
         _name_dynamic_dims(model, exported)

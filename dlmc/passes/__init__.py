@@ -158,6 +158,7 @@ from dlmc.passes import (  # noqa: E402
     fold_constants,
     layer_skip,
     mixed_precision,
+    quantize,
     window_pruning,
 )
 
@@ -173,6 +174,7 @@ __all__ = [
     "layer_skip",
     "mixed_precision",
     "pass_configs",
+    "quantize",
     "register",
     "window_pruning",
 ]

@@ -71,6 +71,8 @@ def load_state(path: Path, kinds: dict[str, list[str]], device: str) -> tuple[di
 def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
+    import dlmc.quant.ops  # noqa: F401  (registers the torch.ops.dlmc operators a quantized graph calls)
+
     state, constants = load_state(root / entry["files"]["weights"], entry["state"], "cpu")
     graph = (root / entry["files"]["graph"]).read_bytes()
     try:

@@ -1,0 +1,348 @@
+"""quantize: post-training quantization of the step's linear layers, calibrated on denoising states.
+
+Each chosen linear's float weight is replaced by integer codes and scales (int8, or int4 packed two
+per byte) stored as buffers of the program, so the artifact's weights file holds the small form, and
+the linear becomes a call to one of the `torch.ops.dlmc` operators (dlmc.quant.ops):
+
+  W8A16 / W4A16   y = linear_woq(x [* 1/s_awq], q, scale, zero, bias)
+  W8A8            y = linear_w8a8((x * 1/s_smooth) @ R_hadamard, q, scale, bias, act_scale?)
+
+Smoothing and rotation are exact in float (x W^T = (x/s)(W s)^T = (x R)(W R)^T); they only change
+what gets rounded. The pass is approximate; its oracle is the same quantization applied in eager
+(`dlmc.quant.reference`). It leaves a calibration report (per layer outlier statistics, scales,
+SQNR of the layer output) for the compiler to write as quant_report.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
+
+from dlmc.capture import StepProgram
+from dlmc.errors import DlmcError
+from dlmc.passes import PassConfig, PassResult, copy_graph, fake_value, input_kinds, rebuild, register
+from dlmc.quant import ops
+from dlmc.quant.awq import awq
+from dlmc.quant.calibration import LayerStats, calibration_inputs, collect_stats, current_session
+from dlmc.quant.formats import QuantizedWeight, check_group_size, rtn, sqnr_db
+from dlmc.quant.gptq import gptq
+from dlmc.quant.hadamard import hadamard
+from dlmc.quant.scheme import Calibration, Rule, Scheme, scheme_for
+from dlmc.quant.smoothquant import smooth_scales
+
+log = logging.getLogger(__name__)
+
+LINEAR = torch.ops.aten.linear.default
+MUL = torch.ops.aten.mul.Tensor
+META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantize(PassConfig):
+    """Quantize linear layers: `rules` first (first matching glob wins, `scheme: null` keeps a layer in
+    float), every other linear gets `scheme` (null: only the layers the rules name)."""
+
+    name: ClassVar[str] = "quantize"
+    exact: ClassVar[bool] = False
+    scheme: Scheme | None = field(default_factory=Scheme)
+    rules: tuple[Rule, ...] = ()
+    calibration: Calibration = field(default_factory=Calibration)
+
+    def schemes(self) -> list[Scheme]:
+        return [s for s in (self.scheme, *(r.scheme for r in self.rules)) if s is not None]
+
+    def lower_problems(self, backend: str, opset: int | None = None) -> list[str]:
+        """Schemes the chosen backend cannot run (checked when the recipe is read)."""
+        if backend != "onnxrt":
+            return []
+        from dlmc.quant.onnx import unsupported
+
+        return sorted({p for s in self.schemes() for p in unsupported(s, opset)})
+
+
+@dataclass
+class QuantizedLayer:
+    """What replaces one linear: its buffers (name suffix -> tensor) and how its input is transformed."""
+
+    scheme: Scheme
+    weight: QuantizedWeight
+    inv_scale: torch.Tensor | None = None  # [in] x is multiplied by it (AWQ, SmoothQuant)
+    rotation: torch.Tensor | None = None  # [in, in] x is multiplied by it (Hadamard)
+    act_scale: torch.Tensor | None = None  # [] static per-tensor activation scale
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@register(Quantize)
+def quantize(program: StepProgram, config: Quantize) -> PassResult:
+    session = current_session()
+    model_dir = session.model_dir if session is not None else None
+    result, report = quantize_program(program, config, lambda: calibration_inputs(
+        config.calibration, program.spec, model_dir, program.signature.seq[1]))
+    if report and session is not None:
+        session.reports.append(report)
+    return result
+
+
+def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tuple[PassResult, dict[str, Any]]:
+    """The pass with explicit calibration batches (a list, or a callable returning it)."""
+    gm = copy_graph(program)
+    kinds = input_kinds(program)
+    ep = program.exported
+    state = dict(ep.state_dict)
+    linears = find_linears(gm, kinds, state)
+    chosen = {name: s for name in linears if (s := scheme_for(name, config.rules, config.scheme)) is not None}
+    if not chosen:
+        return PassResult(program, False), {}
+    for name, scheme in chosen.items():  # every shape problem before any work
+        w = state[name + ".weight"]
+        check_group_size(w.shape[1], scheme.group_size, name)
+        if scheme.bits == 4 and (scheme.group_size or w.shape[1]) % 2:
+            raise DlmcError(f"quantize.group_size: int4 packing needs an even group size ({name})")
+
+    batches = batches() if callable(batches) else batches
+    if len(batches) == 0 or sum(b[0].shape[0] for b in batches) < Calibration.minimum:
+        raise DlmcError(f"quantize.calibration: fewer than {Calibration.minimum} calibration samples")
+    flat_state = _flat_state(ep)
+    stats = collect_stats(
+        gm, flat_state, batches, {n: linears[n] for n in chosen},
+        hessian_for={n for n, s in chosen.items() if s.method == "gptq"},
+        max_rows=config.calibration.max_rows, seed=config.calibration.seed,
+    )
+    layers = {n: quantize_layer(n, state[n + ".weight"], scheme, stats[n]) for n, scheme in chosen.items()}
+    added = _rewrite(gm, kinds, state, linears, layers)
+    gm.graph.lint()
+    gm.recompile()
+    report = _report(config, layers, batches)
+    log.debug("quantize: %d linear layers quantized", len(layers))
+    new_inputs = {
+        name: InputSpec(kind=InputKind.BUFFER, arg=TensorArgument(name=name), target=key, persistent=True)
+        for name, key in added.items()
+    }
+    return PassResult(rebuild(program, gm, state_dict=state, new_inputs=new_inputs), True), report
+
+
+def find_linears(
+    gm: torch.fx.GraphModule, kinds: dict[str, tuple[str, str | None]], state: dict[str, torch.Tensor]
+) -> dict[str, list[torch.fx.Node]]:
+    """Layer name ("layers.0.mlp.down_proj") -> the aten.linear nodes whose weight is that parameter."""
+    found: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.target is not LINEAR or node.args[1].op != "placeholder":
+            continue
+        kind, key = kinds.get(node.args[1].name, (None, None))
+        if kind != "PARAMETER" or not key.endswith(".weight") or node.args[0] is node.args[1]:
+            continue
+        w = state[key]
+        if w.ndim == 2 and w.is_floating_point():
+            found.setdefault(key.removesuffix(".weight"), []).append(node)
+    return found
+
+
+def quantize_layer(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats) -> QuantizedLayer:
+    """Quantize one weight [out, in] under `scheme` from its input statistics."""
+    w = w.detach().float().cpu()  # quantization runs on the host; buffers go back to the weight's device
+    inn = w.shape[1]
+    group = check_group_size(inn, scheme.group_size, name)
+    layer = QuantizedLayer(scheme=scheme, weight=None)  # type: ignore[arg-type]
+    wt = w
+    x = stats.rows_kept()  # [k, in] calibration inputs, for AWQ and the SQNR
+    extra: dict[str, Any] = {}
+    if scheme.outliers == "smoothquant":
+        s = smooth_scales(stats.absmax, w, scheme.smooth_alpha)  # [in]
+        layer.inv_scale, wt = 1 / s, w * s
+        extra["smooth_scale"] = _summary(s)
+    elif scheme.outliers == "hadamard":
+        layer.rotation = hadamard(inn)
+        wt = w @ layer.rotation
+        extra["rotation"] = f"hadamard {inn}"
+
+    common = {"bits": scheme.bits, "symmetric": scheme.symmetric, "group_size": group}
+    if scheme.method == "awq":
+        qw, s, alpha = awq(w, x, **common, grid=scheme.awq_grid)
+        layer.inv_scale = 1 / s
+        extra |= {"awq_alpha": alpha, "awq_scale": _summary(s)}
+    elif scheme.method == "gptq":
+        h = stats.hessian()
+        if layer.inv_scale is not None:
+            h = h * layer.inv_scale[:, None] * layer.inv_scale[None, :]
+        if layer.rotation is not None:
+            h = layer.rotation.T @ h @ layer.rotation
+        qw = gptq(wt, h, **common, damp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
+                  block_size=scheme.gptq_block, layer=name)
+    else:
+        qw = rtn(wt, **common)
+    layer.weight = qw
+
+    xt = transform_input(x, layer)
+    if scheme.activations == "per_tensor":
+        if layer.rotation is None and layer.inv_scale is None:
+            amax = stats.absmax.max()
+        elif layer.rotation is None:  # exact: max_j absmax_j / s_j
+            amax = (stats.absmax * layer.inv_scale).max()
+        else:  # after rotation only the kept rows are known
+            amax = xt.abs().max()
+        layer.act_scale = (amax.clamp(min=1e-8) / ops.INT8_MAX).reshape(())
+        extra["act_scale"] = float(layer.act_scale)
+    reference = x @ w.T  # [k, out]
+    layer.report = {
+        "scheme": scheme.label(),
+        "shape": list(w.shape),
+        "inputs": stats.outliers(),
+        "weight_scale": _summary(qw.scale),
+        **extra,
+        "weight_sqnr_db": round(sqnr_db(wt, qw.dequantize()), 2),
+        "output_sqnr_db": round(sqnr_db(reference, run_layer(xt, layer, dtype=torch.float32)), 2),
+    }
+    return layer
+
+
+def transform_input(x: torch.Tensor, layer: QuantizedLayer) -> torch.Tensor:
+    if layer.inv_scale is not None:
+        x = x * layer.inv_scale.to(x.dtype)
+    if layer.rotation is not None:
+        x = x @ layer.rotation.to(x.dtype)
+    return x
+
+
+def buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors stored for the layer, by suffix, in the layouts dlmc.quant.ops reads; scales in the
+    weight's dtype."""
+    stored = layer.weight.storage()
+    qweight, scale, zero = stored["qweight"], stored["scale"].to(dtype), stored.get("zero")
+    out_features, groups = scale.shape
+    if layer.weight.bits == 4:  # [out, G, gs // 2] blocks, scales and zeros flat [out * G]
+        qweight = qweight.reshape(out_features, groups, -1)
+        scale, zero = scale.reshape(-1), (zero.reshape(-1) if zero is not None else None)
+    out = {"qweight": qweight, "scale": scale}
+    if zero is not None:
+        out["zero"] = zero
+    if layer.inv_scale is not None:
+        out["inv_scale"] = layer.inv_scale.to(dtype)
+    if layer.rotation is not None:
+        out["rotation"] = layer.rotation.to(dtype)
+    if layer.act_scale is not None:
+        out["act_scale"] = layer.act_scale.to(dtype)
+    return out
+
+
+def run_layer(
+    x: torch.Tensor, layer: QuantizedLayer, dtype: torch.dtype, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The quantized layer on an already transformed input, through the same ops the graph calls."""
+    b = buffers(layer, dtype)
+    x = x.to(dtype)
+    if layer.scheme.activations != "none":
+        return ops.linear_w8a8(x, b["qweight"], b["scale"], bias, b.get("act_scale"))
+    return ops.linear_woq(x, b["qweight"], b["scale"], b.get("zero"), bias, layer.weight.bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# the graph edit
+# ---------------------------------------------------------------------------------------------
+
+
+def _rewrite(
+    gm: torch.fx.GraphModule,
+    kinds: dict[str, tuple[str, str | None]],
+    state: dict[str, torch.Tensor],
+    linears: dict[str, list[torch.fx.Node]],
+    layers: dict[str, QuantizedLayer],
+) -> dict[str, str]:
+    graph = gm.graph
+    first_input = next(n for n in graph.find_nodes(op="placeholder") if kinds[n.name][0] == "USER_INPUT")
+    fake_mode = torch._guards.detect_fake_mode([first_input.meta["val"]])
+    shared: dict[str, torch.fx.Node] = {}  # one placeholder per distinct rotation
+    added: dict[str, str] = {}  # new placeholder name -> state key
+
+    def placeholder(key: str, value: torch.Tensor) -> torch.fx.Node:
+        if key in shared:
+            return shared[key]
+        state[key] = value.to(device).contiguous()
+        with graph.inserting_before(first_input):
+            node = graph.placeholder("q_" + key.replace(".", "_"))
+        added[node.name] = key
+        node.meta["val"] = fake_mode.from_tensor(state[key], static_shapes=True)
+        shared[key] = node
+        return node
+
+    def call(target: Any, args: tuple[Any, ...], at: torch.fx.Node) -> torch.fx.Node:
+        with graph.inserting_before(at):
+            node = graph.call_function(target, args)
+        node.meta["val"] = fake_value(target, args)
+        for key in META_KEYS:
+            if key in at.meta:
+                node.meta[key] = at.meta[key]
+        return node
+
+    for name, layer in layers.items():
+        weight_node = linears[name][0].args[1]
+        dtype, device = state[name + ".weight"].dtype, state[name + ".weight"].device
+        nodes = {
+            suffix: placeholder(
+                f"quant.hadamard_{value.shape[0]}_{str(dtype).removeprefix('torch.')}" if suffix == "rotation"
+                else f"{name}.{suffix}", value)
+            for suffix, value in buffers(layer, dtype).items()
+        }
+        for linear in linears[name]:
+            x, bias = linear.args[0], (linear.args[2] if len(linear.args) > 2 else None)
+            if "inv_scale" in nodes:
+                x = call(MUL, (x, nodes["inv_scale"]), linear)
+            if "rotation" in nodes:  # x @ R; R is symmetric, so linear(x, R) = x @ R^T = x @ R
+                x = call(LINEAR, (x, nodes["rotation"]), linear)
+            if layer.scheme.activations != "none":
+                new = call(ops.linear_w8a8, (x, nodes["qweight"], nodes["scale"], bias, nodes.get("act_scale")), linear)
+            else:
+                new = call(ops.linear_woq, (x, nodes["qweight"], nodes["scale"], nodes.get("zero"), bias,
+                                            layer.weight.bits), linear)
+            linear.replace_all_uses_with(new)
+            graph.erase_node(linear)
+        if not weight_node.users:
+            graph.erase_node(weight_node)
+            del state[name + ".weight"]
+    return added
+
+
+def _flat_state(ep: torch.export.ExportedProgram) -> list[Any]:
+    """The values of the graph's non-user placeholders, in order."""
+    values = []
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT":
+            continue
+        if spec.kind.name in ("PARAMETER", "BUFFER") and spec.target in ep.state_dict:
+            values.append(ep.state_dict[spec.target])
+        else:
+            values.append(ep.constants[spec.target])
+    return values
+
+
+def _summary(t: torch.Tensor) -> dict[str, float]:
+    t = t.float()
+    return {"min": float(f"{t.min():.4g}"), "max": float(f"{t.max():.4g}"), "mean": float(f"{t.mean():.4g}")}
+
+
+def _report(
+    config: Quantize, layers: dict[str, QuantizedLayer], batches: list[tuple[torch.Tensor, ...]]
+) -> dict[str, Any]:
+    sqnr = [layer.report["output_sqnr_db"] for layer in layers.values()]
+    worst = min(layers, key=lambda n: layers[n].report["output_sqnr_db"])
+    return {
+        "pass": "quantize",
+        "calibration": {
+            "source": config.calibration.source,
+            "samples": sum(b[0].shape[0] for b in batches),
+            "seq_len": int(batches[0][0].shape[1]),
+        },
+        "summary": {
+            "layers": len(layers),
+            "schemes": sorted({layer.report["scheme"] for layer in layers.values()}),
+            "output_sqnr_db_median": round(statistics.median(sqnr), 2),
+            "output_sqnr_db_min": min(sqnr),
+            "worst_layer": worst,
+        },
+        "layers": {name: layer.report for name, layer in layers.items()},
+    }

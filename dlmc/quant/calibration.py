@@ -1,0 +1,231 @@
+"""Calibration: step inputs that look like denoising states, and the activation statistics of every
+linear layer's input, gathered by running the captured step's graph once over them.
+
+The statistics are taken on the float step for all layers in one pass (not layer by layer on the
+partly quantized model, as the GPTQ paper does): cheaper, and for int8/int4 on small models the
+difference is below the noise of the task metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlmc.errors import DlmcError
+from dlmc.quant.scheme import Calibration
+from dlmc.spec import DenoiserSpec
+
+LINEAR = torch.ops.aten.linear.default
+OUTLIER_RATIO = 6.0
+"""A channel (token) is an outlier when its absmax exceeds this multiple of the median channel's (token's)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# where the pass finds the checkpoint's tokenizer and leaves its report (set by the compiler)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantSession:
+    model_dir: Path | None = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+_SESSION: ContextVar[QuantSession | None] = ContextVar("dlmc_quant_session", default=None)
+
+
+@contextmanager
+def quant_session(model_dir: str | Path | None) -> Iterator[QuantSession]:
+    """While active, the quantize pass reads the tokenizer from `model_dir` and appends its report."""
+    session = QuantSession(Path(model_dir) if model_dir is not None else None)
+    token = _SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _SESSION.reset(token)
+
+
+def current_session() -> QuantSession | None:
+    return _SESSION.get()
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def calibration_inputs(
+    config: Calibration, spec: DenoiserSpec, model_dir: Path | None, max_seq: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of (input_ids, attention_mask, position_ids), each [B, L] with L = seq_len."""
+    seq_len = min(config.seq_len, max_seq)
+    rng = random.Random(config.seed)
+    samples = _token_rows(config, spec, model_dir, rng)
+    rows = [_row(ids, spec, seq_len, rng, masked_from) for ids, masked_from in samples]
+    batches = []
+    for start in range(0, len(rows), config.batch_size):
+        input_ids = torch.tensor(rows[start : start + config.batch_size], dtype=torch.long)  # [B, L]
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)  # [B, L]
+        position_ids = torch.arange(seq_len).expand_as(input_ids).contiguous()  # [B, L]
+        batches.append((input_ids, attention_mask, position_ids))
+    return batches
+
+
+def _token_rows(
+    config: Calibration, spec: DenoiserSpec, model_dir: Path | None, rng: random.Random
+) -> list[tuple[list[int], int]]:
+    """(token ids, index from which tokens may be masked) per sample."""
+    if config.source == "random":
+        special = {spec.mask_token_id, spec.pad_token_id, spec.eos_token_id}
+        vocab = [i for i in range(spec.vocab_size) if i not in special]
+        n = config.seq_len
+        return [([rng.choice(vocab) for _ in range(n)], n // 2) for _ in range(config.samples)]
+    tokenizer = _tokenizer(model_dir, config.source)
+    if config.source == "file":
+        path = Path(config.file)
+        if not path.is_file():
+            raise DlmcError(f"quantize.calibration.file: {path}: file not found")
+        try:
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise DlmcError(f"quantize.calibration.file: {path}: not a text file") from None
+        if len(lines) < config.samples:
+            raise DlmcError(
+                f"quantize.calibration.file: {path} has {len(lines)} prompts, calibration.samples asks for "
+                f"{config.samples} (at least {config.minimum})"
+            )
+        rows = [(tokenizer.encode(line), 0) for line in lines[: config.samples]]
+        rows = [(ids, len(ids)) for ids, _ in rows]  # the prompt stays, the rest is masks to predict
+    else:
+        from dlmc import tasks
+
+        examples = [tasks.sample(rng) for _ in range(config.samples)]
+        rows = [(tokenizer.encode(e.prompt + e.answer), len(tokenizer.encode(e.prompt))) for e in examples]
+    if any(len(ids) == 0 for ids, _ in rows):
+        raise DlmcError(f"quantize.calibration: a {config.source} prompt encodes to no tokens")
+    return rows
+
+
+def _tokenizer(model_dir: Path | None, source: str) -> Any:
+    from dlmc.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir) if model_dir is not None else None
+    if tokenizer is None:
+        raise DlmcError(
+            f"quantize.calibration.source: '{source}' needs the checkpoint's tokenizer, and there is none "
+            "(use source: random for a checkpoint without one)"
+        )
+    return tokenizer
+
+
+def _row(ids: list[int], spec: DenoiserSpec, seq_len: int, rng: random.Random, masked_from: int) -> list[int]:
+    """Crop/extend to seq_len with mask tokens, then mask a random fraction t of the tokens after
+    `masked_from`: what the step sees part-way through denoising."""
+    row = (ids + [spec.mask_token_id] * seq_len)[:seq_len]
+    t = rng.random()
+    for i in range(min(masked_from, seq_len), seq_len):
+        if rng.random() < t:
+            row[i] = spec.mask_token_id
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# activation statistics of each linear's input
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerStats:
+    """Statistics of the input x [rows, in] of one linear layer over the calibration set."""
+
+    rows: int = 0
+    absmax: torch.Tensor | None = None  # [in] max |x_j|
+    abssum: torch.Tensor | None = None  # [in] sum |x_j|
+    xtx: torch.Tensor | None = None  # [in, in] float64 sum x^T x (for GPTQ)
+    token_absmax: list[torch.Tensor] = field(default_factory=list)  # per row max_j |x_j|
+    sample: list[torch.Tensor] = field(default_factory=list)  # kept rows [k, in]
+
+    def add(self, x: torch.Tensor, keep: int, generator: torch.Generator, hessian: bool) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # [n, in]; statistics live on the host
+        a = x.abs()
+        self.absmax = a.amax(0) if self.absmax is None else torch.maximum(self.absmax, a.amax(0))
+        self.abssum = a.sum(0) if self.abssum is None else self.abssum + a.sum(0)
+        if hessian:
+            xtx = x.double().T @ x.double()
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        self.token_absmax.append(a.amax(1))
+        self.rows += x.shape[0]
+        if keep:
+            self.sample.append(x[torch.randperm(x.shape[0], generator=generator)[:keep]])
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abssum / self.rows
+
+    def hessian(self) -> torch.Tensor:
+        return (2 * self.xtx / self.rows).float()
+
+    def rows_kept(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
+    def outliers(self) -> dict[str, float]:
+        """Outlier statistics of the report: channel outliers (large on every token) and massive
+        activations (huge on few tokens)."""
+        channel = self.absmax
+        median = channel.median().clamp(min=1e-12)
+        tokens = torch.cat(self.token_absmax)
+        token_median = tokens.median().clamp(min=1e-12)
+        return {
+            "absmax": round(float(channel.max()), 4),
+            "channel_absmax_median": round(float(median), 4),
+            "max_over_median": round(float(channel.max() / median), 2),
+            "outlier_channels": int((channel > OUTLIER_RATIO * median).sum()),
+            "massive_token_fraction": round(float((tokens > OUTLIER_RATIO * token_median).float().mean()), 4),
+        }
+
+
+def collect_stats(
+    gm: torch.fx.GraphModule,
+    flat_state: list[Any],
+    batches: list[tuple[torch.Tensor, ...]],
+    linears: dict[str, list[torch.fx.Node]],
+    *,
+    hessian_for: set[str],
+    max_rows: int,
+    seed: int,
+) -> dict[str, LayerStats]:
+    """Run the step's graph (lifted weights first, then the user inputs) on every batch and record the
+    input of each linear in `linears` (layer name -> the linear nodes using that weight)."""
+    watched = {node: name for name, nodes in linears.items() for node in nodes}
+    stats = {name: LayerStats() for name in linears}
+    total_rows = sum(b[0].numel() for b in batches)
+    generator = torch.Generator().manual_seed(seed)
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            if n in watched:
+                x = self.env[n.args[0]]
+                name = watched[n]
+                if not torch.isfinite(x).all():
+                    raise DlmcError(
+                        f"quantize.calibration: non-finite activations (NaN/inf) at the input of {name}; "
+                        "the model or the calibration prompts are broken"
+                    )
+                keep = math.ceil(max_rows * x[..., 0].numel() / total_rows / max(1, len(linears[name])))
+                stats[name].add(x, keep, generator, name in hessian_for)
+            return super().run_node(n)
+
+    recorder = Recorder(gm)
+    device = next((t.device for t in flat_state if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    with torch.no_grad():
+        for batch in batches:
+            recorder.run(*flat_state, *(t.to(device) for t in batch))
+    return stats

@@ -1,0 +1,39 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlmc.quant import ops
+from dlmc.quant.formats import rtn
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "group_size"), [(8, True, 64), (8, False, 16), (4, True, 16), (4, False, 32)]
+)
+def test_linear_woq_is_linear_with_the_dequantized_weight(bits, symmetric, group_size):
+    from dlmc.passes.quantize import QuantizedLayer, buffers
+    from dlmc.quant.scheme import Scheme
+
+    w, x, bias = torch.randn(24, 64), torch.randn(2, 5, 64), torch.randn(24)
+    qw = rtn(w, bits, symmetric, group_size)
+    b = buffers(QuantizedLayer(scheme=Scheme(weights=f"int{bits}"), weight=qw), torch.float32)
+    if bits == 4:
+        assert b["qweight"].shape == (24, 64 // group_size, group_size // 2)  # MatMulNBits blocks
+    y = ops.linear_woq(x, b["qweight"], b["scale"], b.get("zero"), bias, bits)
+    torch.testing.assert_close(y, F.linear(x, qw.dequantize(), bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_w8a8_equals_integer_arithmetic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 32, generator=g)
+    qw = rtn(torch.randn(16, 32, generator=g), 8, True, 32)
+    q8 = qw.codes.to(torch.int8)
+    # per token, dynamic
+    s = x.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x / s).clamp(-128, 127).long()
+    expected = (xq @ q8.long().T).double() * s.double() * qw.scale.double().reshape(-1)
+    torch.testing.assert_close(ops.linear_w8a8(x, q8, qw.scale, None, None).double(), expected, rtol=1e-5, atol=1e-5)
+    # per tensor, static: values beyond the calibrated range saturate
+    a = torch.tensor(0.01)
+    xq = torch.round(x / a).clamp(-128, 127).long()
+    expected = (xq @ q8.long().T).double() * 0.01 * qw.scale.double().reshape(-1)
+    torch.testing.assert_close(ops.linear_w8a8(x, q8, qw.scale, None, a).double(), expected, rtol=1e-5, atol=1e-5)
