@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+import dlmc.runtime
+from dlmc.compiler import compile_model
+from dlmc.decoding import llada
+from dlmc.models import load_model
+
 
 @dataclass
 class OraclePolicy:
@@ -125,8 +130,6 @@ def compare_with_oracle(engine, model, config, prompt: list[int], policy: Oracle
     """Decode `prompt` with the LLaDA decoder on the engine's cache manager, then replay every canvas it
     asked for through the oracle; the rows `read_rows(canvas, block)` (the ones the decoder reads) must
     have the same logits. Returns the number of calls compared."""
-    from dlmc.decoding import llada
-
     manager = engine.for_generation("llada", config)
     calls = []
     serve = manager.forward_rows
@@ -154,3 +157,18 @@ def block_rows(shift: bool):
         return torch.arange(start - shift, end - shift)
 
     return rows
+
+
+def engine_builder(checkpoints, root, recipe):
+    """`get(family, **options)` -> (engine compiled with `recipe(**options)`, the eager model), each
+    compiled once per module."""
+    built = {}
+
+    def get(family, **options):
+        key = (family, tuple(sorted(options.items())))
+        if key not in built:
+            out = compile_model(checkpoints[family], recipe(**options), root / f"{family}-{len(built)}")
+            built[key] = dlmc.runtime.load(out), load_model(checkpoints[family])
+        return built[key]
+
+    return get

@@ -2,15 +2,13 @@
 approximation (tests/passes/cache_oracle.py), and its refusals."""
 
 import pytest
-import torch
 
-import dlmc.runtime
 from dlmc.compiler import compile_model
+from dlmc.decoding import llada
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.errors import DlmcError
-from dlmc.models import load_model
 from dlmc.recipe import RecipeError, parse_recipe
-from tests.passes.cache_oracle import OraclePolicy, block_rows, compare_with_oracle
+from tests.passes.cache_oracle import OraclePolicy, block_rows, compare_with_oracle, engine_builder
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 CONFIG = LLaDAConfig(gen_length=12, steps=12, block_length=4)
@@ -22,17 +20,7 @@ def recipe(**options):
 
 @pytest.fixture(scope="module")
 def compiled(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("block_cache")
-    built = {}
-
-    def get(family, **options):
-        key = (family, tuple(sorted(options.items())))
-        if key not in built:
-            out = compile_model(checkpoints[family], recipe(**options), root / f"{family}-{len(built)}")
-            built[key] = dlmc.runtime.load(out), load_model(checkpoints[family])
-        return built[key]
-
-    return get
+    return engine_builder(checkpoints, tmp_path_factory.mktemp("block_cache"), recipe)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -48,8 +36,6 @@ def test_refresh_every_step_is_the_reference(compiled):
     """refresh: 1 makes every step a full one: the reference decoder's tokens exactly."""
     engine, model = compiled("llada", mode="dual", refresh=1)
     prompts = [PROMPT, [40, 41, 42]]
-    from dlmc.decoding import llada
-
     expected = llada.generate(model, model.spec, prompts, CONFIG).output_ids
     assert engine.generate(prompts, "llada", CONFIG).output_ids == expected
 

@@ -3,13 +3,11 @@ against an eager implementation of the same approximation (tests/passes/cache_or
 
 import pytest
 
-import dlmc.runtime
 from dlmc.compiler import compile_model
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.errors import DlmcError
-from dlmc.models import load_model
 from dlmc.recipe import RecipeError, parse_recipe
-from tests.passes.cache_oracle import OraclePolicy, block_rows, compare_with_oracle
+from tests.passes.cache_oracle import OraclePolicy, block_rows, compare_with_oracle, engine_builder
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 CONFIG = LLaDAConfig(gen_length=16, steps=16, block_length=4)
@@ -22,17 +20,7 @@ def recipe(**options):
 
 @pytest.fixture(scope="module")
 def compiled(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("window")
-    built = {}
-
-    def get(family, **options):
-        key = (family, tuple(sorted(options.items())))
-        if key not in built:
-            out = compile_model(checkpoints[family], recipe(**options), root / f"{family}-{len(built)}")
-            built[key] = dlmc.runtime.load(out), load_model(checkpoints[family])
-        return built[key]
-
-    return get
+    return engine_builder(checkpoints, tmp_path_factory.mktemp("window"), recipe)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
