@@ -184,7 +184,7 @@ def _cross_checks(capture: CaptureConfig, lower: LowerSettings, passes: list[Pas
     for p in passes:  # a pass whose output the chosen backend cannot run (e.g. a quantization scheme)
         check = getattr(p, "lower_problems", None)
         if check is not None:
-            problems += check(lower.backend, getattr(lower, "opset", None))
+            problems += check(lower)
     if isinstance(lower, TensorRtSettings):
         if lower.opt_batch > capture.max_batch:
             problems.append(f"lower.opt_batch: {lower.opt_batch} exceeds capture.max_batch {capture.max_batch}")

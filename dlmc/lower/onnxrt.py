@@ -43,6 +43,10 @@ class OnnxRtSettings(LowerSettings):
     (CPUExecutionProvider on cpu, CUDAExecutionProvider on cuda)."""
     optimization: Optimization = "all"
     """onnxruntime graph optimization level, applied when the session is created."""
+    int4: Literal["qdq", "matmulnbits"] = "qdq"
+    """How int4 weights appear in the graph: `qdq`, a blocked int4 DequantizeLinear + MatMul (opset
+    21; TensorRT parses it, ONNX Runtime fuses it into MatMulNBits), or `matmulnbits`, ONNX Runtime's
+    own operator (ONNX Runtime only)."""
 
     def __post_init__(self) -> None:
         if self.opset < 18:
@@ -71,7 +75,7 @@ class OnnxRtStep:
     def __init__(self, program: StepProgram, settings: OnnxRtSettings, device: str):
         import onnx
 
-        from dlmc.quant.onnx import translation_table
+        from dlmc.quant.onnx import int4_qdq, translation_table
 
         self.device = device
         self.settings = settings
@@ -92,6 +96,8 @@ class OnnxRtStep:
             custom_translation_table=translation_table(),  # the dlmc quantized operators
         )
         model = onnx_program.model_proto
+        if settings.int4 == "qdq":
+            int4_qdq(model)
         _name_dynamic_dims(model, exported)
         externalise_to_safetensors(model, work / WEIGHTS_FILE)
         onnx.save(model, str(work / MODEL_FILE))
@@ -130,7 +136,7 @@ def externalise_to_safetensors(model: Any, path: Path) -> None:
     from safetensors.torch import save_file
 
     large = [init for init in model.graph.initializer if _nbytes(init) >= INLINE_BYTES]
-    tensors = {init.name: _to_torch(numpy_helper.to_array(init), init.data_type) for init in large}
+    tensors = {init.name: _stored(init, numpy_helper) for init in large}
     save_file(tensors, str(path))
     with open(path, "rb") as f:
         header_len = struct.unpack("<Q", f.read(8))[0]
@@ -148,12 +154,24 @@ def externalise_to_safetensors(model: Any, path: Path) -> None:
 
 
 def _nbytes(init: Any) -> int:
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     count = 1
     for d in init.dims:
         count *= d
+    if init.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count + 1) // 2
     return count * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
+def _stored(init: Any, numpy_helper: Any) -> torch.Tensor:
+    """The initializer's bytes as a torch tensor; 4-bit types stay packed, two per byte, as ONNX
+    external data holds them (numpy_helper would unpack them to one per byte)."""
+    from onnx import TensorProto
+
+    if init.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return torch.frombuffer(bytearray(init.raw_data), dtype=torch.uint8)
+    return _to_torch(numpy_helper.to_array(init), init.data_type)
 
 
 def _to_torch(array: Any, onnx_type: int) -> torch.Tensor:

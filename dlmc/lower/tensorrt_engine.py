@@ -19,7 +19,7 @@ from pathlib import Path
 from dlmc.errors import DlmcError
 
 TRT_UNSUPPORTED_OPS = {
-    "MatMulNBits": "int4 weights are lowered to ONNX Runtime's MatMulNBits, which TensorRT cannot parse"
+    "MatMulNBits": "int4 weights were lowered to ONNX Runtime's MatMulNBits, which TensorRT cannot parse"
 }
 
 
@@ -41,7 +41,7 @@ def onnx_graph_of(artifact: Path) -> tuple[Path, dict]:
     for node in model.graph.node:
         if node.op_type in TRT_UNSUPPORTED_OPS:
             reason = TRT_UNSUPPORTED_OPS[node.op_type]
-            raise DlmcError(f"{path}: {reason} (node {node.name}); use int8 weights for TensorRT")
+            raise DlmcError(f"{path}: {reason} (node {node.name}); compile with lower.int4: qdq")
     return path, manifest
 
 

@@ -56,13 +56,13 @@ class Quantize(PassConfig):
     def schemes(self) -> list[Scheme]:
         return [s for s in (self.scheme, *(r.scheme for r in self.rules)) if s is not None]
 
-    def lower_problems(self, backend: str, opset: int | None = None) -> list[str]:
-        """Schemes the chosen backend cannot run (checked when the recipe is read)."""
-        if backend != "onnxrt":
+    def lower_problems(self, lower: Any) -> list[str]:
+        """Schemes the chosen backend (LowerSettings) cannot run (checked when the recipe is read)."""
+        if lower.backend != "onnxrt":
             return []
         from dlmc.quant.onnx import unsupported
 
-        return sorted({p for s in self.schemes() for p in unsupported(s, opset)})
+        return sorted({p for s in self.schemes() for p in unsupported(s, lower.opset, lower.int4)})
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """ONNX lowering of the dlmc quantized operators (a torch.onnx custom translation table).
 
   linear_woq, 4 bits  -> com.microsoft MatMulNBits (symmetric, block size a power of two >= 16); the
-                         stored [out, G, gs // 2] blocks and flat scales are its B and scales inputs
+                         stored [out, G, gs // 2] blocks and flat scales are its B and scales inputs.
+                         With `lower.int4: qdq` (the default) each one is then rewritten as a blocked
+                         int4 DequantizeLinear + MatMul (int4_qdq), the standard form TensorRT parses
+                         and ONNX Runtime fuses back into MatMulNBits
   linear_woq, 8 bits  -> blocked DequantizeLinear (opset 21) + MatMul
   linear_w8a8, static -> QuantizeLinear / DequantizeLinear on the activation (per tensor) and
                          DequantizeLinear on the weight: the QDQ form ONNX Runtime and TensorRT fuse
@@ -18,16 +21,19 @@ from dlmc.quant.scheme import Scheme
 MIN_BLOCKED_OPSET = 21
 
 
-def unsupported(scheme: Scheme, opset: int | None) -> list[str]:
+def unsupported(scheme: Scheme, opset: int | None, int4: str = "qdq") -> list[str]:
     """What the ONNX lowering cannot run of `scheme`, one line each."""
     problems = []
     if scheme.bits == 4:
         if not scheme.symmetric:
-            problems.append("quantize: asymmetric int4 has no ONNX lowering here (MatMulNBits takes symmetric int4); "
-                            "use symmetric: true")
+            problems.append("quantize: asymmetric int4 has no ONNX lowering here (MatMulNBits and TensorRT's int4 "
+                            "DequantizeLinear take symmetric int4); use symmetric: true")
         g = scheme.group_size
         if g is None or g < 16 or g & (g - 1):
             problems.append(f"quantize.group_size: int4 on ONNX (MatMulNBits) needs a power of two >= 16, got {g}")
+        if int4 == "qdq" and (opset or 0) < MIN_BLOCKED_OPSET:
+            problems.append(f"lower.opset: int4 weights lower to blocked int4 DequantizeLinear, which needs opset >= "
+                            f"{MIN_BLOCKED_OPSET} (or lower.int4: matmulnbits, for ONNX Runtime only)")
     elif scheme.activations != "per_token" and (opset or 0) < MIN_BLOCKED_OPSET:
         problems.append(
             f"lower.opset: int8 weights lower to blocked DequantizeLinear, which needs opset >= {MIN_BLOCKED_OPSET}"
@@ -73,6 +79,57 @@ def translation_table() -> dict[Any, Any]:
         return y if bias is None else op20.Add(y, bias)
 
     return {torch.ops.dlmc.linear_woq.default: linear_woq, torch.ops.dlmc.linear_w8a8.default: linear_w8a8}
+
+
+def int4_qdq(model: Any) -> int:
+    """Rewrite each MatMulNBits node of `model` (an onnx ModelProto, initializers inline) as
+    DequantizeLinear(int4 W^T [K, N], scales [K / block, N], axis 0, block_size) + MatMul, in place;
+    returns how many. Signed int4 without a zero point: TensorRT's dequantize layer rejects one, and the
+    codes are exactly MatMulNBits' (stored with +8) minus 8. ONNX Runtime fuses the pair back into
+    MatMulNBits (the session asks for fp32 accumulation, like the plain MatMulNBits node)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    converted: dict[str, tuple[str, str]] = {}  # B name -> (int4 weight, scales) initializer names
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        a, b, scales = node.input[:3]
+        attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        if b not in converted:
+            blob = numpy_helper.to_array(inits[b])  # [N, G, block // 2] uint8, even column low
+            codes = np.stack((blob & 15, blob >> 4), axis=-1).reshape(n, k).astype(np.int8) - 8  # [N, K]
+            flat = np.ascontiguousarray(codes.T).reshape(-1).view(np.uint8) & 15  # [K * N] nibbles, W^T order
+            if flat.size % 2:
+                flat = np.append(flat, np.uint8(0))
+            packed = flat[0::2] | (flat[1::2] << 4)  # ONNX int4: first element in the low nibble
+            weight = helper.make_tensor(b + "_int4", TensorProto.INT4, [k, n], packed.tobytes(), raw=True)
+            s = numpy_helper.to_array(inits[scales]).reshape(n, k // block).T  # [K / block, N]
+            graph.initializer.extend([weight, numpy_helper.from_array(np.ascontiguousarray(s), scales + "_kn")])
+            converted[b] = (weight.name, scales + "_kn")
+        weight_name, scale_name = converted[b]
+        dequantized = node.output[0] + "_weight"
+        nodes.append(helper.make_node("DequantizeLinear", [weight_name, scale_name], [dequantized],
+                                      name=node.name + "_dq", axis=0, block_size=block))
+        nodes.append(helper.make_node("MatMul", [a, dequantized], list(node.output), name=node.name + "_matmul"))
+        count += 1
+    if count:
+        used = {name for node in nodes for name in node.input}
+        replaced = set(converted) | {node.input[2] for node in graph.node if node.op_type == "MatMulNBits"}
+        kept = [init for init in graph.initializer if init.name in used or init.name not in replaced]
+        del graph.node[:], graph.initializer[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(kept)
+        if not any(node.domain == "com.microsoft" for node in nodes):
+            kept_opsets = [o for o in model.opset_import if o.domain != "com.microsoft"]
+            del model.opset_import[:]
+            model.opset_import.extend(kept_opsets)
+    return count
 
 
 def _dequantize_transposed(op: Any, qweight: Any, scale: Any, zero: Any) -> Any:
