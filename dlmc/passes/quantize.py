@@ -28,7 +28,7 @@ from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, copy_graph, fake_value, input_kinds, rebuild, register
 from dlmc.quant import ops
 from dlmc.quant.awq import awq
-from dlmc.quant.calibration import LayerStats, calibration_inputs, collect_stats, current_session
+from dlmc.quant.calibration import LayerStats, calibration_inputs, collect_stats, current_session, sequential_stats
 from dlmc.quant.formats import QuantizedWeight, check_group_size, rtn, sqnr_db
 from dlmc.quant.gptq import gptq
 from dlmc.quant.hadamard import hadamard
@@ -108,12 +108,20 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
     if len(batches) == 0 or sum(b[0].shape[0] for b in batches) < Calibration.minimum:
         raise DlmcError(f"quantize.calibration: fewer than {Calibration.minimum} calibration samples")
     flat_state = _flat_state(ep)
-    stats = collect_stats(
-        gm, flat_state, batches, {n: linears[n] for n in chosen},
-        hessian_for={n for n, s in chosen.items() if s.method == "gptq"},
-        max_rows=config.calibration.max_rows, seed=config.calibration.seed,
-    )
-    layers = {n: quantize_layer(n, state[n + ".weight"], scheme, stats[n]) for n, scheme in chosen.items()}
+    watched = {n: linears[n] for n in chosen}
+    options = {"hessian_for": {n for n, s in chosen.items() if s.method == "gptq"},
+               "max_rows": config.calibration.max_rows, "seed": config.calibration.seed}
+    if config.calibration.sequential:
+        layers: dict[str, QuantizedLayer] = {}
+
+        def on_layer(name: str, stats: LayerStats) -> Any:
+            layers[name] = layer = quantize_layer(name, state[name + ".weight"], chosen[name], stats)
+            return lambda x, weight, bias=None: run_layer(transform_input(x, layer), layer, weight.dtype, bias)
+
+        sequential_stats(gm, flat_state, batches, watched, on_layer, **options)
+    else:
+        stats = collect_stats(gm, flat_state, batches, watched, **options)
+        layers = {n: quantize_layer(n, state[n + ".weight"], scheme, stats[n]) for n, scheme in chosen.items()}
     added = _rewrite(gm, kinds, state, linears, layers)
     gm.graph.lint()
     gm.recompile()
@@ -203,9 +211,9 @@ def quantize_layer(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats
 
 def transform_input(x: torch.Tensor, layer: QuantizedLayer) -> torch.Tensor:
     if layer.inv_scale is not None:
-        x = x * layer.inv_scale.to(x.dtype)
+        x = x * layer.inv_scale.to(x.device, x.dtype)
     if layer.rotation is not None:
-        x = x @ layer.rotation.to(x.dtype)
+        x = x @ layer.rotation.to(x.device, x.dtype)
     return x
 
 
@@ -234,7 +242,7 @@ def run_layer(
     x: torch.Tensor, layer: QuantizedLayer, dtype: torch.dtype, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The quantized layer on an already transformed input, through the same ops the graph calls."""
-    b = buffers(layer, dtype)
+    b = {suffix: t.to(x.device) for suffix, t in buffers(layer, dtype).items()}
     x = x.to(dtype)
     if layer.scheme.activations != "none":
         return ops.linear_w8a8(x, b["qweight"], b["scale"], bias, b.get("act_scale"))

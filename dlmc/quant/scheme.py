@@ -88,6 +88,10 @@ class Calibration:
     seed: int = 0
     max_rows: int = 1024
     """Activation rows kept per layer for AWQ's search and the SQNR in the report."""
+    sequential: bool = False
+    """Quantize layer by layer, each calibrated on the outputs of the layers already quantized (as
+    GPTQ does), holding one layer's statistics at a time: what a 7-8B model needs. False: every
+    layer's statistics from one float run, held together (fine for small models)."""
 
     minimum: ClassVar[int] = MIN_CALIBRATION_SAMPLES
 

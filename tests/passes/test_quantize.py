@@ -165,6 +165,42 @@ def test_w8a8_matches_eager_oracle(w8a8, llada):
     assert "smooth_scale" in report["layers"]["layers.0.attn.v_proj"]
 
 
+def _sequential(config: Quantize) -> Quantize:
+    return Quantize(scheme=config.scheme, rules=config.rules,
+                    calibration=Calibration(samples=8, seq_len=24, sequential=True))
+
+
+def test_sequential_rtn_equals_all_at_once(llada):
+    """Round to nearest does not look at activations: calibrating layer by layer changes nothing."""
+    path, model, step = llada
+    config = Quantize(scheme=Scheme(weights="int4", group_size=32), rules=(Rule(match="lm_head", scheme=None),),
+                      calibration=Calibration(samples=8, seq_len=24))
+    batches = calibration_inputs(config.calibration, model.spec, path, 256)
+    together = quantize_program(step, config, batches)[0].program
+    sequential = quantize_program(step, _sequential(config), batches)[0].program
+    for key, value in together.exported.state_dict.items():
+        torch.testing.assert_close(sequential.exported.state_dict[key], value, rtol=0, atol=0)
+
+
+def test_sequential_gptq_calibrates_each_layer_on_the_quantized_layers_before_it(llada):
+    """A layer's GPTQ Hessian comes from the outputs of the layers already quantized: quantizing
+    layers.0 first and then layers.1.attn.q_proj on the result gives the same codes as one sequential run."""
+    path, model, step = llada
+    gptq = Scheme(weights="int4", group_size=32, method="gptq")
+    calibration = Calibration(samples=8, seq_len=24, sequential=True)
+    batches = calibration_inputs(calibration, model.spec, path, 256)
+    first = Quantize(scheme=None, rules=(Rule(match="layers.0.*", scheme=gptq),), calibration=calibration)
+    then = Quantize(scheme=None, rules=(Rule(match="layers.1.attn.q_proj", scheme=gptq),), calibration=calibration)
+    both = Quantize(scheme=None, rules=(*first.rules, *then.rules), calibration=calibration)
+    in_two_runs = quantize_program(quantize_program(step, first, batches)[0].program, then, batches)[0].program
+    in_one_run = quantize_program(step, both, batches)[0].program
+    for key, value in in_two_runs.exported.state_dict.items():
+        torch.testing.assert_close(in_one_run.exported.state_dict[key], value, rtol=0, atol=0)
+    float_inputs = quantize_program(step, Quantize(scheme=None, rules=then.rules, calibration=calibration), batches)
+    key = "layers.1.attn.q_proj.qweight"
+    assert not torch.equal(float_inputs[0].program.exported.state_dict[key], in_one_run.exported.state_dict[key])
+
+
 def test_nothing_to_quantize_is_unmodified_and_second_run_is_a_no_op(weight_only, llada):
     (result, _), (path, _, step) = weight_only, llada
     none = Quantize(scheme=None, calibration=Calibration(source="random", samples=4))
