@@ -5,11 +5,13 @@
 For each scheme: compile the embedded model with a quantize pass (calibration: 32 task samples), then
 in a child process (so peak memory is the artifact's own) run `dlmc eval`'s evaluation (decoder llada,
 gen 128, steps 128, block 32) on the held-out tasks. Columns: task accuracy and its retention vs
-float, token agreement of the generated tokens with the float artifact's, the median / worst layer
-output SQNR from the calibration report, the quantized linears' stored bytes as a share of the same
-linears in bf16, the weights file size, the child's peak RSS and generated tokens/s. The output head
-(vocab 82) stays in float in every scheme. `--synthetic` adds the same table (without accuracy) for
-a 134M random-weight LLaDA-format checkpoint, calibrated on random tokens.
+float, token agreement of the generated tokens with the float artifact's, the whole step's fidelity
+on 64 held-out denoising states (logits SQNR, and KL(float || scheme) of the token distributions at
+the masked positions), the median / worst layer output SQNR from the calibration report, the
+quantized linears' stored bytes as a share of the same linears in bf16, the weights file size, the
+child's peak RSS and generated tokens/s. The `bf16` row is the float model captured in bfloat16. The
+output head (vocab 82) stays in float in every scheme. `--synthetic` adds the same table (without
+accuracy) for a 134M random-weight LLaDA-format checkpoint, calibrated on random tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 W4 = {"weights": "int4", "group_size": 64}
 SCHEMES: dict[str, dict | None] = {
     "float": None,
+    "bf16": None,  # the float model captured in bfloat16: the baseline weight-only schemes replace
     "W8A16 RTN": {},
     "W4A16 RTN": dict(W4),
     "W4A16 GPTQ": dict(W4, method="gptq"),
@@ -40,7 +43,7 @@ SCHEMES: dict[str, dict | None] = {
 QUANT_SUFFIXES = ("qweight", "scale", "zero", "inv_scale", "act_scale")
 
 
-def recipe(scheme: dict | None, backend: str, source: str) -> dict:
+def recipe(scheme: dict | None, backend: str, source: str, dtype: str = "float32") -> dict:
     passes: list = [{"fold_constants": {}}]
     if scheme is not None:
         passes.append({"quantize": {
@@ -49,7 +52,7 @@ def recipe(scheme: dict | None, backend: str, source: str) -> dict:
             "calibration": {"source": source, "samples": 32, "seq_len": 64},
         }})
     lower = {"backend": backend} | ({"opset": 21} if backend == "onnxrt" else {})
-    return {"description": "quant table", "capture": {"dtype": "float32", "max_batch": 64}, "passes": passes,
+    return {"description": "quant table", "capture": {"dtype": dtype, "max_batch": 64}, "passes": passes,
             "lower": lower}
 
 
@@ -80,14 +83,30 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def child_eval(artifact: Path, per_task: int, prompts: int, gen_length: int | None) -> None:
-    """Runs in a child process: evaluate (or, for a model without the task tokenizer, generate from
-    fixed prompts) and print one JSON line."""
+def held_out_states(model_dir: Path, synthetic: bool) -> tuple[torch.Tensor, ...]:
+    """64 denoising states the calibration never saw (another seed): the step inputs on which every
+    artifact's logits are compared with the float artifact's."""
+    from dlmc.quant.calibration import calibration_inputs
+    from dlmc.quant.scheme import Calibration
+
+    spec = read_spec(model_dir)
+    config = Calibration(source="random" if synthetic else "tasks", samples=64, seq_len=64, seed=1, batch_size=64)
+    return calibration_inputs(config, spec, model_dir, 64)[0]
+
+
+def child_eval(artifact: Path, per_task: int, prompts: int, gen_length: int | None, states: Path) -> None:
+    """Runs in a child process: the step's logits on the held-out states (written beside `states`), then
+    evaluate (or, for a model without the task tokenizer, generate from fixed prompts); one JSON line."""
     torch.set_num_threads(1)
+    from safetensors.torch import load_file, save_file
+
     import dlmc.runtime
     from dlmc.generation import decoder_config, generate
 
     engine = dlmc.runtime.load(artifact, device="cpu")
+    inputs = load_file(str(states))
+    logits = engine.run_step(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])[0]
+    save_file({"logits": logits.float().contiguous()}, str(artifact.with_suffix(".logits.safetensors")))
     defaults = engine.manifest.get("decode") or {}
     if gen_length is None:  # the embedded model: task accuracy, like `dlmc eval --block-length 32`
         from dlmc.evaluate import evaluate
@@ -118,6 +137,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def logit_fidelity(logits: torch.Tensor, reference: torch.Tensor, masked: torch.Tensor) -> dict[str, float]:
+    """The whole step against the float step on the same states: logits SQNR, and KL(float || this)
+    of the token distributions at the masked positions (what the decoder samples from)."""
+    from dlmc.quant.formats import sqnr_db
+
+    log_p, log_q = reference.log_softmax(-1), logits.log_softmax(-1)  # [B, L, V]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)[masked]  # [masked positions]
+    return {"logit_sqnr": sqnr_db(reference, logits), "kl": float(kl.mean())}
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same = total = 0
     for x, y in zip(a, b, strict=True):
@@ -130,16 +159,25 @@ def table(model_dir: Path, args: argparse.Namespace, synthetic: bool) -> list[di
     from dlmc.compiler import compile_model
     from dlmc.recipe import parse_recipe
 
+    from safetensors.torch import load_file, save_file
+
     rows = []
+    workdir = args.workdir / ("synthetic" if synthetic else "embedded")
+    workdir.mkdir(parents=True, exist_ok=True)
+    states = held_out_states(model_dir, synthetic)
+    save_file(dict(zip(("input_ids", "attention_mask", "position_ids"), states, strict=True)),
+              str(workdir / "states.safetensors"))
     for name, scheme in SCHEMES.items():
         if args.only and name != "float" and name not in args.only:
             continue
-        out = args.workdir / ("synthetic" if synthetic else "embedded") / name.replace(" ", "_")
+        out = workdir / name.replace(" ", "_")
         start = time.perf_counter()
-        compile_model(model_dir, parse_recipe(recipe(scheme, args.backend, "random" if synthetic else "tasks")), out,
-                      force=True)
+        dtype = "bfloat16" if name == "bf16" else "float32"
+        compile_model(model_dir, parse_recipe(recipe(scheme, args.backend, "random" if synthetic else "tasks", dtype)),
+                      out, force=True)
         compile_s = time.perf_counter() - start
-        cmd = [sys.executable, __file__, "--child", str(out), "--per-task", str(args.per_task)]
+        cmd = [sys.executable, __file__, "--child", str(out), "--per-task", str(args.per_task),
+               "--states", str(workdir / "states.safetensors")]
         if synthetic:
             cmd += ["--gen-length", str(args.synthetic_gen), "--prompts", "2"]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
@@ -150,21 +188,29 @@ def table(model_dir: Path, args: argparse.Namespace, synthetic: bool) -> list[di
                "tokens_per_s": result["tokens"] / result["seconds"], "compile_s": compile_s,
                "sqnr_median": report and report["output_sqnr_db_median"],
                "sqnr_min": report and report["output_sqnr_db_min"],
-               "outputs": result["outputs"]}
+               "outputs": result["outputs"], "logits": load_file(str(out.with_suffix(".logits.safetensors")))["logits"]}
         rows.append(row)
         print(f"  {name}: done in {compile_s:.0f}s + {result['seconds']:.0f}s", file=sys.stderr, flush=True)
     base = rows[0]
+    masked = states[0] == read_spec(model_dir).mask_token_id  # [B, L]
     for row in rows:
         row["agreement"] = agreement(row["outputs"], base["outputs"])
+        row |= logit_fidelity(row["logits"], base["logits"], masked)
         if base["accuracy"]:
             row["retention"] = row["accuracy"] / base["accuracy"] if row["accuracy"] is not None else None
     return rows
 
 
+def read_spec(model_dir: Path):
+    from dlmc.models import read_model_config
+
+    return read_model_config(model_dir)[2]
+
+
 def markdown(rows: list[dict], with_accuracy: bool) -> str:
     head = ["scheme"] + (["accuracy", "retention"] if with_accuracy else []) + [
-        "token agreement", "layer SQNR median / worst (dB)", "linears vs bf16", "weights file", "peak RSS",
-        "tokens/s"]
+        "token agreement", "step logits SQNR (dB)", "KL (1e-6)", "layer SQNR median / worst (dB)",
+        "linears vs bf16", "weights file", "peak RSS", "tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["scheme"]]
@@ -172,8 +218,10 @@ def markdown(rows: list[dict], with_accuracy: bool) -> str:
             cells += [f"{r['accuracy']:.1%}", f"{r['retention']:.1%}"]
         cells += [
             f"{r['agreement']:.1%}",
+            "-" if r["logit_sqnr"] == float("inf") else f"{r['logit_sqnr']:.1f}", f"{r['kl'] * 1e6:.2f}",
             "-" if r["sqnr_median"] is None else f"{r['sqnr_median']:.1f} / {r['sqnr_min']:.1f}",
-            "200% (fp32)" if r["linears_vs_bf16"] is None else f"{r['linears_vs_bf16']:.1%}",
+            ("100% (bf16)" if r["scheme"] == "bf16" else "200% (fp32)") if r["linears_vs_bf16"] is None
+            else f"{r['linears_vs_bf16']:.1%}",
             f"{r['weights_mb']:.2f} MB", f"{r['peak_rss_mb']:.0f} MB", f"{r['tokens_per_s']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -192,9 +240,10 @@ def main() -> None:
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--gen-length", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--prompts", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--states", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child_eval(args.child, args.per_task, args.prompts, args.gen_length)
+        child_eval(args.child, args.per_task, args.prompts, args.gen_length, args.states)
         return
     torch.set_num_threads(1)
     from dlmc.generation import default_model_dir
@@ -216,7 +265,7 @@ def main() -> None:
     if args.json:
         for rows in results.values():
             for r in rows:
-                r.pop("outputs")
+                r.pop("outputs"), r.pop("logits")
         args.json.write_text(json.dumps(results, indent=1))
 
 
