@@ -420,3 +420,30 @@ def test_companions_without_a_quantization_config_are_unexpected(tmp_path):
     config.pop("quantization_config")
     (path / "config.json").write_text(json.dumps(config))
     expect_error(path, "model.safetensors", "unexpected tensor", "SCB")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI on a bitsandbytes checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_inspect_run_and_compile(tmp_path):
+    from typer.testing import CliRunner
+
+    from dlmc.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    path, expected = bnb_checkpoint("llada", tmp_path / "bnb", "nf4-dq")
+    twin = float_twin("llada", tmp_path / "float", expected)
+    inspected = invoke("inspect", path)
+    assert inspected.exit_code == 0, inspected.output
+    assert "bitsandbytes nf4 (double quant), dequantized to float32 on load" in inspected.output
+    args = ["--prompt-ids", "5,6,7", "--gen-length", 8, "--json"]
+    ran = invoke("run", path, *args)
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.stdout)["output_ids"] == json.loads(invoke("run", twin, *args).stdout)["output_ids"]
+    compiled = invoke("compile", path, "--recipe", "recipes/cpu-eager.yaml", "-o", tmp_path / "art")
+    assert compiled.exit_code == 0, compiled.output
+    assert json.loads(invoke("run", tmp_path / "art", *args).stdout)["output_ids"] == json.loads(ran.stdout)["output_ids"]
