@@ -60,12 +60,11 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 QUANT_STATE = ".quant_state.bitsandbytes__"
 INT8_ROW_MAX = 127
 
-# Stored next to a quantized `X.weight`; the group is the weight's name.
-INT8_COMPANION = re.compile(r"(?P<weight>.+)\.(?P<part>SCB|weight_format)$")
+# Tensors stored beside a quantized `X.weight`, by the name of the layer X.
+INT8_COMPANION = re.compile(r"(?P<layer>.+)\.(SCB|weight_format)")
 FOUR_BIT_COMPANION = re.compile(
-    r"(?P<weight>.+\.weight)\.(?P<part>absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$"
+    r"(?P<layer>.+)\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)"
 )
-
 
 @dataclass(frozen=True)
 class BnbFormat:
@@ -118,13 +117,8 @@ def companions(names: set[str] | dict) -> set[str]:
     """The stored tensors that belong to a quantized weight stored beside them (not model parameters)."""
     found = set()
     for name in names:
-        match = FOUR_BIT_COMPANION.match(name)
-        if match is None:
-            match = INT8_COMPANION.match(name)
-            weight = match and match["weight"] + ".weight"
-        else:
-            weight = match["weight"]
-        if match is not None and weight in names:
+        match = FOUR_BIT_COMPANION.fullmatch(name) or INT8_COMPANION.fullmatch(name)
+        if match is not None and match["layer"] + ".weight" in names:
             found.add(name)
     return found
 
@@ -132,7 +126,7 @@ def companions(names: set[str] | dict) -> set[str]:
 def read_weight(shards: Shards, name: str, fmt: BnbFormat, shape: tuple[int, ...]) -> torch.Tensor:
     """The stored tensor `name` as float: decoded when bitsandbytes quantized it, as stored otherwise.
     `shape` is what the model expects; a 4-bit weight's declared shape is checked against it."""
-    four_bit = [c for c in shards.names_under(name + ".") if FOUR_BIT_COMPANION.match(c)]
+    four_bit = any(FOUR_BIT_COMPANION.fullmatch(c) for c in shards.names_under(name + "."))
     if four_bit or shards.dtype(name) == "U8":
         return _read_4bit(shards, name, fmt, shape)
     if shards.dtype(name) == "I8" or name.removesuffix("weight") + "SCB" in shards:
@@ -145,8 +139,8 @@ def _read_int8(shards: Shards, name: str) -> torch.Tensor:
     codes = shards.get(name)  # [out, in] int8
     scb = shards.get(_companion(shards, name, base + "SCB"))  # [out]
     layout = base + "weight_format"
-    if layout in shards and int(shards.get(layout)) != 0:
-        raise DlmcError(f"{shards.path(layout)}: tensor '{layout}' is {int(shards.get(layout))}; dlmc reads 0 (row-major)")
+    if layout in shards and (code := int(shards.get(layout))) != 0:  # 1-3: GPU tile layouts of old bnb
+        raise DlmcError(f"{shards.path(layout)}: tensor '{layout}' is {code}; dlmc reads 0 (row-major)")
     if codes.dtype != torch.int8 or codes.ndim != 2 or tuple(scb.shape) != codes.shape[:1]:
         raise DlmcError(
             f"{shards.path(name)}: int8 weight '{name}' {codes.dtype} {list(codes.shape)} does not match "
