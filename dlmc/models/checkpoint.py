@@ -61,8 +61,8 @@ def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
     integer codes, which say nothing about the model's dtype)."""
     shards = Shards(files)
     for name in files:
-        if shards.dtype(name) in FLOAT_DTYPES:
-            return FLOAT_DTYPES[shards.dtype(name)]
+        if (stored := shards.dtype(name)) in FLOAT_DTYPES:
+            return FLOAT_DTYPES[stored]
     name = next(iter(files))
     raise DlmcError(f"{files[name]}: no floating-point tensor in the checkpoint ('{name}' is {shards.dtype(name)})")
 

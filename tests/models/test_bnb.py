@@ -4,6 +4,7 @@ The real-format tests build the checkpoint with bitsandbytes' own modules and co
 dequantization; the hand-computed and bad-input tests need no bitsandbytes."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -348,7 +349,8 @@ def expect_error(path, *fragments):
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
-def test_hand_made_checkpoints_load(tmp_path, kind):
+def test_hand_made_checkpoints_load_without_bitsandbytes(tmp_path, kind, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # any import of it now fails
     path, name = hand_checkpoint(tmp_path, kind)
     assert load_model(path).layers[0].attn.q_proj.weight.dtype == torch.float32
 
