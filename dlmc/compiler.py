@@ -23,8 +23,7 @@ from dlmc.artifact import check_writable, write_artifact
 from dlmc.capture import StepProgram, capture, example_inputs
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
-from dlmc.models import load_model, read_model_config
-from dlmc.models.checkpoint import checkpoint_dtype, weight_map
+from dlmc.models import default_dtype, load_model, read_model_config
 from dlmc.passes import PassConfig, layer_skip
 from dlmc.pipeline import run_passes
 from dlmc.quant import ops as _quant_ops  # noqa: F401  (registers torch.ops.dlmc)
@@ -66,7 +65,7 @@ def compile_model(
         recipe = load_recipe(recipe)
     check_writable(out_dir, force=force)
     read_model_config(model_dir)  # a missing or broken checkpoint fails here, before any work
-    stored = str(checkpoint_dtype(weight_map(model_dir))).removeprefix("torch.")
+    stored = str(default_dtype(model_dir)).removeprefix("torch.")  # a bitsandbytes checkpoint: what it decodes to
     problems = check_target(recipe, device, stored)
     if problems:
         raise DlmcError("; ".join(problems))

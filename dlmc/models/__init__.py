@@ -10,8 +10,8 @@ from types import ModuleType
 import torch
 
 from dlmc.errors import DlmcError
-from dlmc.models import dream, fast_dllm_v2, llada, sdar, wedlm
 from dlmc.files import read_json
+from dlmc.models import bnb, dream, fast_dllm_v2, llada, sdar, wedlm
 from dlmc.models.checkpoint import checkpoint_dtype, load_weights, weight_map
 from dlmc.models.transformer import ArchConfig, DiffusionLM
 from dlmc.spec import DenoiserSpec
@@ -39,6 +39,7 @@ def read_model_config(model_dir: str | Path) -> tuple[ModuleType, ArchConfig, De
     where = model_dir / "config.json"
     config = read_json(where)
     family = family_of(config, where)
+    bnb.read_format(config, where)  # a quantization dlmc cannot read fails here, not as a shape error
     tokenizer = load_tokenizer(model_dir)
     arch, spec = family.read_config(config, where, tokenizer.token_id if tokenizer else lambda token: None)
     spec = dataclasses.replace(spec, eos_token_id=_first(spec.eos_token_id), pad_token_id=_first(spec.pad_token_id))
@@ -49,19 +50,37 @@ def load_model(
     model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> DiffusionLM:
     """Build the family's model on the meta device and fill it from the checkpoint, tensor by tensor,
-    in the checkpoint's dtype unless `dtype` is given."""
+    in the checkpoint's dtype unless `dtype` is given. A bitsandbytes checkpoint's linears are decoded
+    to float (see dlmc.models.bnb), in bnb_4bit_compute_dtype or the checkpoint's float dtype."""
     model_dir = Path(model_dir)
     family, arch, spec = read_model_config(model_dir)
     files = weight_map(model_dir)
+    quantized = quantization(model_dir)
+    if quantized is not None:
+        dtype = dtype or default_dtype(model_dir)  # one dtype for decoded and stored-float tensors alike
     with torch.device("meta"):
         model = DiffusionLM(arch, spec)
-    load_weights(model, files, family.published_name, torch.device(device), dtype)
+    load_weights(model, files, family.published_name, torch.device(device), dtype, quantized)
     return model.eval()
+
+
+def quantization(model_dir: str | Path) -> bnb.BnbFormat | None:
+    """How the checkpoint's linears were quantized (bitsandbytes), None for a float checkpoint."""
+    where = Path(model_dir) / "config.json"
+    return bnb.read_format(read_json(where), where)
+
+
+def default_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype load_model gives the model when none is asked for: the checkpoint's float dtype, or a
+    4-bit checkpoint's bnb_4bit_compute_dtype."""
+    quantized = quantization(model_dir)
+    if quantized is not None and quantized.compute_dtype is not None:
+        return quantized.compute_dtype
+    return checkpoint_dtype(weight_map(model_dir))
 
 
 def _first(value):
     return value[0] if isinstance(value, list) and value else value
-
 
 
 def describe(model_dir: str | Path) -> dict:
@@ -71,10 +90,14 @@ def describe(model_dir: str | Path) -> dict:
     with torch.device("meta"):
         params = DiffusionLM(arch, spec).num_parameters()
     attention = spec.attention + (f" (block size {spec.block_size})" if spec.block_size else "")
+    dtype = str(default_dtype(model_dir)).removeprefix("torch.")
+    quantized = quantization(model_dir)
+    weights = {"weights": f"{quantized.label()}, dequantized to {dtype} on load"} if quantized else {}
     return {
         "family": spec.family,
         "parameters": params,
-        "dtype": str(checkpoint_dtype(weight_map(model_dir))).removeprefix("torch."),
+        "dtype": dtype,
+        **weights,
         "mask_token_id": spec.mask_token_id,
         "attention": attention,
         "logits": "shifted by one" if spec.shift_logits else "same position",

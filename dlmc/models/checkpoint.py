@@ -12,6 +12,8 @@ from torch import nn
 
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
+from dlmc.models import bnb
+from dlmc.models.bnb import BnbFormat
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -55,18 +57,52 @@ def _open(path: Path):
 
 
 def checkpoint_dtype(files: dict[str, Path]) -> torch.dtype:
-    """The dtype of the checkpoint's first floating-point tensor."""
-    name, path = next(iter(files.items()))
-    with _open(path) as f:
-        return _tensor_dtype(f, name)
+    """The dtype of the checkpoint's first floating-point tensor (quantized checkpoints also hold
+    integer codes, which say nothing about the model's dtype)."""
+    shards = Shards(files)
+    for name in files:
+        if (stored := shards.dtype(name)) in FLOAT_DTYPES:
+            return FLOAT_DTYPES[stored]
+    name = next(iter(files))
+    raise DlmcError(f"{files[name]}: no floating-point tensor in the checkpoint ('{name}' is {shards.dtype(name)})")
 
 
-def _tensor_dtype(f, name: str) -> torch.dtype:
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-    dt = f.get_slice(name).get_dtype()
-    if dt not in names:
-        raise DlmcError(f"tensor '{name}' has unsupported dtype {dt}")
-    return names[dt]
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class Shards:
+    """Stored tensors by published name. Each shard is opened once, on first use, and stays open (it is
+    memory-mapped: nothing is read until a tensor is asked for), because a quantized weight's
+    companion tensors may sit in another shard than the weight."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def path(self, name: str) -> Path:
+        return self.files[name]
+
+    def names_under(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.files if n.startswith(prefix))
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string ("BF16", "I8", "U8", ...), read from the header only."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle(name).get_tensor(name)
+        except Exception as e:
+            raise DlmcError(f"{self.files[name]}: cannot read tensor '{name}' ({e})") from None
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = _open(path)
+        return self._handles[path]
 
 
 def load_weights(
@@ -75,35 +111,36 @@ def load_weights(
     published_name: Callable[[str], str],
     device: torch.device,
     dtype: torch.dtype | None,
+    quantized: BnbFormat | None = None,
 ) -> None:
     """Fill a meta-device model shard by shard, one tensor at a time, so that at most one copy of
-    the weights is ever held (the safetensors files are memory-mapped)."""
+    the weights is ever held (the safetensors files are memory-mapped). With `quantized`, weights
+    that bitsandbytes stored are decoded to float, one at a time, and their companion tensors
+    (scales, codebooks, quant_state) are read beside them."""
     wanted = {published_name(name): name for name, _ in model.named_parameters()}
     missing = sorted(set(wanted) - set(files))
     if missing:
         raise DlmcError(f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")
-    unexpected = sorted(n for n in files if n not in wanted and not IGNORED_TENSORS.match(n))
+    stored_beside = bnb.companions(files) if quantized else set()
+    unexpected = sorted(
+        n for n in files if n not in wanted and n not in stored_beside and not IGNORED_TENSORS.match(n)
+    )
     if unexpected:
         raise DlmcError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}' for this model family")
-    by_file: dict[Path, list[str]] = {}
-    for published, path in files.items():
-        if published in wanted:
-            by_file.setdefault(path, []).append(published)
-    for path, names in by_file.items():
-        with _open(path) as f:
-            for published in names:
-                target = model.get_parameter(wanted[published])
-                try:
-                    tensor = f.get_tensor(published)
-                except Exception as e:
-                    raise DlmcError(f"{path}: cannot read tensor '{published}' ({e})") from None
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise DlmcError(
-                        f"{path}: tensor '{published}' has shape {list(tensor.shape)}, "
-                        f"expected {list(target.shape)}"
-                    )
-                tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-                _set_parameter(model, wanted[published], tensor)
+    shards = Shards(files)
+    for published in sorted(wanted, key=lambda name: str(files[name])):  # shard by shard
+        target = model.get_parameter(wanted[published])
+        if quantized:
+            tensor = bnb.read_weight(shards, published, quantized, tuple(target.shape))
+        else:
+            tensor = shards.get(published)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise DlmcError(
+                f"{files[published]}: tensor '{published}' has shape {list(tensor.shape)}, "
+                f"expected {list(target.shape)}"
+            )
+        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        _set_parameter(model, wanted[published], tensor)
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
