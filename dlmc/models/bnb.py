@@ -66,6 +66,7 @@ FOUR_BIT_COMPANION = re.compile(
     r"(?P<layer>.+)\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)"
 )
 
+
 @dataclass(frozen=True)
 class BnbFormat:
     """How config.json says the linears were stored."""
