@@ -6,8 +6,9 @@ Variants (y = x @ W^T, x [M, K], W [N, K]):
   fp32 / bf16 F.linear           the float baselines
   _int_mm                        int8 x int8 -> int32 (torch.ops.aten._int_mm), the W8A8 kernel
   _weight_int8pack_mm            fp32/bf16 x int8 weight with per-channel scales (weight-only int8)
-  dlmc linear_woq / linear_w8a8  the operators a quantized step calls, eager and under torch.compile
-                                 (Inductor), which is what an `inductor` artifact runs
+  dlmc linear_woq / linear_w8a8  the operators a quantized step calls, eager and compiled by
+                                 AOTInductor (export + aoti_compile_and_package), as an `inductor`
+                                 artifact's step is
 The median of `repeats` runs after warm-up is reported, as GFLOP/s and as a ratio to fp32.
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,24 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def aot_compiled(fn, x: torch.Tensor, path: Path):
+    """fn exported and compiled by AOTInductor, the way an `inductor` artifact's step is (torch.compile
+    can take other decisions: here it once turned the int8 product into an fp32 mm)."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    exported = torch.export.export(Wrapped(fn), (x,))
+    return aoti_load_package(aoti_compile_and_package(exported, package_path=str(path)))
 
 
 def main() -> None:
@@ -72,11 +93,11 @@ def main() -> None:
         "dlmc linear_woq int4, eager": lambda: woq4(x),
         "dlmc linear_w8a8 per-token, eager": lambda: w8a8(x),
     }
-    compiled = {"dlmc linear_woq int8, inductor": torch.compile(woq8),
-                "dlmc linear_woq int4, inductor": torch.compile(woq4),
-                "dlmc linear_w8a8 per-token, inductor": torch.compile(w8a8)}
-    for name, fn in compiled.items():
-        variants[name] = lambda fn=fn: fn(x)
+    compiled = {"dlmc linear_woq int8, AOTInductor": woq8, "dlmc linear_woq int4, AOTInductor": woq4,
+                "dlmc linear_w8a8 per-token, AOTInductor": w8a8, "fp32 F.linear, AOTInductor": lambda x: F.linear(x, w)}
+    with tempfile.TemporaryDirectory() as work:
+        for name, fn in compiled.items():
+            variants[name] = lambda fn=aot_compiled(fn, x, Path(work) / f"{len(variants)}.pt2"): fn(x)
     flops = 2 * m * k * n
     results = {}
     for name, fn in variants.items():
