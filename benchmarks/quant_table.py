@@ -36,16 +36,24 @@ SCHEMES: dict[str, dict | None] = {
     "W8A8 Hadamard per-tensor": {"activations": "per_tensor", "outliers": "hadamard"},
     "W8A8 per-token": {"activations": "per_token"},
     "W8A8 Hadamard per-token": {"activations": "per_token", "outliers": "hadamard"},
+    "W8A8 QuaRot per-token": {"activations": "per_token"},
 }
+ROTATED = {"W8A8 QuaRot per-token"}
+"""Rows whose recipe runs `rotate` before quantizing: the residual stream's Hadamard rotation is folded
+into the weights, so only down_proj's input (the MLP intermediate) keeps the online one."""
 QUANT_SUFFIXES = ("qweight", "scale", "zero", "inv_scale", "act_scale")
 
 
-def recipe(scheme: dict | None, backend: str, source: str) -> dict:
+def recipe(scheme: dict | None, backend: str, source: str, rotated: bool = False) -> dict:
     passes: list = [{"fold_constants": {}}]
+    rules: list = [{"match": "lm_head", "scheme": None}]
+    if rotated:
+        passes.append({"rotate": {}})
+        rules.append({"match": "layers.*.mlp.down_proj", "scheme": dict(scheme, outliers="hadamard")})
     if scheme is not None:
         passes.append({"quantize": {
             "scheme": scheme,
-            "rules": [{"match": "lm_head", "scheme": None}],
+            "rules": rules,
             "calibration": {"source": source, "samples": 32, "seq_len": 64},
         }})
     lower = {"backend": backend} | ({"opset": 21} if backend == "onnxrt" else {})
@@ -136,8 +144,8 @@ def table(model_dir: Path, args: argparse.Namespace, synthetic: bool) -> list[di
             continue
         out = args.workdir / ("synthetic" if synthetic else "embedded") / name.replace(" ", "_")
         start = time.perf_counter()
-        compile_model(model_dir, parse_recipe(recipe(scheme, args.backend, "random" if synthetic else "tasks")), out,
-                      force=True)
+        source = "random" if synthetic else "tasks"
+        compile_model(model_dir, parse_recipe(recipe(scheme, args.backend, source, name in ROTATED)), out, force=True)
         compile_s = time.perf_counter() - start
         cmd = [sys.executable, __file__, "--child", str(out), "--per-task", str(args.per_task)]
         if synthetic:
