@@ -195,7 +195,7 @@ def test_refuses_an_operation_that_does_not_commute_with_the_rotation(checkpoint
     clipped.meta = dict(embedding.meta)
     embedding.replace_all_uses_with(clipped, delete_user_cb=lambda user: user is not clipped)
     gm.recompile()
-    message = (r"^rotate: cannot rotate the residual stream through relu \(aten.relu.default, in embed\): "
+    message = (r"^rotate: cannot rotate the residual stream through relu_default \(aten.relu.default, in embed\): "
                r"this operation does not commute with a rotation$")
     with pytest.raises(DlmcError, match=message):
         rotate(rebuild(step, gm), Rotate())
