@@ -200,8 +200,7 @@ def _plan(
                 raise refuse(node, "a norm's scale can be folded only into the linears that read it")
             continue
         if set(inputs) & squares:
-            if target is not MEAN or list(args[1]) not in ([-1], [node.args[0].meta["val"].dim() - 1]) \
-                    or not (args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)):
+            if not _row_mean(node):
                 raise refuse(node, "a square of the stream must be averaged over the hidden dimension")
             continue  # the mean square of a row: the same in any orthonormal basis
         if target in CASTS and len(inputs) == 1:
@@ -209,7 +208,7 @@ def _plan(
         elif target is SQUARE and args[1] == 2:
             squares.add(node)
         elif target is MUL and len(args) == 2:
-            h, other = (args[0], args[1]) if args[0] in stream else (args[1], args[0])
+            other = args[1] if args[0] in stream else args[0]
             if other in stream:
                 raise refuse(node, "a product of two stream values")
             norm = parameter(other)
@@ -233,9 +232,10 @@ def _plan(
                     raise refuse(node, "the stream may only be added to another stream value or a linear's output")
                 if key in plan.writers or key in plan.readers:
                     raise refuse(node, f"{key} writes into the stream twice, or also reads it")
-                plan.writers[key] = parameter(writer.args[2]) if len(writer.args) > 2 else None
-                if len(writer.args) > 2 and writer.args[2] is not None and plan.writers[key] is None:
+                bias = writer.args[2] if len(writer.args) > 2 else None
+                if bias is not None and parameter(bias) is None:
                     raise refuse(writer, "its bias is not a parameter")
+                plan.writers[key] = parameter(bias)
                 stream.add(node)
         elif target is LINEAR:
             read_by(node, node, None)
@@ -249,8 +249,8 @@ def _plan(
     for key in plan.readers:  # a reading weight used any other way would see the rotation too
         placeholder = next(n for n in gm.graph.find_nodes(op="placeholder") if parameter(n) == key)
         for user in placeholder.users:
-            if not (user.target is LINEAR and (user.args[0] in stream or user.args[0] in scaled)) \
-                    and not (key == table and user is embedding):
+            reads_stream = user.target is LINEAR and (user.args[0] in stream or user.args[0] in scaled)
+            if not reads_stream and not (key == table and user is embedding):
                 raise refuse(user, f"{key} is read by the stream's linears and by this")
     for key in plan.writers:
         placeholder = next(n for n in gm.graph.find_nodes(op="placeholder") if parameter(n) == key)
@@ -259,6 +259,15 @@ def _plan(
     if not plan.writers:
         raise DlmcError("rotate: no linear writes into the residual stream; nothing to rotate")
     return plan, embedding
+
+
+def _row_mean(node: torch.fx.Node) -> bool:
+    """mean(x, dim=[-1], keepdim=True): one value per row."""
+    if node.target is not MEAN:
+        return False
+    dims, ndim = list(node.args[1]), node.args[0].meta["val"].dim()
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return dims in ([-1], [ndim - 1]) and keepdim
 
 
 def _writer(node: torch.fx.Node) -> torch.fx.Node | None:

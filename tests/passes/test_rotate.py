@@ -1,5 +1,6 @@
 import dataclasses
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,8 +168,8 @@ def test_after_rotate_and_quantize_only_down_proj_rotates_online(embedded):
     kinds = input_kinds(program)
     linears = [n for n in graph.nodes if n.target is aten.linear.default]
     online = [n for n in linears if kinds[n.args[1].name][1].startswith("quant.hadamard")]
-    assert len(online) == 4 and all(n.users.keys() and all(
-        u.target is ops.linear_w8a8 for u in n.users) for n in online)
+    assert len(online) == 4
+    assert all(user.target is ops.linear_w8a8 for n in online for user in n.users)
     assert {kinds[n.args[1].name][1] for n in online} == {"quant.hadamard_768_float32"}
     assert [kinds[n.args[1].name][1] for n in linears if n not in online] == ["lm_head.weight"]
     assert sum(n.target is ops.linear_w8a8 for n in graph.nodes) == 28
@@ -182,7 +183,8 @@ def test_after_rotate_and_quantize_only_down_proj_rotates_online(embedded):
 def test_refuses_a_step_already_quantized(embedded):
     step, _, batches = embedded
     quantized = quantize_program(step, Quantize(scheme=PER_TOKEN), batches[:1])[0].program
-    with pytest.raises(DlmcError, match=r"^rotate: the step has quantized linears already; put rotate before quantize$"):
+    message = r"^rotate: the step has quantized linears already; put rotate before quantize$"
+    with pytest.raises(DlmcError, match=message):
         rotate(quantized, Rotate())
 
 
@@ -201,9 +203,7 @@ def test_refuses_an_operation_that_does_not_commute_with_the_rotation(checkpoint
         rotate(rebuild(step, gm), Rotate())
 
 
-def test_the_quarot_recipe_validates_and_orders_rotate_first(tmp_path):
-    from pathlib import Path
-
+def test_the_quarot_recipe_validates_and_orders_rotate_first():
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "default-cpu-w8a8-quarot.yaml")
     names = [p.name for p in recipe.passes]
     assert names.index("rotate") < names.index("quantize") and not recipe.exact
@@ -213,7 +213,7 @@ def test_the_quarot_recipe_validates_and_orders_rotate_first(tmp_path):
     for before in ("quantize", "mixed_precision"):
         with pytest.raises(RecipeError, match=f"passes: rotate must come before {before}"):
             parse_recipe({"passes": [before, "rotate"]})
-    assert parse_recipe({"passes": ["rotate", "mixed_precision"]}).passes == (Rotate(), parse_recipe(
-        {"passes": ["mixed_precision"]}).passes[0])
+    assert [p.name for p in parse_recipe({"passes": ["rotate", "mixed_precision"]}).passes] == [
+        "rotate", "mixed_precision"]
     with pytest.raises(RecipeError, match=r"passes\[0\].rotate.angle: unknown option"):
         parse_recipe({"passes": [{"rotate": {"angle": 1}}]})
