@@ -8,8 +8,10 @@ gen 128, steps 128, block 32) on the held-out tasks. Columns: task accuracy and 
 float, token agreement of the generated tokens with the float artifact's, the median / worst layer
 output SQNR from the calibration report, the quantized linears' stored bytes as a share of the same
 linears in bf16, the weights file size, the child's peak RSS and generated tokens/s. The output head
-(vocab 82) stays in float in every scheme. `--synthetic` adds the same table (without accuracy) for
-a 134M random-weight LLaDA-format checkpoint, calibrated on random tokens.
+(vocab 82) stays in float in every scheme. The QuaRot row runs `rotate` before quantizing (the
+residual stream's Hadamard rotation folded into the weights) and rotates only down_proj's input
+online. `--synthetic` adds the same table (without accuracy) for a 134M random-weight LLaDA-format
+checkpoint, calibrated on random tokens.
 """
 
 from __future__ import annotations

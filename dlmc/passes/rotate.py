@@ -111,21 +111,21 @@ def rotate(program: StepProgram, config: Rotate) -> PassResult:
         value = value.to(old.dtype)
         state[key] = torch.nn.Parameter(value, requires_grad=False) if isinstance(old, torch.nn.Parameter) else value
 
-    def wide(key: str) -> torch.Tensor:  # rotations are computed in float64, rounded once
+    def in_float64(key: str) -> torch.Tensor:  # rotations are computed in float64, rounded once
         return state[key].detach().double()
 
     for key, norm in plan.readers.items():
-        w = wide(key)  # [out, d]
+        w = in_float64(key)  # [out, d]
         if norm is not None:
-            w = w * wide(norm)  # W diag(g)
+            w = w * in_float64(norm)  # W diag(g)
         update(key, w @ q.to(w.device))
     for key, bias in plan.writers.items():
-        update(key, q.to(state[key].device).T @ wide(key))  # [d, in]
+        update(key, q.to(state[key].device).T @ in_float64(key))  # [d, in]
         if bias is not None:
-            update(bias, q.to(state[bias].device).T @ wide(bias))  # [d]
+            update(bias, q.to(state[bias].device).T @ in_float64(bias))  # [d]
     for key in plan.norms:
         update(key, torch.ones_like(state[key]))
-    update(plan.embedding, wide(plan.embedding) @ q.to(state[plan.embedding].device))  # [V, d]
+    update(plan.embedding, in_float64(plan.embedding) @ q.to(state[plan.embedding].device))  # [V, d]
     embedding.meta[ROTATED] = f"hadamard {d}"
 
     gm.graph.lint()
