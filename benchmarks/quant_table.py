@@ -10,8 +10,10 @@ on 64 held-out denoising states (logits SQNR, and KL(float || scheme) of the tok
 the masked positions), the median / worst layer output SQNR from the calibration report, the
 quantized linears' stored bytes as a share of the same linears in bf16, the weights file size, the
 child's peak RSS and generated tokens/s. The `bf16` row is the float model captured in bfloat16. The
-output head (vocab 82) stays in float in every scheme. `--synthetic` adds the same table (without
-accuracy) for a 134M random-weight LLaDA-format checkpoint, calibrated on random tokens.
+output head (vocab 82) stays in float in every scheme. The QuaRot row runs `rotate` before
+quantizing (the residual stream's Hadamard rotation folded into the weights) and rotates only
+down_proj's input online. `--synthetic` adds the same table (without accuracy) for a 134M
+random-weight LLaDA-format checkpoint, calibrated on random tokens.
 """
 
 from __future__ import annotations
@@ -39,16 +41,24 @@ SCHEMES: dict[str, dict | None] = {
     "W8A8 Hadamard per-tensor": {"activations": "per_tensor", "outliers": "hadamard"},
     "W8A8 per-token": {"activations": "per_token"},
     "W8A8 Hadamard per-token": {"activations": "per_token", "outliers": "hadamard"},
+    "W8A8 QuaRot per-token": {"activations": "per_token"},
 }
+ROTATED = {"W8A8 QuaRot per-token"}
+"""Rows whose recipe runs `rotate` before quantizing: the residual stream's Hadamard rotation is folded
+into the weights, so only down_proj's input (the MLP intermediate) keeps the online one."""
 QUANT_SUFFIXES = ("qweight", "scale", "zero", "inv_scale", "act_scale")
 
 
-def recipe(scheme: dict | None, backend: str, source: str, dtype: str = "float32") -> dict:
+def recipe(scheme: dict | None, backend: str, source: str, rotated: bool = False, dtype: str = "float32") -> dict:
     passes: list = [{"fold_constants": {}}]
+    rules: list = [{"match": "lm_head", "scheme": None}]
+    if rotated:
+        passes.append({"rotate": {}})
+        rules.append({"match": "layers.*.mlp.down_proj", "scheme": dict(scheme, outliers="hadamard")})
     if scheme is not None:
         passes.append({"quantize": {
             "scheme": scheme,
-            "rules": [{"match": "lm_head", "scheme": None}],
+            "rules": rules,
             "calibration": {"source": source, "samples": 32, "seq_len": 64},
         }})
     lower = {"backend": backend} | ({"opset": 21} if backend == "onnxrt" else {})
@@ -172,9 +182,9 @@ def table(model_dir: Path, args: argparse.Namespace, synthetic: bool) -> list[di
             continue
         out = workdir / name.replace(" ", "_")
         start = time.perf_counter()
-        dtype = "bfloat16" if name == "bf16" else "float32"
-        compile_model(model_dir, parse_recipe(recipe(scheme, args.backend, "random" if synthetic else "tasks", dtype)),
-                      out, force=True)
+        source, dtype = "random" if synthetic else "tasks", "bfloat16" if name == "bf16" else "float32"
+        compile_model(model_dir, parse_recipe(recipe(scheme, args.backend, source, name in ROTATED, dtype)), out,
+                      force=True)
         compile_s = time.perf_counter() - start
         cmd = [sys.executable, __file__, "--child", str(out), "--per-task", str(args.per_task),
                "--states", str(workdir / "states.safetensors")]

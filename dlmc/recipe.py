@@ -198,6 +198,13 @@ def _pass_checks(
 ) -> list[str]:
     """Passes that cannot work together, or with this capture, backend or decoder."""
     problems = []
+    names = [p.name for p in passes]
+    if "rotate" in names:
+        # rotate folds the rotation into float weights; after quantize there are none left, after
+        # mixed_precision the rotated weights would be rounded to bf16/fp16 a second time.
+        for name in dict.fromkeys(names[: names.index("rotate")]):
+            if name in ("quantize", "mixed_precision"):
+                problems.append(f"passes: rotate must come before {name}")
     caches = [p for p in passes if p.kv_cache]
     if len(caches) > 1:
         names = " and ".join(p.name for p in caches)

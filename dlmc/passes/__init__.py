@@ -159,6 +159,7 @@ from dlmc.passes import (  # noqa: E402
     layer_skip,
     mixed_precision,
     quantize,
+    rotate,
     window_pruning,
 )
 
@@ -176,5 +177,6 @@ __all__ = [
     "pass_configs",
     "quantize",
     "register",
+    "rotate",
     "window_pruning",
 ]
