@@ -31,7 +31,7 @@ from dlmc.quant.awq import awq
 from dlmc.quant.calibration import LayerStats, calibration_inputs, collect_stats, current_session, sequential_stats
 from dlmc.quant.formats import QuantizedWeight, check_group_size, rtn, sqnr_db
 from dlmc.quant.gptq import gptq
-from dlmc.quant.hadamard import hadamard
+from dlmc.quant.hadamard import kronecker_factors, rotate
 from dlmc.quant.scheme import Calibration, Rule, Scheme, scheme_for
 from dlmc.quant.smoothquant import smooth_scales
 
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 LINEAR = torch.ops.aten.linear.default
 MUL = torch.ops.aten.mul.Tensor
+MATMUL = torch.ops.aten.matmul.default
+UNFLATTEN = torch.ops.aten.unflatten.int
+FLATTEN = torch.ops.aten.flatten.using_ints
 META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
@@ -72,7 +75,7 @@ class QuantizedLayer:
     scheme: Scheme
     weight: QuantizedWeight
     inv_scale: torch.Tensor | None = None  # [in] x is multiplied by it (AWQ, SmoothQuant)
-    rotation: torch.Tensor | None = None  # [in, in] x is multiplied by it (Hadamard)
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # x -> x @ hadamard(in), as (A, B) factors
     act_scale: torch.Tensor | None = None  # [] static per-tensor activation scale
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -165,8 +168,8 @@ def quantize_layer(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats
         layer.inv_scale, wt = 1 / s, w * s
         extra["smooth_scale"] = _summary(s)
     elif scheme.outliers == "hadamard":
-        layer.rotation = hadamard(inn)
-        wt = w @ layer.rotation
+        layer.rotation = kronecker_factors(inn)
+        wt = rotate(w, *layer.rotation)  # w R: each row rotated
         extra["rotation"] = f"hadamard {inn}"
 
     common = {"bits": scheme.bits, "symmetric": scheme.symmetric, "group_size": group}
@@ -178,8 +181,8 @@ def quantize_layer(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats
         h = stats.hessian()
         if layer.inv_scale is not None:
             h = h * layer.inv_scale[:, None] * layer.inv_scale[None, :]
-        if layer.rotation is not None:
-            h = layer.rotation.T @ h @ layer.rotation
+        if layer.rotation is not None:  # R^T H R, H symmetric
+            h = rotate(rotate(h, *layer.rotation).T, *layer.rotation).T
         qw = gptq(wt, h, **common, damp=scheme.gptq_damp, act_order=scheme.gptq_act_order,
                   block_size=scheme.gptq_block, layer=name)
     else:
@@ -213,7 +216,7 @@ def transform_input(x: torch.Tensor, layer: QuantizedLayer) -> torch.Tensor:
     if layer.inv_scale is not None:
         x = x * layer.inv_scale.to(x.device, x.dtype)
     if layer.rotation is not None:
-        x = x @ layer.rotation.to(x.device, x.dtype)
+        x = rotate(x, *(f.to(x.device, x.dtype) for f in layer.rotation))
     return x
 
 
@@ -232,7 +235,7 @@ def buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor
     if layer.inv_scale is not None:
         out["inv_scale"] = layer.inv_scale.to(dtype)
     if layer.rotation is not None:
-        out["rotation"] = layer.rotation.to(dtype)
+        out["rotation_a"], out["rotation_b"] = (f.to(dtype) for f in layer.rotation)
     if layer.act_scale is not None:
         out["act_scale"] = layer.act_scale.to(dtype)
     return out
@@ -292,7 +295,7 @@ def _rewrite(
         dtype, device = state[name + ".weight"].dtype, state[name + ".weight"].device
         nodes = {
             suffix: placeholder(
-                f"quant.hadamard_{value.shape[0]}_{str(dtype).removeprefix('torch.')}" if suffix == "rotation"
+                f"quant.hadamard_{value.shape[0]}_{str(dtype).removeprefix('torch.')}" if suffix.startswith("rotation")
                 else f"{name}.{suffix}", value)
             for suffix, value in buffers(layer, dtype).items()
         }
@@ -300,8 +303,11 @@ def _rewrite(
             x, bias = linear.args[0], (linear.args[2] if len(linear.args) > 2 else None)
             if "inv_scale" in nodes:
                 x = call(MUL, (x, nodes["inv_scale"]), linear)
-            if "rotation" in nodes:  # x @ R; R is symmetric, so linear(x, R) = x @ R^T = x @ R
-                x = call(LINEAR, (x, nodes["rotation"]), linear)
+            if "rotation_a" in nodes:  # x @ R as dlmc.quant.hadamard.rotate computes it
+                a, b = nodes["rotation_a"], nodes["rotation_b"]
+                y = call(UNFLATTEN, (x, -1, [-1, a.meta["val"].shape[0], b.meta["val"].shape[0]]), linear)
+                y = call(MATMUL, (a, call(LINEAR, (y, b), linear)), linear)
+                x = call(FLATTEN, (y, -3, -1), linear)
             if layer.scheme.activations != "none":
                 new = call(ops.linear_w8a8, (x, nodes["qweight"], nodes["scale"], bias, nodes.get("act_scale")), linear)
             else:

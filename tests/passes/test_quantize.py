@@ -14,6 +14,7 @@ from dlmc.pipeline import check_program
 from dlmc.quant import ops
 from dlmc.quant.calibration import calibration_inputs, quant_session
 from dlmc.quant.formats import sqnr_db
+from dlmc.quant.hadamard import hadamard
 from dlmc.quant.scheme import Calibration, Rule, Scheme
 from tests.helpers import padded_batch
 
@@ -141,17 +142,18 @@ def test_w8a8_matches_eager_oracle(w8a8, llada):
     nodes = list(program.graph_module.graph.nodes)
     assert sum(n.target is ops.linear_w8a8 for n in nodes) == 14
     state = program.exported.state_dict
-    # one rotation per input width, shared by the layers (up_proj reads 64 channels, down_proj 96)
-    assert sorted(k for k in state if k.startswith("quant.hadamard")) == ["quant.hadamard_64_float32",
-                                                                          "quant.hadamard_96_float32"]
+    # Hadamard factors shared by the layers (64 input channels = 8 x 8, 96 = 3 blocks of 4 x 8), never a
+    # dense [in, in] rotation
+    assert sorted(k for k in state if k.startswith("quant.hadamard")) == ["quant.hadamard_4_float32",
+                                                                          "quant.hadamard_8_float32"]
     assert state["layers.0.attn.q_proj.act_scale"].dim() == 0
     assert "act_scale" not in _buffers(program, "layers.0.mlp.down_proj")  # per token: dynamic
     params = dict(model.named_parameters())
     layers = {}
     for name in {k.rpartition(".")[0] for k in state if k.endswith(".qweight")}:
         b = _buffers(program, name)
-        if name.endswith(("up_proj", "down_proj")):
-            b["rotation"] = state[f"quant.hadamard_{params[name + '.weight'].shape[1]}_float32"]
+        if name.endswith(("up_proj", "down_proj")):  # the dense rotation, built independently of the graph's
+            b["rotation"] = hadamard(params[name + ".weight"].shape[1])
         layers[id(params[name + ".weight"])] = b
     inputs = padded_batch([9, 6], 9)
     with torch.no_grad(), W8A8Oracle(layers):

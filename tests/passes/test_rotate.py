@@ -166,12 +166,13 @@ def test_after_rotate_and_quantize_only_down_proj_rotates_online(embedded):
     check_program(program)
     graph = program.graph_module.graph
     kinds = input_kinds(program)
-    linears = [n for n in graph.nodes if n.target is aten.linear.default]
-    online = [n for n in linears if kinds[n.args[1].name][1].startswith("quant.hadamard")]
+    online = [n for n in graph.nodes if n.target is aten.matmul.default]  # A (Y B): 768 = 3 x (16 x 16)
     assert len(online) == 4
-    assert all(user.target is ops.linear_w8a8 for n in online for user in n.users)
-    assert {kinds[n.args[1].name][1] for n in online} == {"quant.hadamard_768_float32"}
-    assert [kinds[n.args[1].name][1] for n in linears if n not in online] == ["lm_head.weight"]
+    assert all(user.target is aten.flatten.using_ints and next(iter(user.users)).target is ops.linear_w8a8
+               for n in online for user in n.users)
+    assert {kinds[n.args[0].name][1] for n in online} == {"quant.hadamard_16_float32"}
+    linears = [n for n in graph.nodes if n.target is aten.linear.default]
+    assert sorted({kinds[n.args[1].name][1] for n in linears}) == ["lm_head.weight", "quant.hadamard_16_float32"]
     assert sum(n.target is ops.linear_w8a8 for n in graph.nodes) == 28
 
 
