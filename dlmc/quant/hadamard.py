@@ -5,8 +5,7 @@ a block-diagonal of the largest power-of-two Hadamard that divides n (still exac
 
 Applied online, x R is never a dense [n, n] product: a Sylvester Hadamard block of size b = b1 * b2
 is the Kronecker product H_b1 (x) H_b2, so each block of x, viewed as a [b1, b2] matrix X, maps to
-H_b1 X H_b2: n (b1 + b2) multiply-adds per row instead of n^2 (on this CPU, n = 768: 6.7x faster;
-n = 4096: 29x, both compiled by AOTInductor)."""
+H_b1 X H_b2: n (b1 + b2) multiply-adds per row instead of n^2 (benchmarks/hadamard.py)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import torch
 
 from dlmc.quant.awq import awq
 from dlmc.quant.formats import rtn, sqnr_db
-from dlmc.quant.hadamard import hadamard
+from dlmc.quant.hadamard import hadamard, kronecker_factors, rotate
 from dlmc.quant.smoothquant import smooth_scales
 from dlmc.quant.ops import linear_w8a8
 
@@ -40,6 +40,16 @@ def test_hadamard_is_orthonormal_and_symmetric():
         torch.testing.assert_close(r @ r.T, torch.eye(n), atol=1e-5, rtol=0)
         torch.testing.assert_close(r, r.T)
     assert torch.all(hadamard(16).abs() == 0.25)
+
+
+def test_factored_rotation_is_the_dense_one():
+    """rotate(x, A, B) == x @ hadamard(n), for powers of two (split evenly or not) and block-diagonal n."""
+    for n, (b1, b2) in {2: (1, 2), 8: (2, 4), 64: (8, 8), 96: (4, 8), 768: (16, 16), 1536: (16, 32)}.items():
+        a, b = kronecker_factors(n)
+        assert (a.shape[0], b.shape[0]) == (b1, b2)
+        x = torch.randn(2, 3, n, dtype=torch.float64)
+        expected = x @ hadamard(n).double()
+        torch.testing.assert_close(rotate(x, a.double(), b.double()), expected, rtol=0, atol=1e-6)
 
 
 def _w8a8_sqnr(x, w, *, inv_scale=None, rotation=None, act_scale=True):
