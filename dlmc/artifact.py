@@ -246,6 +246,7 @@ def summarize(manifest: dict[str, Any]) -> dict[str, str]:
         "format": f"{manifest['format']} v{manifest['format_version']} (dlmc {manifest['dlmc_version']}, "
         f"torch {manifest['torch_version']})",
         "family": spec["family"],
+        "model": _model_line(manifest.get("model") or {}),
         "attention": attention,
         "recipe": manifest["recipe"].get("description") or "(no description)",
         "passes": passes or "(none)",
@@ -258,6 +259,13 @@ def summarize(manifest: dict[str, Any]) -> dict[str, str]:
         "decoder": decode.get("decoder") or "(the model's own)",
         "size": f"{_size(total)} in {len(manifest['files'])} files: {sizes}",
     }
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    line = f"{model.get('source', '?')} ({model.get('checkpoint_dtype', '?')}"
+    if model.get("weights"):
+        line += f", {model['weights']} dequantized on load"
+    return line + ")"
 
 
 def _size(n: int) -> str:

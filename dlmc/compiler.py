@@ -23,7 +23,7 @@ from dlmc.artifact import check_writable, write_artifact
 from dlmc.capture import StepProgram, capture, example_inputs
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
-from dlmc.models import default_dtype, load_model, read_model_config
+from dlmc.models import default_dtype, load_model, quantization, read_model_config
 from dlmc.passes import PassConfig, layer_skip
 from dlmc.pipeline import run_passes
 from dlmc.quant import ops as _quant_ops  # noqa: F401  (registers torch.ops.dlmc)
@@ -168,10 +168,14 @@ def _compare(case: str, actual: torch.Tensor, expected: torch.Tensor, limit: flo
 
 def _manifest(recipe: Recipe, program: StepProgram, stored: str, model_dir: Path, device: str) -> dict[str, Any]:
     params = sum(t.numel() for t in program.exported.state_dict.values())
+    model = {"source": model_dir.name, "path": str(model_dir.resolve()), "checkpoint_dtype": stored, "parameters": params}
+    quantized = quantization(model_dir)
+    if quantized is not None:  # the float weights the passes saw are a dequantization
+        model["weights"] = quantized.label()
     return {
         "dlmc_version": _version("dlmc"),
         "torch_version": torch.__version__,
-        "model": {"source": model_dir.name, "path": str(model_dir.resolve()), "checkpoint_dtype": stored, "parameters": params},
+        "model": model,
         "spec": program.spec.to_dict(),
         "recipe": dump_recipe(recipe),
         "passes": [{"name": p.name, "version": p.version, "exact": p.exact} for p in recipe.passes],

@@ -459,3 +459,5 @@ def test_cli_inspect_run_and_compile(tmp_path):
     assert compiled.exit_code == 0, compiled.output
     from_artifact = json.loads(invoke("run", tmp_path / "art", *args).stdout)
     assert from_artifact["output_ids"] == json.loads(ran.stdout)["output_ids"]
+    artifact = invoke("inspect", tmp_path / "art")  # the artifact remembers where its float weights came from
+    assert "bnb (float32, bitsandbytes nf4 (double quant) dequantized on load)" in artifact.output
