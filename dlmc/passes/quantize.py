@@ -119,7 +119,8 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
 
         def on_layer(name: str, stats: LayerStats) -> Any:
             layers[name] = layer = quantize_layer(name, state[name + ".weight"], chosen[name], stats)
-            return lambda x, weight, bias=None: run_layer(transform_input(x, layer), layer, weight.dtype, bias)
+            stored = buffers(layer, state[name + ".weight"].dtype)  # packed once, used for every batch
+            return lambda x, weight, bias=None: run_layer(transform_input(x, layer), layer, stored, bias)
 
         sequential_stats(gm, flat_state, batches, watched, on_layer, **options)
     else:
@@ -207,7 +208,7 @@ def quantize_layer(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats
         "weight_scale": _summary(qw.scale),
         **extra,
         "weight_sqnr_db": round(sqnr_db(wt, qw.dequantize()), 2),
-        "output_sqnr_db": round(sqnr_db(reference, run_layer(xt, layer, dtype=torch.float32)), 2),
+        "output_sqnr_db": round(sqnr_db(reference, run_layer(xt, layer, buffers(layer, torch.float32))), 2),
     }
     return layer
 
@@ -242,11 +243,12 @@ def buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def run_layer(
-    x: torch.Tensor, layer: QuantizedLayer, dtype: torch.dtype, bias: torch.Tensor | None = None
+    x: torch.Tensor, layer: QuantizedLayer, stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The quantized layer on an already transformed input, through the same ops the graph calls."""
-    b = {suffix: t.to(x.device) for suffix, t in buffers(layer, dtype).items()}
-    x = x.to(dtype)
+    """The quantized layer on an already transformed input, through the same ops the graph calls, from
+    its stored tensors (`buffers(layer, dtype)`)."""
+    b = {suffix: t.to(x.device) for suffix, t in stored.items()}
+    x = x.to(b["scale"].dtype)
     if layer.scheme.activations != "none":
         return ops.linear_w8a8(x, b["qweight"], b["scale"], bias, b.get("act_scale"))
     return ops.linear_woq(x, b["qweight"], b["scale"], b.get("zero"), bias, layer.weight.bits)
