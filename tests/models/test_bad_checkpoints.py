@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.testing.fixtures import write_checkpoint
+from tests.helpers import edit_config, expect_error
 
 
 @pytest.fixture
@@ -17,27 +17,8 @@ def ckpt(tmp_path):
     return write_checkpoint("llada", tmp_path / "m")
 
 
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    for key, value in changes.items():
-        if value is None:
-            cfg.pop(key)
-        else:
-            cfg[key] = value
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
 def first_shard(path):
     return path / "model-00001-of-00002.safetensors"
-
-
-def expect_error(path, *fragments):
-    with pytest.raises(DlmcError) as e:
-        load_model(path)
-    message = str(e.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def test_unknown_architecture(ckpt):

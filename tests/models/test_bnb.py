@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dlmc.errors import DlmcError
 from dlmc.models import describe, load_model, read_model_config
 from dlmc.models.transformer import DiffusionLM
 from dlmc.models.bnb import decode_4bit, decode_int8, decode_nested_absmax, unpack_high_first
 from dlmc.quant.formats import rtn
 from dlmc.testing.fixtures import write_checkpoint
+from tests.helpers import edit_config, expect_error
 
 # (bnb_4bit_quant_type or "int8", double quant)
 KINDS = {"int8": ("int8", False), "nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False),
@@ -71,12 +71,6 @@ def write_shards(path, tensors, shards=2):
         save_file(part, str(path / fname), metadata={"format": "pt"})
         weight_map |= {name: fname for name in part}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def edit_config(path, **changes):
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
 
 
 def bnb_checkpoint(family, path, kind, dtype=torch.float32, compute_dtype="float32", skip=HEADS):
@@ -337,15 +331,6 @@ def rewrite(path, change):
     weights = load_file(path / "model.safetensors")
     change(weights)
     save_file(weights, str(path / "model.safetensors"))
-
-
-def expect_error(path, *fragments):
-    with pytest.raises(DlmcError) as e:
-        load_model(path)
-    message = str(e.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
