@@ -11,47 +11,18 @@ after warm-up, with the largest difference from the dense product.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from dlmc.quant.hadamard import hadamard, kronecker_factors, rotate
+from int8_matmul import aot_compiled, timed  # beside this script: the same warm-up, median and compilation
 
 SHAPES = ((256, 5120), (768, 5120), (4096, 512), (12288, 256))  # (width n, rows)
 
 
-class Rotation(torch.nn.Module):
-    def __init__(self, n: int, factored: bool):
-        super().__init__()
-        self.factored = factored
-        if factored:
-            a, b = kronecker_factors(n)
-            self.register_buffer("a", a)
-            self.register_buffer("b", b)
-        else:
-            self.register_buffer("r", hadamard(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rotate(x, self.a, self.b) if self.factored else torch.nn.functional.linear(x, self.r)
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
-    from torch._inductor import aoti_compile_and_package, aoti_load_package
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=10)
@@ -61,14 +32,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for n, rows in SHAPES:
             x = torch.randn(rows, n)
-            compiled = {}
-            for factored in (False, True):
-                exported = torch.export.export(Rotation(n, factored), (x,))
-                path = aoti_compile_and_package(exported, package_path=str(Path(work) / f"{n}-{factored}.pt2"))
-                compiled[factored] = aoti_load_package(path)
+            r, (a, b) = hadamard(n), kronecker_factors(n)
+            compiled = {
+                False: aot_compiled(lambda x: torch.nn.functional.linear(x, r), x, Path(work) / f"{n}-dense.pt2"),
+                True: aot_compiled(lambda x: rotate(x, a, b), x, Path(work) / f"{n}-factored.pt2"),
+            }
             dense, fast = (timed(lambda m=compiled[f]: m(x), args.repeats) for f in (False, True))
             diff = (compiled[True](x) - compiled[False](x)).abs().max().item()
-            a, b = kronecker_factors(n)
             layout = f"{n // (a.shape[0] * b.shape[0])} x ({a.shape[0]} x {b.shape[0]})"
             print(f"| {n} | {rows} | {layout} | {dense * 1e3:.2f} | {fast * 1e3:.2f} | {dense / fast:.1f}x | "
                   f"{diff:.1e} |", flush=True)
