@@ -1,11 +1,14 @@
+import os
+
 import pytest
 import torch
 
 from dlmc.testing.fixtures import FAMILIES, write_checkpoint
 
 # The test models are tiny: a second intra-op thread only adds synchronisation (10-50x slower per op
-# when anything else runs on the two cores).
-torch.set_num_threads(1)
+# when anything else runs on the two cores). scripts/portability.sh sets DLMC_TEST_THREADS=2 to check
+# that no test depends on the single-threaded kernels.
+torch.set_num_threads(int(os.environ.get("DLMC_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from dlmc.passes.kv_cache import add_kv_cache
 from dlmc.pipeline import check_program
 from dlmc.runtime.cache import empty_cache
 from dlmc.testing.fixtures import FAMILIES
-from tests.helpers import padded_batch
+from tests.helpers import assert_equal_up_to_rounding, padded_batch
 
 aten = torch.ops.aten
 
@@ -49,7 +49,8 @@ def test_empty_cache_is_the_plain_step(programs, family):
     step, cached = programs[family]
     inputs = padded_batch([9, 6], 9)
     logits, keys, values = cached(*inputs, *empty_cache(cached.signature, 2))
-    assert torch.equal(logits, step(*inputs))
+    # Same maths, not the same kernels: the keys are [empty cache ; fresh], another attention layout.
+    assert_equal_up_to_rounding(logits, step(*inputs), reduction=96)
     assert keys.shape[3] == 9 and values.shape == keys.shape
 
 
