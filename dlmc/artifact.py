@@ -33,6 +33,8 @@ TOKENIZER_FILES = (
     "merges.txt",
 )
 """What `dlmc.tokenizer.load_tokenizer` reads, plus the files that describe special tokens."""
+FUSED_OUTPUTS = ("tokens", "confidence", "confidence64")
+"""The first outputs of a step with the decoding rule fused onto it (the fuse_decode pass)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +70,16 @@ class StepSignature:
     cache: dict[str, Any] | None = None
     """For a step with K/V cache inputs: the cache policy the runtime drives it with (the caching
     pass's resolved config, e.g. {"policy": "dual", "block_length": 32}); None for a plain step."""
+
+    @property
+    def fused(self) -> bool:
+        """The step returns decoded tokens and confidences of the rows it is given (fuse_decode), not
+        logits of the whole canvas."""
+        return [t.name for t in self.outputs[:3]] == list(FUSED_OUTPUTS)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.inputs]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -128,6 +128,8 @@ def verify(step: LoweredStep, program: StepProgram, reference: StepProgram) -> N
     inputs = example_inputs(batch=min(2, sig.batch[1]), seq=lengths[0], device=device)
     # The loosest tolerance among the dtypes the step computes in (mixed precision keeps fp32 logits).
     dtypes = {t.dtype for t in program.exported.state_dict.values() if t.is_floating_point()}
+    if sig.fused:
+        return _verify_fused(step, program, inputs, dtypes)
     with torch.no_grad():
         nothing_cached = empty_cache(reference.signature, len(inputs[0]), device) if reference.signature.cache else ()
         expected = _outputs(reference(*inputs, *nothing_cached))[0]
@@ -147,6 +149,29 @@ def verify(step: LoweredStep, program: StepProgram, reference: StepProgram) -> N
         ids, mask, pos, *cached = (t.contiguous() for t in (ids, mask, pos, *cached))
         logits = _outputs(step(ids, mask, pos, *cached))[0]
         _compare(" with a cached prefix", logits, expected[:, split:], limit)
+
+
+def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.Tensor, ...], dtypes: set) -> None:
+    """A step with the decoding rule fused on (whose fusion the tests hold to the reference decoders):
+    the lowered step's tokens and confidences against the program's, every row a head row."""
+    sig = program.signature
+    batch, length = inputs[0].shape
+    device = inputs[0].device
+    inputs += empty_cache(sig, batch, device) if sig.cache else ()
+    inputs += (torch.arange(length, device=device).expand(batch, length).contiguous(),)  # head_rows [B, L]
+    if "uniform" in sig.names:
+        vocab = sig.inputs[sig.names.index("uniform")].shape[-1]
+        uniform = torch.rand(batch, length, vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        inputs += (uniform.to(device), torch.tensor([0.7], dtype=torch.float64, device=device))
+    with torch.no_grad():
+        expected = _outputs(program(*inputs))
+        actual = _outputs(step(*inputs))
+    limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes | {expected[1].dtype})
+    for name, a, e in zip(("confidence", "confidence64"), actual[1:3], expected[1:3]):
+        _compare(f" ({name})", a, e, limit)
+    agree = (actual[0].to(expected[0].device) == expected[0]).float().mean().item()
+    if agree < 0.95:  # arg-max flips only at near ties of the logits
+        raise DlmcError(f"verify: the lowered step's tokens agree with the captured step's on {agree:.0%} of rows")
 
 
 def _outputs(result: Any) -> tuple[torch.Tensor, ...]:

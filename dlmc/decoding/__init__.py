@@ -23,11 +23,11 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
 
 
 def decode(model, spec: DenoiserSpec, prompts: list[list[int]], decoder: str, config, **kwargs) -> Generation:
-    """Run `decoder` on `model`. A model that keeps state across its calls (a compiled step with a K/V
-    cache) provides `for_generation(decoder, config)`, which returns a fresh model for this one run."""
+    """Run `decoder` on `model`. A compiled artifact (`dlmc.runtime.Engine`) runs its own loop: the
+    fused iteration, or this decoder on its step (through a K/V cache manager when it has one)."""
+    if hasattr(model, "decode"):
+        return model.decode(prompts, decoder, config, **kwargs)
     _, generate = DECODERS[decoder]
-    if hasattr(model, "for_generation"):
-        model = model.for_generation(decoder, config)
     return generate(model, spec, prompts, config, **kwargs)
 
 

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from dlmc.artifact import TOKENIZER_DIR, StepSignature, read_manifest
-from dlmc.decoding import DECODERS, Generation, config_fields, decode, default_decoder
+from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
+from dlmc.runtime import loop
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import BLOCK_POLICIES, CacheManager, CachePolicy, empty_cache
 from dlmc.spec import DenoiserSpec
@@ -24,8 +25,9 @@ from dlmc.tokenizer import TextTokenizer
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 CACHE_INPUTS = ("cache_mask", "cache_positions", "cache_keys", "cache_values")
-"""Step inputs this runtime knows how to feed (the plain step, or the plain step plus a K/V cache); an
-artifact asking for others needs a newer runtime."""
+FUSED_INPUTS = (("head_rows",), ("head_rows", "uniform", "temperature"))
+"""Step inputs this runtime knows how to feed: the plain step, optionally with a K/V cache, optionally
+fused with the decoding rule; an artifact asking for others needs a newer runtime."""
 
 
 class Engine:
@@ -48,6 +50,8 @@ class Engine:
         """Raw logits [B, L, V] for input_ids [B, L], on the device input_ids came from. A missing mask
         means no padding; missing positions mean 0..L-1. Batches above the artifact's largest run in
         chunks; shorter sequences are padded to the step's smallest length or next bucket."""
+        if self.signature.fused:
+            raise DlmcError("step: this artifact's step returns decoded tokens (fuse_decode), not logits")
         if input_ids.dim() != 2:
             raise DlmcError(f"step: input_ids must be [batch, length], got shape {list(input_ids.shape)}")
         batch, length = input_ids.shape
@@ -101,11 +105,22 @@ class Engine:
             config = config_type(**config_fields(fields))
         elif not isinstance(config, config_type):
             raise DlmcError(f"decoder: '{name}' takes a {config_type.__name__}, got {type(config).__name__}")
-        return decode(self, self.spec, prompts, name, config, seed=seed, on_step=on_step)
+        return self.decode(prompts, name, config, seed=seed, on_step=on_step)
 
-    def for_generation(self, decoder: str, config: Any) -> Engine | CacheManager:
-        """The model one decoder run uses: the engine itself, or for a cached step a fresh cache manager,
-        after checking that the decoder can run under its cache policy."""
+    def decode(
+        self, prompts: list[list[int]], decoder: str, config: Any, seed: int = 0, on_step: Callable | None = None
+    ) -> Generation:
+        """One decoder run: the fused loop for a step with the decoding rule compiled in, else the
+        reference decoder driving the step (through a fresh K/V cache manager for a cached step)."""
+        if self.signature.fused:
+            loop.check_supported(self.signature, decoder, config)
+            return loop.generate(self, prompts, config, seed=seed, on_step=on_step)
+        _, generate = DECODERS[decoder]
+        return generate(self.model_for(decoder, config), self.spec, prompts, config, seed=seed, on_step=on_step)
+
+    def model_for(self, decoder: str, config: Any) -> Engine | CacheManager:
+        """The engine itself, or for a cached step a fresh cache manager, after checking that the
+        decoder can run under its cache policy."""
         if self.signature.cache is None:
             return self
         policy = CachePolicy.from_dict(self.signature.cache)
@@ -134,7 +149,9 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     signature = StepSignature.from_dict(manifest["signature"])
     names = [t.name for t in signature.inputs]
     unknown = [name for name in names if name not in KNOWN_INPUTS + CACHE_INPUTS]
-    if names not in (list(KNOWN_INPUTS), list(KNOWN_INPUTS + CACHE_INPUTS)):
+    plain = [list(KNOWN_INPUTS), list(KNOWN_INPUTS + CACHE_INPUTS)]
+    unknown = [name for name in unknown if name not in FUSED_INPUTS[1]]
+    if names not in plain + [p + list(fused) for p in plain for fused in FUSED_INPUTS]:
         raise DlmcError(f"{root}: the compiled step takes inputs this runtime cannot feed ({', '.join(unknown)})")
     device = torch.device(device if device is not None else entry.get("device", "cpu"))
     step = load_step(root, entry, str(device))

@@ -1,0 +1,161 @@
+"""fuse_decode: the per-row math of LLaDA-style decoding fused onto the step (exact).
+
+A reference decoder reads the [B, L, V] logits of the whole canvas every step and reduces them in
+Python: an arg-max and a softmax over the full vocabulary of every row, though only the rows of the
+current block can be committed. After this pass the step takes `head_rows` [B, K], the canvas rows
+(of the rows it computes) that can be committed this step, runs the output head on those rows only,
+and returns what the decoder reads from them:
+
+    tokens [B, K] int64         arg-max of the logits, or of float64 Gumbel-perturbed scores
+    confidence [B, K]           softmax(logits)[token] in the logits dtype (LLaDA's low_confidence)
+    confidence64 [B, K] float64 the same in float64 (Fast-dLLM's threshold and factor rules)
+
+followed by the step's other outputs (the K/V of a cached step). With `gumbel: true` it also takes
+`uniform` [B, K, V] float64 and `temperature` [1] float64: the runtime draws the uniforms from the
+reference decoder's per-row generators, so sampling stays token-identical to it at any temperature.
+The choice of which tokens to commit (a top-k schedule, a threshold, a factor) reads only [B, K]
+tensors and stays in the runtime loop (`dlmc.runtime.loop`). It must be the recipe's last pass.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.export import Dim
+
+from dlmc.artifact import FUSED_OUTPUTS, StepSignature, TensorSpec
+from dlmc.capture import StepProgram
+from dlmc.errors import DlmcError
+from dlmc.passes import PassConfig, PassResult, register
+
+EXAMPLE_SIZES = {"batch": 2, "seq": 8, "cache": 5, "rows": 3}
+"""Distinct example sizes for re-export, so no two dims are taken to be equal."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FuseDecode(PassConfig):
+    """Apply the output head to the committable rows only and reduce them inside the step."""
+
+    name: ClassVar[str] = "fuse_decode"
+    exact: ClassVar[bool] = True
+    gumbel: bool = False
+    """Take Gumbel-max uniforms and a temperature (sampling at temperature > 0); without it the
+    artifact decodes at temperature 0 only."""
+
+
+def gather_rows(hidden: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
+    # hidden: [B, L, d]; head_rows: [B, K] int64 -> [B, K, d]
+    index = head_rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    return torch.gather(hidden, 1, index)
+
+
+def pick_tokens(
+    logits: torch.Tensor, uniform: torch.Tensor | None = None, temperature: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference decoders' per-row math (`gumbel_max_logits`, `token_probability`) on [B, K, V]."""
+    if uniform is None:
+        tokens = logits.argmax(-1)  # [B, K]
+    else:
+        logits64 = logits.to(torch.float64)  # [B, K, V]
+        noisy = logits64.exp() / (-torch.log(uniform)) ** temperature
+        tokens = torch.where(temperature > 0, noisy, logits64).argmax(-1)  # [B, K]
+    index = tokens.unsqueeze(-1)  # [B, K, 1]
+    confidence = torch.softmax(logits, dim=-1).gather(-1, index).squeeze(-1)  # [B, K] logits dtype
+    confidence64 = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, index).squeeze(-1)  # [B, K]
+    return tokens, confidence, confidence64
+
+
+@register(FuseDecode)
+def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
+    sig = program.signature
+    if sig.fused:
+        raise DlmcError("fuse_decode: the step is already fused; use the pass once")
+    if sig.seq_buckets:
+        raise DlmcError("fuse_decode: needs a dynamic sequence length; remove capture.seq_buckets")
+    gm = program.exported.module()  # unlifted: new inputs are plain placeholders
+    graph = gm.graph
+    final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
+    if not final_norm:
+        raise DlmcError("fuse_decode: found no final norm (module 'norm') in front of the output head")
+    hidden = final_norm[-1]
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    new_names = ("head_rows", "uniform", "temperature") if config.gumbel else ("head_rows",)
+    with graph.inserting_after(placeholders[-1]):
+        new = {name: graph.placeholder(name) for name in reversed(new_names)}  # inserting_after reverses
+    with graph.inserting_after(hidden):
+        rows = graph.call_function(gather_rows, (hidden, new["head_rows"]))
+    hidden.replace_all_uses_with(rows, delete_user_cb=lambda user: user is not rows)
+
+    output = graph.output_node()
+    logits, *rest = output.args[0]
+    extra = (new["uniform"], new["temperature"]) if config.gumbel else ()
+    with graph.inserting_before(output):
+        picked = graph.call_function(pick_tokens, (logits, *extra))
+        outs = [graph.call_function(operator.getitem, (picked, i)) for i in range(3)]
+    output.args = ((*outs, *rest),)
+    graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, a tuple out
+    graph.eliminate_dead_code()
+    module = torch.fx.GraphModule(gm, graph)
+
+    vocab = sig.outputs[0].shape[-1]
+    logits_dtype = sig.outputs[0].dtype
+    inputs = [*sig.inputs, TensorSpec("head_rows", "int64", ("batch", "rows"))]
+    if config.gumbel:
+        inputs += [TensorSpec("uniform", "float64", ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
+    outputs = [
+        TensorSpec("tokens", "int64", ("batch", "rows")),
+        TensorSpec("confidence", logits_dtype, ("batch", "rows")),
+        TensorSpec("confidence64", "float64", ("batch", "rows")),
+        *sig.outputs[1:],
+    ]
+    signature = StepSignature(
+        inputs=tuple(inputs), outputs=tuple(outputs), batch=sig.batch, seq=sig.seq, cache=sig.cache
+    )
+    return PassResult(program.with_exported(_reexport(module, program, signature), signature), True)
+
+
+def _module_path(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _reexport(module: torch.fx.GraphModule, program: StepProgram, signature: StepSignature):
+    """Export the edited module again, every named dim of the signature dynamic."""
+    device = next(iter(program.exported.state_dict.values())).device
+    max_batch, max_seq = signature.batch[1], signature.seq[1]
+    dims = {
+        "batch": Dim("batch", min=1, max=max_batch) if max_batch > 1 else None,
+        "seq": Dim("seq", min=signature.seq[0], max=max_seq),
+        "cache": Dim("cache", min=1, max=max_seq),
+        "rows": Dim("rows", min=1, max=max_seq),
+    }
+    sizes = dict(EXAMPLE_SIZES, batch=min(2, max_batch))
+    examples, shapes = [], {}
+    for spec in signature.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+        examples.append(_example(spec, shape, sizes, device))
+        shapes[spec.name] = {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str) and dims[d] is not None}
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(examples), dynamic_shapes=shapes)
+    except Exception as e:
+        raise DlmcError(f"fuse_decode: cannot export the fused step: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _example(spec: TensorSpec, shape: list[int], sizes: dict[str, int], device) -> torch.Tensor:
+    """A valid example input: in-range ids and row indices, all-True masks, increasing positions."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.name == "head_rows":
+        return torch.arange(sizes["rows"], device=device).expand(*shape).contiguous()
+    if spec.name == "uniform":
+        return torch.full(shape, 0.5, dtype=dtype, device=device)
+    if spec.name == "temperature":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if dtype == torch.int64:  # ids and positions: distinct, in every vocabulary
+        return (torch.arange(shape[-1], device=device) % 97).expand(*shape).contiguous()
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -1,0 +1,231 @@
+"""The decode loop of a fused artifact: LLaDA's sampler and Fast-dLLM v1's rules, batch state on device.
+
+It replays `dlmc.decoding.llada.generate` (the oracle) on a step built by the fuse_decode pass: the
+step reduces the committable rows itself and hands back tokens and confidences [B, K], never logits.
+The whole batch is one left-padded canvas [B, L] that the loop edits in place; a row's random draws
+come from its own generator with the shapes the reference draws, so sampling replays it exactly.
+
+With a dual K/V cache (Fast-dLLM v1, `block_cache {mode: dual}`) a row's step at the start of its
+block (or every `refresh` steps) runs the whole canvas and keeps the K/V of every column outside the
+block in a buffer; the block's other steps run only the block's rows against that buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dlmc.decoding.common import Generation, num_transfer_tokens, pad_token_id, row_generator
+from dlmc.decoding.llada import LLaDAConfig, validate
+from dlmc.errors import DlmcError
+from dlmc.runtime import transfer
+from dlmc.runtime.cache import empty_cache
+
+FUSED_DECODERS = ("llada",)
+
+
+def check_supported(signature, decoder: str, config) -> None:
+    """One line naming the first decoder setting this fused step cannot run."""
+    if decoder not in FUSED_DECODERS:
+        raise DlmcError(f"decoder: this artifact fuses the {', '.join(FUSED_DECODERS)} decoder's rule, not {decoder}'s")
+    for name in ("cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf"):
+        if getattr(config, name):
+            raise DlmcError(f"{name}: not compiled into this artifact's fused step (it supports the default, off)")
+    if config.temperature > 0 and "uniform" not in signature.names:
+        raise DlmcError(
+            f"temperature={config.temperature}: this artifact decodes at temperature 0 only; "
+            "compile it with fuse_decode {gumbel: true} to sample"
+        )
+    cache = signature.cache
+    if cache is not None:
+        if cache["policy"] != "dual":
+            raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; fuse_decode runs with dual")
+        if cache["block_length"] != config.block_length:
+            raise DlmcError(
+                f"block_length={config.block_length}: this artifact's dual cache was built for block_length "
+                f"{cache['block_length']}"
+            )
+
+
+@dataclass
+class _Batch:
+    """The canvas of every row, left-padded: prompt, then gen_length masks."""
+
+    x: torch.Tensor  # [B, L] int64
+    real: torch.Tensor  # [B, L] bool: not padding
+    positions: torch.Tensor  # [B, L] int64: logical positions (padding does not move a token)
+    lengths: list[int]  # each row's unpadded canvas length, for its random draws
+    start: int  # first generated column (the same for every row)
+
+
+def generate(
+    engine, prompts: list[list[int]], config: LLaDAConfig, seed: int = 0, on_step: Callable | None = None
+) -> Generation:
+    spec, sig, device = engine.spec, engine.signature, engine.device
+    check_supported(sig, "llada", config)
+    validate(spec, prompts, config)
+    batch = _canvas(prompts, spec.mask_token_id, pad_token_id(spec), config.gen_length, device)
+    B, L = batch.x.shape
+    bl, shift = config.block_length, int(spec.shift_logits)
+    generators = [row_generator(seed, device) for _ in prompts]
+    block = torch.zeros(B, dtype=torch.long, device=device)  # [B]: each row's current block
+    steps_in_block = torch.zeros(B, dtype=torch.long, device=device)  # [B]
+    schedule = num_transfer_tokens(bl, config.steps_per_block)
+    cache = _DualCache(engine, batch, bl, shift, sig.cache.get("refresh")) if sig.cache else None
+    offsets = torch.arange(bl, device=device)  # [bl]
+    vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
+    nfe = 0
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
+    while not bool(done.all()):  # one host sync per step: rows finish blocks when their masks run out
+        active = (~done).nonzero().squeeze(1)  # [A]: done rows leave the batch, as in the reference
+        lo = batch.start + block[active] * bl  # [A]: first column of each row's block
+        columns = lo[:, None] + offsets  # [A, bl]: the block's columns
+        extra = _draws(config, generators, batch, active, columns, vocab)
+        if cache is None:
+            rows = (columns - shift).clamp(min=0)  # the rows whose logits predict those columns
+            inputs = (batch.x[active], batch.real[active], batch.positions[active])
+            tokens, confidence, confidence64 = engine.run_step(*inputs, rows, *extra.step)[:3]
+        else:
+            tokens, confidence, confidence64 = cache.step(active, lo, extra.step)
+        nfe += 1
+        eligible = batch.x[active].gather(1, columns) == spec.mask_token_id  # [A, bl]
+        score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
+        score = torch.where(eligible, score, float("-inf"))  # [A, bl]
+        if config.threshold is not None:
+            commit = transfer.above_threshold(score, config.threshold)
+        elif config.factor is not None:
+            commit = transfer.factor_prefix(score, config.factor)
+        else:  # every row is at the same step of its block: one k for the batch
+            commit = transfer.top_k(score, schedule[int(steps_in_block[active[0]])])
+        commit &= eligible
+        current = batch.x[active].gather(1, columns)  # [A, bl]
+        batch.x[active] = batch.x[active].scatter(1, columns, torch.where(commit, tokens, current))
+        steps_in_block[active] += 1
+        if config.parallel:
+            full = ~((batch.x[active].gather(1, columns) == spec.mask_token_id).any(1))  # [A]
+        else:
+            full = steps_in_block[active] == config.steps_per_block
+        block[active] += full.long()
+        steps_in_block[active] = torch.where(full, 0, steps_in_block[active])
+        done = block == config.num_blocks
+        if on_step is not None:
+            on_step(nfe, int((batch.x[:, batch.start :] != spec.mask_token_id).sum()))
+    return Generation(output_ids=batch.x[:, batch.start :].tolist(), nfe=nfe)
+
+
+def _canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int, device) -> _Batch:
+    longest = max(len(p) for p in prompts)
+    L = longest + gen_length
+    x = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)  # [B, L]
+    real = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)  # [B, L]
+    for b, prompt in enumerate(prompts):
+        x[b, longest - len(prompt) : longest] = torch.tensor(prompt, dtype=torch.long, device=device)
+        real[b, longest - len(prompt) :] = True
+    x[:, longest:] = mask_id
+    positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    return _Batch(x, real, positions, [len(p) + gen_length for p in prompts], longest)
+
+
+@dataclass
+class _Draws:
+    step: tuple[torch.Tensor, ...]  # the fused step's uniform [A, bl, V] and temperature [1], if it samples
+    random: torch.Tensor | None  # [A, bl] random-remasking scores
+
+
+def _draws(config: LLaDAConfig, generators, batch: _Batch, active: torch.Tensor, columns: torch.Tensor, vocab: int):
+    """Each active row's draws, in the reference's order and shapes (over its whole unpadded canvas),
+    cut to the block's columns."""
+    if config.temperature == 0 and config.remasking != "random":
+        return _Draws(_no_noise(vocab, columns), None)
+    uniforms, randoms = [], []
+    for a, b in enumerate(active.tolist()):
+        g, length = generators[b], batch.lengths[b]
+        own = columns[a] - (batch.x.shape[1] - length)  # [bl]: the block in the row's own coordinates
+        if config.temperature > 0:
+            uniform = torch.rand(length, vocab, dtype=torch.float64, generator=g, device=g.device)  # [Lb, V]
+            uniforms.append(uniform[own])
+        if config.remasking == "random":
+            randoms.append(torch.rand(length, generator=g, device=g.device)[own])  # [bl]
+    step = _no_noise(vocab, columns)
+    if config.temperature > 0:
+        step = (torch.stack(uniforms), torch.tensor([config.temperature], dtype=torch.float64, device=columns.device))
+    return _Draws(step, torch.stack(randoms) if randoms else None)
+
+
+def _no_noise(vocab: int | None, columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A sampling step's inputs at temperature 0: the step then takes the plain arg-max."""
+    if vocab is None:  # the step does not sample
+        return ()
+    uniform = torch.ones(*columns.shape, vocab, dtype=torch.float64, device=columns.device)  # [A, bl, V]
+    return uniform, torch.zeros(1, dtype=torch.float64, device=columns.device)
+
+
+class _DualCache:
+    """Per row: the K/V of every column outside its block's span, from the row's last full step."""
+
+    def __init__(self, engine, batch: _Batch, block_length: int, shift: int, refresh: int | None):
+        self.engine, self.batch, self.refresh = engine, batch, refresh
+        self.block_length, self.shift = block_length, shift
+        self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before
+        B, L = batch.x.shape
+        device = batch.x.device
+        self.block = torch.full((B,), -1, dtype=torch.long, device=device)  # [B]: block the buffer holds
+        self.since = torch.zeros(B, dtype=torch.long, device=device)  # [B]: steps since the last full step
+        self.index = torch.zeros(B, L - self.span, dtype=torch.long, device=device)  # [B, C]: cached columns
+        self.keys: torch.Tensor | None = None  # [layers, B, kv_heads, C, head_dim], allocated once
+        self.values: torch.Tensor | None = None
+
+    def step(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+        """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
+        block = (lo - self.batch.start) // self.block_length  # [A]
+        stale = self.block[active] != block  # [A]: a new block (or a refresh) needs the whole canvas
+        if self.refresh is not None:
+            stale |= self.since[active] >= self.refresh
+        first = lo - self.shift  # [A]: first row computed
+        if bool(stale.all()):
+            out = self._full(active, first, block, draws)
+        elif not bool(stale.any()):
+            out = self._cached(active, first, draws)
+        else:  # rows at different points of their blocks (the parallel rules): one call for each kind
+            full, cached = stale.nonzero().squeeze(1), (~stale).nonzero().squeeze(1)  # into active
+            a = self._full(active[full], first[full], block[full], _rows(draws, full))
+            b = self._cached(active[cached], first[cached], _rows(draws, cached))
+            out = tuple(torch.cat([x, y])[torch.cat([full, cached]).argsort()] for x, y in zip(a, b))
+        self.since[active] += 1
+        return out
+
+    def _full(self, rows: torch.Tensor, first: torch.Tensor, block: torch.Tensor, draws):
+        """The whole canvas, nothing cached; keep the K/V of every column outside the block's span."""
+        b = self.batch
+        head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
+        inputs = (b.x[rows], b.real[rows], b.positions[rows], *empty_cache(self.engine.signature, len(rows), b.x.device))
+        tokens, confidence, confidence64, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
+        columns = torch.arange(self.index.shape[1], device=first.device)  # [C]
+        index = columns + (columns >= first[:, None]) * self.span  # [n, C]: every column but the span's
+        layers, _, heads, _, dim = keys.shape
+        if self.keys is None:
+            self.keys = keys.new_zeros(layers, len(b.x), heads, len(columns), dim)
+            self.values = torch.zeros_like(self.keys)
+        gather = index[None, :, None, :, None].expand(layers, -1, heads, -1, dim)  # [layers, n, H, C, D]
+        self.keys[:, rows] = keys.gather(3, gather)
+        self.values[:, rows] = values.gather(3, gather)
+        self.index[rows], self.block[rows], self.since[rows] = index, block, 0
+        return tokens, confidence, confidence64
+
+    def _cached(self, rows: torch.Tensor, first: torch.Tensor, draws):
+        """Only the span's rows, attending to the buffer."""
+        b = self.batch
+        span = first[:, None] + torch.arange(self.span, device=first.device)  # [n, span]
+        head_rows = torch.arange(self.block_length, device=first.device).expand(len(rows), -1)  # [n, bl]
+        index = self.index[rows]  # [n, C]
+        x, real, positions = b.x[rows], b.real[rows], b.positions[rows]
+        inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
+                  real.gather(1, index), positions.gather(1, index), self.keys[:, rows], self.values[:, rows])
+        return self.engine.run_step(*inputs, head_rows, *draws)[:3]
+
+
+def _rows(draws: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The draws of some rows: the uniforms [A, bl, V] are per row, the temperature [1] is shared."""
+    return tuple(d[rows] if d.dim() == 3 else d for d in draws)
