@@ -207,7 +207,9 @@ def _manifest(recipe: Recipe, program: StepProgram, stored: str, model_dir: Path
         "exact": recipe.exact,
         "device": device,
         "signature": program.signature.to_dict(),
-        "decode": {"decoder": recipe.decode.decoder, "config": recipe.decode.config},
+        # a fused step runs the llada decoder's rule whatever the family's own sampler is
+        "decode": {"decoder": recipe.decode.decoder or ("llada" if program.signature.fused else None),
+                   "config": recipe.decode.config},
     }
 
 

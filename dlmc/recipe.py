@@ -205,6 +205,8 @@ def _pass_checks(
         for name in dict.fromkeys(names[: names.index("rotate")]):
             if name in ("quantize", "mixed_precision"):
                 problems.append(f"passes: rotate must come before {name}")
+    if "fuse_decode" in names:
+        problems += _fuse_checks(passes, decode)
     caches = [p for p in passes if p.kv_cache]
     if len(caches) > 1:
         names = " and ".join(p.name for p in caches)
@@ -230,6 +232,20 @@ def _pass_checks(
                 f"passes: {p.name}.window {window} plus block_length {block} exceeds decode.gen_length "
                 f"{config['gen_length']}; nothing would be pruned"
             )
+    return problems
+
+
+def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
+    """fuse_decode replaces the logits with decoded rows, so nothing may follow it, and the runtime's
+    fused loop runs the llada decoder, uncached or with the dual cache."""
+    problems = []
+    if passes[-1].name != "fuse_decode":
+        problems.append("passes: fuse_decode must be the last pass (it replaces the step's logits)")
+    for p in passes:
+        if p.kv_cache and getattr(p, "mode", None) != "dual":
+            problems.append(f"passes: fuse_decode runs uncached or after block_cache {{mode: dual}}, not after {p.name}")
+    if decode.decoder not in (None, "llada"):
+        problems.append(f"decode.decoder: fuse_decode fuses the llada decoder's rule, not {decode.decoder}'s")
     return problems
 
 

@@ -41,6 +41,49 @@ def assert_equal_up_to_rounding(actual: torch.Tensor, expected: torch.Tensor, re
     assert torch.equal(actual.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
+class MarginRecorder:
+    """An eager model wrapped to record how far the decisions of a block decoder (LLaDA's) are from a
+    tie: over the masked positions of the current block of every row, the smallest top-2 logit gap and
+    the smallest gap between top-1 probabilities (the confidences the decoder ranks). Token identity
+    between two paths that compute the same maths with other kernels is only promised when both gaps
+    clear the rounding tolerance."""
+
+    def __init__(self, model, gen_length: int, block_length: int):
+        self.model, self.spec = model, model.spec
+        self.gen_length, self.block_length = gen_length, block_length
+        self.device = next(model.parameters()).device
+        self.logit_gap = self.confidence_gap = float("inf")
+        self.scale = self.top_probability = 0.0
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        logits = self.model(input_ids, attention_mask, position_ids)  # [B, L, V]
+        start = input_ids.shape[1] - self.gen_length  # rows are left-padded: generation ends every row
+        shift = int(self.spec.shift_logits)
+        for b in range(len(logits)):
+            masked = (input_ids[b, start:] == self.spec.mask_token_id).nonzero().squeeze(1)  # [m]
+            if len(masked) == 0:
+                continue
+            block = int(masked[0]) // self.block_length
+            in_block = masked[masked // self.block_length == block] + start - shift  # rows predicting them
+            rows = logits[b, in_block]  # [n, V]
+            top2 = rows.topk(2, dim=-1).values  # [n, 2]
+            self.logit_gap = min(self.logit_gap, float((top2[:, 0] - top2[:, 1]).min()))
+            top1 = torch.softmax(rows, dim=-1).amax(-1).sort().values  # [n]
+            self.top_probability = max(self.top_probability, float(top1[-1]))
+            if len(top1) > 1:
+                self.confidence_gap = min(self.confidence_gap, float(top1.diff().min()))
+        self.scale = max(self.scale, float(logits.abs().max()))
+        return logits
+
+    def assert_clear(self, reduction: int) -> None:
+        tol = rounding_tolerance(torch.float32, reduction, self.scale)
+        assert self.logit_gap > 2 * tol, f"near tie in the logits ({self.logit_gap:.2g}): pick other prompts"
+        # softmax moves a probability p by at most 2 p times the largest change of a logit
+        assert self.confidence_gap > 4 * tol * self.top_probability, (
+            f"near tie in confidences ({self.confidence_gap:.2g}): pick other prompts"
+        )
+
+
 def edit_config(path, **changes):
     """Set fields of a checkpoint's config.json; a value of None removes the field."""
     config = json.loads((path / "config.json").read_text())

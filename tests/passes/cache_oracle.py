@@ -130,7 +130,7 @@ def compare_with_oracle(engine, model, config, prompt: list[int], policy: Oracle
     """Decode `prompt` with the LLaDA decoder on the engine's cache manager, then replay every canvas it
     asked for through the oracle; the rows `read_rows(canvas, block)` (the ones the decoder reads) must
     have the same logits. Returns the number of calls compared."""
-    manager = engine.for_generation("llada", config)
+    manager = engine.model_for("llada", config)
     calls = []
     serve = manager.forward_rows
 

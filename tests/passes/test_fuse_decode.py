@@ -1,0 +1,103 @@
+"""fuse_decode: the fused step's tokens and confidences are the reference decoders' math on its logits."""
+
+import pytest
+import torch
+
+from dlmc.capture import CaptureConfig, capture
+from dlmc.decoding.common import gumbel_max_logits, token_probability
+from dlmc.errors import DlmcError
+from dlmc.models import load_model
+from dlmc.passes.block_cache import BlockCache, block_cache
+from dlmc.passes.fuse_decode import FuseDecode, fuse_decode
+from dlmc.pipeline import check_program
+from dlmc.recipe import parse_recipe
+from dlmc.runtime.cache import empty_cache
+from dlmc.testing.fixtures import FAMILIES
+from tests.helpers import padded_batch, rounding_tolerance
+
+ROWS = torch.tensor([[4, 7, 8], [5, 6, 8]])  # [B, K]: the rows whose tokens are decoded
+
+
+@pytest.fixture(scope="module")
+def steps(checkpoints):
+    return {family: capture(load_model(checkpoints[family]), CaptureConfig(max_batch=4)) for family in FAMILIES}
+
+
+def expected_outputs(logits: torch.Tensor, rows: torch.Tensor, uniform=None, temperature=0.0):
+    """The reference decoders' per-row math: gumbel_max_logits, then token_probability."""
+    picked = logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, V]
+    tokens = []
+    for b in range(len(picked)):
+        generator = torch.Generator().manual_seed(b)
+        noisy = gumbel_max_logits(picked[b], temperature, generator) if uniform is None else (
+            picked[b].double().exp() / (-torch.log(uniform[b])) ** temperature)
+        tokens.append(noisy.argmax(-1))
+    tokens = torch.stack(tokens)  # [B, K]
+    return tokens, token_probability(picked, tokens, logits.dtype), token_probability(picked, tokens, torch.float64)
+
+
+def assert_fused_matches(actual, expected, scale):
+    tokens, confidence, confidence64 = actual[:3]
+    assert torch.equal(tokens, expected[0])  # the inputs are fixed and their margins clear (checked below)
+    tol = rounding_tolerance(torch.float32, 96, scale)
+    torch.testing.assert_close(confidence, expected[1], atol=tol, rtol=0)
+    torch.testing.assert_close(confidence64, expected[2], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_step_is_the_decoders_math_on_the_logits(steps, family):
+    step = steps[family]
+    fused = fuse_decode(step, FuseDecode()).program
+    check_program(fused)
+    assert fused.signature.fused and fused.signature.names[-1] == "head_rows"
+    inputs = padded_batch([9, 6], 9)
+    logits = step(*inputs)  # [B, L, V]
+    top2 = logits.gather(1, ROWS[..., None].expand(-1, -1, logits.shape[-1])).topk(2).values
+    assert float((top2[..., 0] - top2[..., 1]).min()) > 2 * rounding_tolerance(torch.float32, 96, 5.0)
+    assert_fused_matches(fused(*inputs, ROWS), expected_outputs(logits, ROWS), float(logits.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_sampling_takes_the_runtimes_uniforms(steps, family):
+    step = steps[family]
+    fused = fuse_decode(step, FuseDecode(gumbel=True)).program
+    inputs = padded_batch([9, 6], 9)
+    logits = step(*inputs)
+    uniform = torch.rand(2, 3, logits.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    temperature = torch.tensor([0.8], dtype=torch.float64)
+    expected = expected_outputs(logits, ROWS, uniform, 0.8)
+    assert_fused_matches(fused(*inputs, ROWS, uniform, temperature), expected, float(logits.abs().max()))
+    # at temperature 0 the uniforms are ignored: the plain arg-max
+    greedy = fused(*inputs, ROWS, uniform, torch.zeros(1, dtype=torch.float64))
+    assert_fused_matches(greedy, expected_outputs(logits, ROWS), float(logits.abs().max()))
+
+
+def test_fuses_after_a_dual_cache(steps):
+    step = steps["llada"]
+    cached = block_cache(step, BlockCache(mode="dual", block_length=4)).program
+    fused = fuse_decode(cached, FuseDecode()).program
+    assert [t.name for t in fused.signature.outputs] == ["tokens", "confidence", "confidence64", "keys", "values"]
+    inputs = padded_batch([9, 6], 9)
+    nothing = empty_cache(cached.signature, 2)
+    logits, keys, values = cached(*inputs, *nothing)
+    tokens, confidence, confidence64, fused_keys, fused_values = fused(*inputs, *nothing, ROWS)
+    assert_fused_matches((tokens, confidence, confidence64), expected_outputs(logits, ROWS), float(logits.abs().max()))
+    torch.testing.assert_close(fused_keys, keys)
+
+
+def test_refusals(steps):
+    fused = fuse_decode(steps["llada"], FuseDecode()).program
+    with pytest.raises(DlmcError, match="already fused"):
+        fuse_decode(fused, FuseDecode())
+
+
+def test_recipe_checks():
+    def problems(passes, decode=None):
+        with pytest.raises(DlmcError) as e:
+            parse_recipe({"passes": passes, **({"decode": decode} if decode else {})})
+        return str(e.value)
+
+    assert "fuse_decode must be the last pass" in problems([{"fuse_decode": {}}, {"fold_constants": {}}])
+    assert "not after block_cache" in problems([{"block_cache": {"mode": "prefix"}}, {"fuse_decode": {}}])
+    assert "not dream's" in problems([{"fuse_decode": {}}], {"decoder": "dream"})
+    parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, {"fuse_decode": {"gumbel": True}}]})

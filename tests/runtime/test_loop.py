@@ -1,0 +1,80 @@
+"""The fused loop (fuse_decode artifacts) gives the reference decoder's tokens: LLaDA and Dream through
+the llada decoder, every commit rule, batch 1 and a batch of different lengths, temperature 0 and > 0,
+on eager, AOTInductor and ONNX Runtime; with a dual cache it gives what the unfused artifact gives."""
+
+import pytest
+import torch
+
+import dlmc.runtime
+from dlmc.compiler import compile_model
+from dlmc.decoding.llada import LLaDAConfig, generate
+from dlmc.errors import DlmcError
+from dlmc.models import load_model
+from dlmc.recipe import parse_recipe
+from tests.helpers import MarginRecorder
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
+CONFIGS = {
+    "schedule": LLaDAConfig(gen_length=8, block_length=4, steps=8),
+    "threshold": LLaDAConfig(gen_length=8, block_length=4, threshold=0.5),
+    "factor": LLaDAConfig(gen_length=8, block_length=4, factor=1.0),
+    "sampled": LLaDAConfig(gen_length=8, block_length=4, steps=4, temperature=0.7),
+    "random": LLaDAConfig(gen_length=8, block_length=4, steps=4, remasking="random"),
+}
+
+
+def compile_fused(checkpoint, out, backend, cache=False, fuse=True):
+    passes = [{"fold_constants": {}}]
+    passes += [{"block_cache": {"mode": "dual", "block_length": 4}}] if cache else []
+    passes += [{"fuse_decode": {"gumbel": True}}] if fuse else []
+    recipe = parse_recipe({"capture": {"max_batch": 4}, "passes": passes, "lower": {"backend": backend}})
+    compile_model(checkpoint, recipe, out, force=True)
+    return dlmc.runtime.load(out)
+
+
+@pytest.mark.parametrize(
+    "family,backend", [("llada", "eager"), ("dream", "eager"), ("llada", "inductor"), ("dream", "onnxrt")]
+)
+def test_reference_tokens(checkpoints, tmp_path, family, backend):
+    engine = compile_fused(checkpoints[family], tmp_path / "fused", backend)
+    model = load_model(checkpoints[family])
+    for name, config in CONFIGS.items():
+        for prompts in (PROMPTS[:1], PROMPTS):
+            recorder = MarginRecorder(model, config.gen_length, config.block_length)
+            expected = generate(recorder, model.spec, prompts, config, seed=3)
+            if config.temperature == 0 and config.remasking != "random":
+                recorder.assert_clear(reduction=96)  # every decision clears the rounding tolerance
+            actual = engine.generate(prompts, config=config, seed=3)  # the manifest's decoder: llada
+            assert (actual.output_ids, actual.nfe) == (expected.output_ids, expected.nfe), (name, len(prompts))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_dual_cache_fusion_changes_nothing(checkpoints, tmp_path, family):
+    fused = compile_fused(checkpoints[family], tmp_path / "fused", "eager", cache=True)
+    unfused = compile_fused(checkpoints[family], tmp_path / "unfused", "eager", cache=True, fuse=False)
+    for name, config in CONFIGS.items():
+        for prompts in (PROMPTS[:1], PROMPTS):
+            actual = fused.generate(prompts, "llada", config, seed=3)
+            expected = unfused.generate(prompts, "llada", config, seed=3)
+            assert (actual.output_ids, actual.nfe) == (expected.output_ids, expected.nfe), (name, len(prompts))
+
+
+def test_settings_it_cannot_run_are_one_line(checkpoints, tmp_path):
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=True)
+    cases = {
+        "block_length=8: this artifact's dual cache was built for block_length 4": LLaDAConfig(gen_length=8),
+        "cfg_scale: not compiled into": LLaDAConfig(gen_length=8, block_length=4, cfg_scale=1.0),
+    }
+    for message, config in cases.items():
+        with pytest.raises(DlmcError, match=message):
+            engine.generate([[5, 6]], config=config)
+    with pytest.raises(DlmcError, match="fuses the llada decoder's rule, not dream's"):
+        engine.generate([[5, 6]], "dream")
+    with pytest.raises(DlmcError, match="returns decoded tokens"):
+        engine.step(torch.tensor([[5, 6]]))
+    greedy = compile_fused(checkpoints["llada"], tmp_path / "greedy", "eager")
+    plain_recipe = parse_recipe({"passes": [{"fuse_decode": {}}], "lower": {"backend": "eager"}})
+    compile_model(checkpoints["llada"], plain_recipe, tmp_path / "greedy", force=True)
+    greedy = dlmc.runtime.load(tmp_path / "greedy")
+    with pytest.raises(DlmcError, match=r"temperature=0.5: .* compile it with fuse_decode \{gumbel: true\}"):
+        greedy.generate([[5, 6]], config=LLaDAConfig(gen_length=4, temperature=0.5))
