@@ -14,7 +14,7 @@ from dlmc.lower.eager import EagerSettings
 from dlmc.models import load_model
 from dlmc.passes.fold_constants import FoldConstants
 from dlmc.recipe import DecodeDefaults, Recipe
-from tests.helpers import padded_batch
+from tests.helpers import assert_equal_up_to_rounding, padded_batch
 
 DECODE = dict(gen_length=8, steps=4, block_length=8)
 
@@ -58,7 +58,8 @@ def test_step_fills_in_mask_and_positions(engine, model):
 def test_batches_beyond_the_artifact_run_in_chunks(engine, model):
     inputs = padded_batch([3, 11, 11, 7, 2], 11)  # 5 rows, the artifact takes 2 at a time
     with torch.no_grad():
-        assert torch.equal(engine.step(*inputs), model(*inputs))
+        # Same maths on other GEMM shapes (2 rows at a time, not 5): equal up to rounding.
+        assert_equal_up_to_rounding(engine.step(*inputs), model(*inputs), reduction=96)
 
 
 def test_too_long_is_one_line(engine):
