@@ -76,13 +76,14 @@ def generate(
     cache = _DualCache(engine, batch, bl, shift, sig.cache.get("refresh")) if sig.cache else None
     offsets = torch.arange(bl, device=device)  # [bl]
     vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
+    noise_free = _no_noise(vocab, B, bl, device)  # a sampling step's inputs at temperature 0, made once
     nfe = 0
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     while not bool(done.all()):  # one host sync per step: rows finish blocks when their masks run out
         active = (~done).nonzero().squeeze(1)  # [A]: done rows leave the batch, as in the reference
         lo = batch.start + block[active] * bl  # [A]: first column of each row's block
         columns = lo[:, None] + offsets  # [A, bl]: the block's columns
-        extra = _draws(config, generators, batch, active, columns, vocab)
+        extra = _draws(config, generators, batch, active, columns, noise_free)
         if cache is None:
             rows = (columns - shift).clamp(min=0)  # the rows whose logits predict those columns
             inputs = (batch.x[active], batch.real[active], batch.positions[active])
@@ -134,32 +135,34 @@ class _Draws:
     random: torch.Tensor | None  # [A, bl] random-remasking scores
 
 
-def _draws(config: LLaDAConfig, generators, batch: _Batch, active: torch.Tensor, columns: torch.Tensor, vocab: int):
+def _draws(config: LLaDAConfig, generators, batch: _Batch, active: torch.Tensor, columns: torch.Tensor, noise_free):
     """Each active row's draws, in the reference's order and shapes (over its whole unpadded canvas),
     cut to the block's columns."""
+    plain = tuple(t[: len(active)] if t.dim() == 3 else t for t in noise_free)  # [A, bl, V] and [1]
     if config.temperature == 0 and config.remasking != "random":
-        return _Draws(_no_noise(vocab, columns), None)
+        return _Draws(plain, None)
     uniforms, randoms = [], []
     for a, b in enumerate(active.tolist()):
         g, length = generators[b], batch.lengths[b]
         own = columns[a] - (batch.x.shape[1] - length)  # [bl]: the block in the row's own coordinates
         if config.temperature > 0:
+            vocab = noise_free[0].shape[-1]
             uniform = torch.rand(length, vocab, dtype=torch.float64, generator=g, device=g.device)  # [Lb, V]
             uniforms.append(uniform[own])
         if config.remasking == "random":
             randoms.append(torch.rand(length, generator=g, device=g.device)[own])  # [bl]
-    step = _no_noise(vocab, columns)
+    step = plain
     if config.temperature > 0:
         step = (torch.stack(uniforms), torch.tensor([config.temperature], dtype=torch.float64, device=columns.device))
     return _Draws(step, torch.stack(randoms) if randoms else None)
 
 
-def _no_noise(vocab: int | None, columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A sampling step's inputs at temperature 0: the step then takes the plain arg-max."""
+def _no_noise(vocab: int | None, batch: int, block_length: int, device) -> tuple[torch.Tensor, ...]:
+    """A sampling step's inputs at temperature 0, where the step takes the plain arg-max."""
     if vocab is None:  # the step does not sample
         return ()
-    uniform = torch.ones(*columns.shape, vocab, dtype=torch.float64, device=columns.device)  # [A, bl, V]
-    return uniform, torch.zeros(1, dtype=torch.float64, device=columns.device)
+    uniform = torch.ones(batch, block_length, vocab, dtype=torch.float64, device=device)  # [B, bl, V]
+    return uniform, torch.zeros(1, dtype=torch.float64, device=device)
 
 
 class _DualCache:
@@ -221,8 +224,10 @@ class _DualCache:
         head_rows = torch.arange(self.block_length, device=first.device).expand(len(rows), -1)  # [n, bl]
         index = self.index[rows]  # [n, C]
         x, real, positions = b.x[rows], b.real[rows], b.positions[rows]
+        # every row: the buffers as they are (indexing would copy the whole cache every step)
+        keys, values = (self.keys, self.values) if len(rows) == len(b.x) else (self.keys[:, rows], self.values[:, rows])
         inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
-                  real.gather(1, index), positions.gather(1, index), self.keys[:, rows], self.values[:, rows])
+                  real.gather(1, index), positions.gather(1, index), keys, values)
         return self.engine.run_step(*inputs, head_rows, *draws)[:3]
 
 
