@@ -32,6 +32,9 @@ class Measurement:
     agreement: float
     """Fraction of generated tokens equal to the reference decoder's."""
     output_ids: list[list[int]]
+    step_seconds_per_step: float | None = None
+    """For an artifact: the compiled step's own time per step; the rest of seconds_per_step is the
+    runtime loop around it (decoding rule, cache bookkeeping, Python)."""
 
     def row(self) -> dict:
         d = asdict(self)
@@ -89,15 +92,19 @@ def measure(
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
 ) -> Measurement:
-    times = []
+    times, step_times = [], []
+    timer = _StepTimer(model, device)
     with torch.inference_mode(), _PeakMemory(device) as memory:
         decode(model, spec, prompts, decoder, config, seed=seed)  # warm-up: compilation, caches, allocator
         for _ in range(repeats):
+            timer.seconds = 0.0
             start = time.perf_counter()
-            result = decode(model, spec, prompts, decoder, config, seed=seed)
+            with timer:
+                result = decode(model, spec, prompts, decoder, config, seed=seed)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
+            step_times.append(timer.seconds)
     seconds = statistics.median(times)
     generated = sum(len(ids) for ids in result.output_ids)
     return Measurement(
@@ -109,7 +116,38 @@ def measure(
         peak_memory_mb=memory.peak,
         agreement=token_agreement(result.output_ids, reference or result.output_ids),
         output_ids=result.output_ids,
+        step_seconds_per_step=statistics.median(step_times) / result.nfe if timer.engine else None,
     )
+
+
+class _StepTimer:
+    """Adds up the time spent inside an artifact's compiled step while a decode runs (synchronising
+    CUDA around each call, which the split needs and a plain decode does not)."""
+
+    def __init__(self, model, device: torch.device):
+        self.engine = model if hasattr(model, "run_step") else None
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        if self.engine is not None:
+            self._inner = self.engine._step
+            self.engine._step = self._timed
+        return self
+
+    def __exit__(self, *exc):
+        if self.engine is not None:
+            self.engine._step = self._inner
+
+    def _timed(self, *inputs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        out = self._inner(*inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 def token_agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -127,6 +165,13 @@ def format_table(rows: list[Measurement], baseline: str) -> str:
             f"{r.name:12} {r.tokens_per_s:9.1f} {r.seconds_per_step:9.4f} {r.nfe:6d} {r.peak_memory_mb:9.0f} "
             f"{r.agreement:7.1%} {r.tokens_per_s / base.tokens_per_s:8.2f}x"
         )
+    for r in rows:
+        if r.step_seconds_per_step is not None:
+            loop = r.seconds_per_step - r.step_seconds_per_step
+            lines.append(
+                f"{r.name}: per step {1000 * r.step_seconds_per_step:.2f} ms in the compiled step, "
+                f"{1000 * loop:.2f} ms in the runtime loop around it ({loop / r.seconds_per_step:.0%})"
+            )
     return "\n".join(lines)
 
 

@@ -109,10 +109,28 @@ def test_compile_run_bench_inspect_on_the_embedded_model(tmp_path):
     assert benched.exit_code == 0, benched.output
     rows = {r["name"]: r for r in json.loads(benched.stdout)["rows"]}
     assert rows["artifact"]["agreement"] == 1.0 and rows["artifact"]["nfe"] == rows["reference"]["nfe"] == 16
+    assert 0 < rows["artifact"]["step_seconds_per_step"] < rows["artifact"]["seconds_per_step"]
+    assert rows["reference"]["step_seconds_per_step"] is None
     inspected = invoke("inspect", out)
     assert "fold_constants" in inspected.output and "eager" in inspected.output
     again = invoke("compile", default_model_dir(), "--recipe", "recipes/cpu-eager.yaml", "-o", out)
     assert again.exit_code == 2 and "--force" in again.stderr
+
+
+def test_a_fused_artifact_runs_from_the_cli(tmp_path):
+    """fuse_decode on the embedded model: `dlmc run` takes the fused loop and gives the checkpoint's tokens."""
+    from dlmc.generation import default_model_dir
+
+    recipe = tmp_path / "fused.yaml"
+    recipe.write_text("passes:\n  - fold_constants: {}\n  - fuse_decode: {}\nlower: {backend: eager}\n")
+    out = tmp_path / "art"
+    assert invoke("compile", default_model_dir(), "--recipe", recipe, "-o", out).exit_code == 0
+    args = ["--prompt", "add 123+456:", "--prompt", "count 417:", "--gen-length", 16, "--block-length", 8, "--json"]
+    from_artifact = [json.loads(line) for line in invoke("run", out, *args).stdout.splitlines()]
+    from_checkpoint = [json.loads(line) for line in invoke("run", default_model_dir(), *args).stdout.splitlines()]
+    assert [r["output_ids"] for r in from_artifact] == [r["output_ids"] for r in from_checkpoint]
+    sampled = invoke("run", out, *args, "--temperature", 0.5)
+    assert sampled.exit_code == 2 and "fuse_decode {gumbel: true}" in sampled.stderr
 
 
 def test_validate_reports_every_problem(tmp_path):
