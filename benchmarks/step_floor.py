@@ -6,14 +6,17 @@ In one run: this CPU's bf16/fp32 GEMM rates at the shapes a step really runs and
 the floor of each step, max(FLOPs at those rates, bytes read once / bandwidth); then the 134M
 LLaDA-format checkpoint of benchmarks/compile_ratio.py (stored in bf16) and the embedded default model,
 each compiled with recipes/cpu-bf16.yaml (the full step over the whole canvas) and
-recipes/cpu-bf16-dual.yaml (Fast-dLLM dual cache: the block's rows over the whole canvas's keys). For
-each: the compiled step alone (`engine.run_step`, median of --calls) and the whole decode (llada
-decoder, temperature 0) in ms per model call. Every number comes from this one run.
+recipes/cpu-bf16-dual.yaml (Fast-dLLM dual cache: the block's rows over the whole canvas's keys), and
+each recipe also without its last pass, fuse_decode (the baseline: the reference decoder on the step's
+full-canvas logits). For each: the compiled step alone (`engine.run_step`, median of --calls) and the
+whole decode (llada decoder, temperature 0) in ms per model call. Every number comes from this one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -29,6 +32,7 @@ import dlmc.runtime
 from dlmc.compiler import compile_model
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.generation import default_model_dir
+from dlmc.recipe import load_recipe
 from dlmc.models import read_model_config
 from dlmc.models.transformer import ArchConfig
 from dlmc.runtime.cache import empty_cache
@@ -150,15 +154,17 @@ def step_kernels_ms(arch: ArchConfig, rows: int, keys: int, calls: int) -> dict:
             "attention_no_mask_ms": round(arch.num_layers * unmasked, 3)}
 
 
-def floor(arch: ArchConfig, rows: int, keys: int, rates: Rates) -> dict:
-    """max(compute, memory) for one bf16 step: `rows` query rows attending to `keys` key columns.
+def floor(arch: ArchConfig, rows: int, keys: int, rates: Rates, head_rows: int) -> dict:
+    """max(compute, memory) for one bf16 step: `rows` query rows attending to `keys` key columns, the
+    output head on the `head_rows` rows that can be committed (the job; an unfused step does more).
 
-    Compute: every weight GEMM at the rate measured for its own [rows, N, K] shape, plus attention's
+    Compute: every weight GEMM at the rate measured for its own [M, N, K] shape, plus attention's
     QK^T and PV at the peak rate. Memory: every weight once (bf16) plus the cached K/V read once."""
-    gemm = sum(count * rates.ms["bfloat16", rows, n, k] for _, n, k, count in linears(arch))
+    m = {name: head_rows if name == "head" else rows for name, *_ in linears(arch)}
+    gemm = sum(count * rates.ms["bfloat16", m[name], n, k] for name, n, k, count in linears(arch))
     attn_flops = arch.num_layers * 4 * rows * keys * arch.num_heads * arch.head_dim
     compute_ms = gemm + attn_flops / rates.peak_gflops / 1e6
-    flops = sum(2 * rows * n * k * count for _, n, k, count in linears(arch)) + attn_flops
+    flops = sum(2 * m[name] * n * k * count for name, n, k, count in linears(arch)) + attn_flops
     cached = keys - rows
     weight_bytes = 2 * sum(n * k * count for _, n, k, count in linears(arch))
     kv_bytes = 2 * 2 * arch.num_layers * cached * arch.num_kv_heads * arch.head_dim
@@ -187,19 +193,21 @@ def canvas(spec, sizes: Sizes) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, block
 
 
-def step_inputs(signature, ids: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def step_inputs(signature, ids: torch.Tensor, query: torch.Tensor, block: int) -> tuple[torch.Tensor, ...]:
     """The step's inputs for one canvas `ids` [L] whose columns `query` [L] bool are computed now; the rest
     come from a cache of random K/V, as CacheManager._run lays them out (a plain step: all columns)."""
     q_pos, c_pos = query.nonzero().squeeze(1), (~query).nonzero().squeeze(1)  # [Q], [C] int64
     inputs = (ids[q_pos][None], torch.ones(1, len(q_pos), dtype=torch.bool), q_pos[None])  # each [1, Q]
-    if signature.cache is None:
-        return inputs
-    if not len(c_pos):  # nothing cached: one masked-out key, as the runtime's plain call feeds it
-        return inputs + empty_cache(signature, 1)
-    spec = next(t for t in signature.inputs if t.name == "cache_keys")
-    layers, _, kv_heads, _, head_dim = spec.shape
-    kv = torch.randn(layers, 1, kv_heads, len(c_pos), head_dim).to(getattr(torch, spec.dtype))  # [N, 1, H, C, D]
-    return inputs + (torch.ones(1, len(c_pos), dtype=torch.bool), c_pos[None], kv, kv.clone())
+    if signature.cache is not None and not len(c_pos):  # nothing cached: one masked-out key, as the runtime feeds it
+        inputs += empty_cache(signature, 1)
+    elif signature.cache is not None:
+        spec = next(t for t in signature.inputs if t.name == "cache_keys")
+        layers, _, kv_heads, _, head_dim = spec.shape
+        kv = torch.randn(layers, 1, kv_heads, len(c_pos), head_dim).to(getattr(torch, spec.dtype))  # [N, 1, H, C, D]
+        inputs += (torch.ones(1, len(c_pos), dtype=torch.bool), c_pos[None], kv, kv.clone())
+    if signature.fused:  # the output head runs on the rows of one block (the last `block` rows queried)
+        inputs += (torch.arange(len(q_pos) - block, len(q_pos))[None],)
+    return inputs
 
 
 def step_ms(engine, inputs: tuple[torch.Tensor, ...], calls: int) -> float:
@@ -223,28 +231,32 @@ def bench_model(name: str, model_dir: Path, args, sizes: Sizes, rates: Rates) ->
     ids, block = canvas(spec, sizes)
     length, prompts = len(ids), [ids[: sizes.prompt].tolist()]
     rows = []
-    for kind, recipe in ARTIFACTS.items():
-        out = args.workdir / f"{name}-{recipe}"
+    for (kind, recipe), fused in itertools.product(ARTIFACTS.items(), (False, True)):
+        label = recipe if fused else f"{recipe} unfused"  # baseline: the recipe without fuse_decode
+        out = args.workdir / f"{name}-{label.replace(' ', '-')}"
         start = time.perf_counter()
         if not (args.reuse and (out / "manifest.json").is_file()):
-            compile_model(model_dir, RECIPES / f"{recipe}.yaml", out, force=True)
+            resolved = load_recipe(RECIPES / f"{recipe}.yaml")
+            if not fused:
+                resolved = dataclasses.replace(resolved, passes=resolved.passes[:-1])
+            compile_model(model_dir, resolved, out, force=True)
         compile_s = time.perf_counter() - start
         engine = dlmc.runtime.load(out)
         warm = LLaDAConfig(gen_length=sizes.block, steps=2, block_length=sizes.block)
         decode_ms_per_step(engine, prompts, warm)  # loads kernels, sizes the allocator
-        full = step_ms(engine, step_inputs(engine.signature, ids, torch.ones(length, dtype=torch.bool)), sizes.calls)
+        full = step_ms(engine, step_inputs(engine.signature, ids, torch.ones(length, dtype=torch.bool), sizes.block), sizes.calls)
         steps = sizes.full_steps if kind == "full" else sizes.gen
         config = LLaDAConfig(gen_length=sizes.gen, steps=steps, block_length=sizes.block, temperature=0.0)
         decode_ms, nfe = decode_ms_per_step(engine, prompts, config)
         if kind == "full":
             step, calls_ms, query = full, full, length
         else:  # each block's first call is a full step (refreshing the cache), the others the block's rows
-            step = step_ms(engine, step_inputs(engine.signature, ids, block), sizes.calls)
+            step = step_ms(engine, step_inputs(engine.signature, ids, block, sizes.block), sizes.calls)
             starts = sizes.gen // sizes.block
             calls_ms = (starts * full + (nfe - starts) * step) / nfe
             query = int(block.sum())
-        bound = floor(arch, query, length, rates) | step_kernels_ms(arch, query, length, sizes.calls)
-        rows.append({"artifact": f"{name} {recipe}", "kind": kind, "rows_x_keys": f"{query}x{length}",
+        bound = floor(arch, query, length, rates, sizes.block) | step_kernels_ms(arch, query, length, sizes.calls)
+        rows.append({"artifact": f"{name} {label}", "kind": kind, "rows_x_keys": f"{query}x{length}",
                      "compile_s": round(compile_s, 1), "step_ms": round(step, 3), "full_step_ms": round(full, 3),
                      "decode_ms_per_step": round(decode_ms, 3), "nfe": nfe,
                      "overhead_ms": round(decode_ms - calls_ms, 3), "floor": bound,
@@ -300,7 +312,7 @@ def main() -> None:
     shapes, fp32 = set(), set()
     for name, d in models.items():
         _, arch, spec = read_model_config(d)
-        for m in (fits[name].prompt + fits[name].gen, fits[name].block + int(spec.shift_logits)):
+        for m in {fits[name].prompt + fits[name].gen, fits[name].block + int(spec.shift_logits), fits[name].block}:
             shapes |= {(m, n, k) for _, n, k, _ in linears(arch)}
             if name == "134m" or len(models) == 1:
                 fp32 |= {(m, n, k) for label, n, k, _ in linears(arch) if label in ("gate", "down", "head")}

@@ -170,6 +170,7 @@ def test_generic_bf16_recipes_fit_any_llada_or_dream_checkpoint(checkpoints, tmp
     recipe = load_recipe(RECIPE_DIR / name)
     assert recipe.capture.dtype == "bfloat16" and isinstance(recipe.lower, InductorSettings)
     assert recipe.decode.decoder is None  # nothing tied to one model
+    assert recipe.passes[-1].name == "fuse_decode"
     # AOTInductor takes ~10 s per compile here; the same capture and passes lowered eagerly take ~1 s.
     engine = dlmc.runtime.load(compile_model(checkpoints[family], dataclasses.replace(recipe, lower=EagerSettings()),
                                              tmp_path / "out"))
@@ -177,6 +178,8 @@ def test_generic_bf16_recipes_fit_any_llada_or_dream_checkpoint(checkpoints, tmp
     # The dual cache runs under the llada decoder at its block length, which handles Dream's shifted logits too.
     result = engine.generate(prompts, "llada", LLaDAConfig(gen_length=32, steps=8, block_length=32))
     assert len(result.output_ids[0]) == 32 and result.nfe == 8
-    if engine.signature.cache is not None:  # the family's own sampler and block length are refused, not run
-        with pytest.raises(DlmcError, match="works with the llada decoder at block_length 32"):
+    with pytest.raises(DlmcError, match="fuses the llada decoder's rule, not dream's"):
+        engine.generate(prompts, "dream")  # a family's own sampler is refused, not run
+    if engine.signature.cache is not None:  # so is another block length
+        with pytest.raises(DlmcError, match="dual cache was built for block_length 32"):
             engine.generate(prompts)
