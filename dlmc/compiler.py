@@ -171,7 +171,7 @@ def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.T
         _compare(f" ({name})", a, e, limit)
     agree = (actual[0].to(expected[0].device) == expected[0]).float().mean().item()
     if agree < 0.95:  # arg-max flips only at near ties of the logits
-        raise DlmcError(f"verify: the lowered step's tokens agree with the captured step's on {agree:.0%} of rows")
+        raise DlmcError(f"verify: the lowered step's tokens agree with the fused program's on {agree:.0%} of rows")
 
 
 def _outputs(result: Any) -> tuple[torch.Tensor, ...]:
