@@ -46,9 +46,10 @@ class MarginRecorder:
     tie: over the masked positions of the current block of every row, the smallest top-2 logit gap and
     the smallest gap between top-1 probabilities (the confidences the decoder ranks). Token identity
     between two paths that compute the same maths with other kernels is only promised when both gaps
-    clear the rounding tolerance."""
+    clear the rounding tolerance. Without a block length (other decoders rank otherwise) it records the
+    logit gap of every row that predicts a mask, and no confidence gap."""
 
-    def __init__(self, model, gen_length: int, block_length: int):
+    def __init__(self, model, gen_length: int | None = None, block_length: int | None = None):
         self.model, self.spec = model, model.spec
         self.gen_length, self.block_length = gen_length, block_length
         self.device = next(model.parameters()).device
@@ -57,8 +58,16 @@ class MarginRecorder:
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
         logits = self.model(input_ids, attention_mask, position_ids)  # [B, L, V]
-        start = input_ids.shape[1] - self.gen_length  # rows are left-padded: generation ends every row
+        self.scale = max(self.scale, float(logits.abs().max()))
         shift = int(self.spec.shift_logits)
+        if self.block_length is None:
+            masked = input_ids == self.spec.mask_token_id  # [B, L]
+            deciding = masked | torch.roll(masked, -shift, dims=1) if shift else masked
+            top2 = logits[deciding].topk(2, dim=-1).values  # [N, 2]
+            if len(top2):
+                self.logit_gap = min(self.logit_gap, float((top2[:, 0] - top2[:, 1]).min()))
+            return logits
+        start = input_ids.shape[1] - self.gen_length  # rows are left-padded: generation ends every row
         for b in range(len(logits)):
             masked = (input_ids[b, start:] == self.spec.mask_token_id).nonzero().squeeze(1)  # [m]
             if len(masked) == 0:
@@ -72,12 +81,13 @@ class MarginRecorder:
             self.top_probability = max(self.top_probability, float(top1[-1]))
             if len(top1) > 1:
                 self.confidence_gap = min(self.confidence_gap, float(top1.diff().min()))
-        self.scale = max(self.scale, float(logits.abs().max()))
         return logits
 
     def assert_clear(self, reduction: int) -> None:
         tol = rounding_tolerance(torch.float32, reduction, self.scale)
         assert self.logit_gap > 2 * tol, f"near tie in the logits ({self.logit_gap:.2g}): pick other prompts"
+        if self.block_length is None:
+            return
         # softmax moves a probability p by at most 2 p times the largest change of a logit
         assert self.confidence_gap > 4 * tol * self.top_probability, (
             f"near tie in confidences ({self.confidence_gap:.2g}): pick other prompts"
