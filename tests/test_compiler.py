@@ -37,15 +37,16 @@ PROMPTS = {
 }
 
 
-def reference_tokens(model, prompts, **overrides):
-    """The reference decoder's config and tokens; the arg-max of every logits row that predicts a mask
-    clears the rounding tolerance, so exact paths must give the same tokens on any CPU."""
+def reference_tokens(model, prompts, margins=True, **overrides):
+    """The reference decoder's config and tokens. With `margins` (fp32 models), the arg-max of every
+    logits row that predicts a mask clears the rounding tolerance, so paths that compute the same maths
+    with other kernels must give the same tokens on any CPU."""
     name = default_decoder(model.spec)
     config_type, generate = DECODERS[name]
     config = config_type(**(SHORT[name] | overrides))
     recorder = MarginRecorder(model)
     tokens = generate(recorder, model.spec, prompts, config).output_ids
-    if next(model.parameters()).dtype == torch.float32:
+    if margins and next(model.parameters()).dtype == torch.float32:
         recorder.assert_clear(reduction=96)
     return config, tokens
 
@@ -100,8 +101,8 @@ def test_an_approximate_pass_matches_its_eager_oracle(checkpoints, tmp_path):
     assert engine.manifest["passes"] == [{"name": "mixed_precision", "version": 1, "exact": False}]
     model = load_model(checkpoints["llada"])
     prompts = PROMPTS["batch 2, left-padded"]
-    with LowPrecisionMatmuls(torch.bfloat16):
-        config, expected = reference_tokens(model, prompts)
+    with LowPrecisionMatmuls(torch.bfloat16):  # the artifact's bf16 matmuls on the same values: same kernels
+        config, expected = reference_tokens(model, prompts, margins=False)
     assert engine.generate(prompts, config=config).output_ids == expected
 
 
