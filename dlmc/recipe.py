@@ -216,22 +216,7 @@ def _pass_checks(
             problems.append(f"passes: {p.name} needs a dynamic sequence length; remove capture.seq_buckets")
         if isinstance(lower, TensorRtSettings):
             problems.append(f"passes: {p.name} cannot be lowered to tensorrt yet; use inductor or onnxrt")
-        block = getattr(p, "block_length", None)
-        config = decode.config
-        if block is None or decode.decoder is None:
-            continue
-        if decode.decoder != "llada":
-            problems.append(f"decode.decoder: {p.name} follows the llada decoder's blocks, not {decode.decoder}'s")
-            continue
-        decoder_block = config.get("block_length") or config.get("gen_length")
-        if decoder_block != block:
-            problems.append(f"decode.block_length: {decoder_block} differs from {p.name}.block_length {block}")
-        window = getattr(p, "window", None)
-        if window is not None and window + block > config["gen_length"]:
-            problems.append(
-                f"passes: {p.name}.window {window} plus block_length {block} exceeds decode.gen_length "
-                f"{config['gen_length']}; nothing would be pruned"
-            )
+        problems += p.policy().recipe_problems(p.name, decode.decoder, decode.config)
     return problems
 
 
@@ -242,7 +227,7 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     if passes[-1].name != "fuse_decode":
         problems.append("passes: fuse_decode must be the last pass (it replaces the step's logits)")
     for p in passes:
-        if p.kv_cache and getattr(p, "mode", None) != "dual":
+        if p.kv_cache and p.policy().name != "dual":
             problems.append(f"passes: fuse_decode runs uncached or after block_cache {{mode: dual}}, not after {p.name}")
     if decode.decoder not in (None, "llada"):
         problems.append(f"decode.decoder: fuse_decode fuses the llada decoder's rule, not {decode.decoder}'s")

@@ -35,7 +35,8 @@ class PassConfig:
     version: ClassVar[int] = 1
     """Bump when the pass's semantics change; recorded in the artifact manifest."""
     kv_cache: ClassVar[bool] = False
-    """True for the caching passes, which give the step K/V cache inputs (a recipe holds at most one)."""
+    """True for the caching passes, which give the step K/V cache inputs (a recipe holds at most one)
+    and provide `policy() -> dlmc.runtime.policies.CachePolicy`, the rules the runtime drives it by."""
 
 
 class PassResult(NamedTuple):

@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 from dlmc.capture import StepProgram
 from dlmc.passes import PassConfig, PassResult, register
 from dlmc.passes.kv_cache import add_kv_cache, require_bidirectional
+from dlmc.runtime.policies import POLICIES, CachePolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,8 +39,11 @@ class BlockCache(PassConfig):
             raise ValueError("refresh: must be >= 1 (or null for block starts only)")
 
 
+    def policy(self) -> CachePolicy:
+        return POLICIES[self.mode](block_length=self.block_length, refresh=self.refresh)
+
+
 @register(BlockCache)
 def block_cache(program: StepProgram, config: BlockCache) -> PassResult:
     require_bidirectional(program, config.name)
-    policy = {"policy": config.mode, "block_length": config.block_length, "refresh": config.refresh}
-    return PassResult(add_kv_cache(program, policy), True)
+    return PassResult(add_kv_cache(program, config.policy().to_dict()), True)

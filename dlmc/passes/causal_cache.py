@@ -17,6 +17,7 @@ from dlmc.capture import StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, register
 from dlmc.passes.kv_cache import add_kv_cache
+from dlmc.runtime.policies import CachePolicy, Exact
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +28,9 @@ class CausalCache(PassConfig):
     exact: ClassVar[bool] = True
     kv_cache: ClassVar[bool] = True
 
+    def policy(self) -> CachePolicy:
+        return Exact()
+
 
 @register(CausalCache)
 def causal_cache(program: StepProgram, config: CausalCache) -> PassResult:
@@ -35,4 +39,4 @@ def causal_cache(program: StepProgram, config: CausalCache) -> PassResult:
             f"causal_cache: supports causal and block-causal families (WeDLM, Fast-dLLM v2, SDAR), not "
             f"{program.spec.family}, whose attention is bidirectional: use block_cache, delayed_kv or window_pruning"
         )
-    return PassResult(add_kv_cache(program, {"policy": "exact"}), True)
+    return PassResult(add_kv_cache(program, config.policy().to_dict()), True)

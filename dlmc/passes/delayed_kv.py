@@ -21,6 +21,7 @@ from typing import ClassVar, Literal
 from dlmc.capture import StepProgram
 from dlmc.passes import PassConfig, PassResult, register
 from dlmc.passes.kv_cache import add_kv_cache, require_bidirectional
+from dlmc.runtime.policies import CachePolicy, Delayed, Prefill
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,12 +45,12 @@ class DelayedKV(PassConfig):
             raise ValueError("block_length: must be >= 1")
 
 
+    def policy(self) -> CachePolicy:
+        kind = Delayed if self.mode == "decode" else Prefill
+        return kind(refresh=self.refresh, block_length=self.block_length)
+
+
 @register(DelayedKV)
 def delayed_kv(program: StepProgram, config: DelayedKV) -> PassResult:
     require_bidirectional(program, config.name)
-    policy = {
-        "policy": "delayed" if config.mode == "decode" else "prefill",
-        "refresh": config.refresh,
-        "block_length": config.block_length,
-    }
-    return PassResult(add_kv_cache(program, policy), True)
+    return PassResult(add_kv_cache(program, config.policy().to_dict()), True)

@@ -19,6 +19,7 @@ from typing import ClassVar
 from dlmc.capture import StepProgram
 from dlmc.passes import PassConfig, PassResult, register
 from dlmc.passes.kv_cache import add_kv_cache, require_bidirectional
+from dlmc.runtime.policies import CachePolicy, Window
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +44,11 @@ class WindowPruning(PassConfig):
         if self.refresh is not None and self.refresh < 1:
             raise ValueError("refresh: must be >= 1 (or null for block starts only)")
 
+    def policy(self) -> CachePolicy:
+        return Window(window=self.window, block_length=self.block_length, refresh=self.refresh)
+
 
 @register(WindowPruning)
 def window_pruning(program: StepProgram, config: WindowPruning) -> PassResult:
     require_bidirectional(program, config.name)
-    policy = {"policy": "window", "window": config.window, "block_length": config.block_length, "refresh": config.refresh}
-    return PassResult(add_kv_cache(program, policy), True)
+    return PassResult(add_kv_cache(program, config.policy().to_dict()), True)

@@ -8,50 +8,22 @@ store); everything else is pruned. Rows it did not compute keep their last logit
 never read where it matters: a policy only freezes rows outside the decoder's active block, or rows
 whose logits cannot have changed.
 
-Policies (the caching passes record one in the step signature):
-- exact: causal and block-causal models. The columns before the first changed one (for block-causal:
-  before its block) have the same K/V and logits as last time; recompute the rest. Token-identical.
-- prefix (Fast-dLLM v1): at each block's first step a full forward; then only the block and everything
-  after it are computed, the prefix K/V frozen for the block.
-- dual (Fast-dLLM v1): as prefix, but the masked suffix's K/V are frozen too; only the block is computed.
-- window (Window-Diffusion): as dual, and masks further than `window` columns past the block are pruned
-  from every step, the block's first one included.
-- delayed (dKV-Cache-Decode): a column's K/V are reused once they were computed with its decoded token,
-  i.e. one step after it was decoded; masks and just-decoded tokens are recomputed; a full forward every
-  `refresh` steps (and at each block start when `block_length` is set).
-- prefill (dKV-Cache): the prompt's K/V from the first step, reused; the generation region is computed.
-`refresh` (prefix, dual, window) adds a full forward every that many steps within a block.
-For models whose logits are shifted by one (Dream), the row before every query column is computed too,
-since that row predicts it.
+The policies (`dlmc.runtime.policies`) decide the split; the caching passes record one in the step
+signature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from dlmc.artifact import StepSignature
 from dlmc.errors import DlmcError
+from dlmc.runtime.policies import CachePolicy, Plan, first_mask
 from dlmc.spec import DenoiserSpec
-
-PolicyName = Literal["exact", "prefix", "dual", "window", "delayed", "prefill"]
-BLOCK_POLICIES = ("prefix", "dual", "window")
-"""Policies that freeze everything outside the decoder's current block: they need a block decoder."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class CachePolicy:
-    policy: PolicyName
-    block_length: int | None = None
-    refresh: int | None = None
-    window: int | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CachePolicy:
-        return cls(**{k: d.get(k) for k in ("policy", "block_length", "refresh", "window")})
 
 
 def empty_cache(signature: StepSignature, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
@@ -74,13 +46,6 @@ class _Sequence:
     origin: int  # the first masked column at the first call: where the generation (and block 0) starts
     block: int = -1  # the decoder's block at the last full forward
     since_refresh: int = 0
-
-
-@dataclass
-class _Plan:
-    query: torch.Tensor  # [L] bool: rows computed now
-    keys: torch.Tensor  # [L] bool: columns attended to from the store (disjoint from query)
-    refresh: bool  # the store is rebuilt from this call
 
 
 @dataclass
@@ -112,7 +77,7 @@ class CacheManager:
         for i, (tokens, key) in enumerate(zip(rows, sequences, strict=True)):
             pos = positions[i] if positions is not None else torch.arange(len(tokens), device=tokens.device)
             seq = self._sequences.get(key)
-            plan = plan_call(self.policy, spec, seq, tokens, pos)
+            plan = self.policy.plan(spec, seq, tokens, pos)
             if plan.refresh or seq is None or len(seq.tokens) != len(tokens):
                 seq = self._resize(seq, tokens, pos, plan.refresh)
                 self._sequences[key] = seq
@@ -135,7 +100,7 @@ class CacheManager:
             values=torch.zeros(layers, kv_heads, length, head_dim, dtype=_kv_dtype(sig), device=device),
             kv_tokens=torch.full((length,), -1, dtype=torch.long, device=device),
             logits=torch.zeros(length, vocab, dtype=_logits_dtype(sig), device=device),
-            origin=_first_mask(tokens, self.engine.spec.mask_token_id) if seq is None else seq.origin,
+            origin=first_mask(tokens, self.engine.spec.mask_token_id) if seq is None else seq.origin,
         )
         if seq is not None and not refresh:
             n = min(length, len(seq.tokens))
@@ -144,7 +109,7 @@ class CacheManager:
             new.block, new.since_refresh = seq.block, seq.since_refresh
         return new
 
-    def _run(self, plans: list[tuple[_Sequence, torch.Tensor, torch.Tensor, _Plan]]) -> None:
+    def _run(self, plans: list[tuple[_Sequence, torch.Tensor, torch.Tensor, Plan]]) -> None:
         """One step call for up to max-batch sequences, queries and keys padded to the longest."""
         sig, spec = self.engine.signature, self.engine.spec
         device = self.engine.device
@@ -181,84 +146,7 @@ class CacheManager:
             seq.kv_tokens[q] = tokens[q]
             seq.since_refresh = 1 if plan.refresh else seq.since_refresh + 1
             if plan.refresh:
-                seq.block = _block_of(self.policy, tokens, spec.mask_token_id, seq.origin)
-
-
-def plan_call(
-    policy: CachePolicy, spec: DenoiserSpec, seq: _Sequence | None, tokens: torch.Tensor, pos: torch.Tensor
-) -> _Plan:
-    """Which columns of `tokens` [L] to compute now and which to take from the store."""
-    length = len(tokens)
-    everything = torch.ones(length, dtype=torch.bool, device=tokens.device)
-    nothing = torch.zeros_like(everything)
-    if policy.policy == "exact":
-        if seq is None:
-            return _Plan(everything, nothing, refresh=True)
-        reusable = _unchanged_prefix(spec, seq, tokens, pos)
-        if bool(reusable.all()):
-            reusable[-1] = False  # an identical canvas: recompute one row so the step has a query
-        return _Plan(~reusable, reusable, refresh=False)
-
-    mask = tokens == spec.mask_token_id
-    origin = seq.origin if seq is not None else _first_mask(tokens, spec.mask_token_id)
-    block = _block_of(policy, tokens, spec.mask_token_id, origin)
-    stale = (
-        seq is None
-        or len(seq.tokens) != length
-        or (policy.refresh is not None and seq.since_refresh >= policy.refresh)
-        or (policy.block_length is not None and block != seq.block)
-    )
-    visible = everything
-    if policy.block_length is not None:
-        start, end = _block_span(policy, origin, block, length)
-    if policy.policy == "window":
-        beyond = torch.arange(length, device=tokens.device) >= end
-        far = mask & beyond
-        visible = ~(far & (far.cumsum(0) > policy.window))  # masks past the first `window` after the block
-    if stale:
-        return _Plan(visible.clone(), nothing, refresh=True)
-    if policy.policy == "delayed":
-        query = ~((seq.kv_tokens == tokens) & ~mask)  # masks and tokens decoded since their K/V were made
-    elif policy.policy == "prefill":
-        query = torch.arange(length, device=tokens.device) >= seq.origin  # the generation region
-    else:
-        query = nothing.clone()
-        query[start : length if policy.policy == "prefix" else end] = True
-    if spec.shift_logits:
-        query[:-1] |= query[1:].clone()  # the row before a query column predicts it
-    query &= visible
-    return _Plan(query, visible & ~query & (seq.kv_tokens >= 0), refresh=False)
-
-
-def _unchanged_prefix(spec: DenoiserSpec, seq: _Sequence, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[L] bool: columns whose stored K/V and logits are exactly what this canvas would compute."""
-    length, n = len(tokens), min(len(tokens), len(seq.tokens))
-    same = (tokens[:n] == seq.tokens[:n]) & (pos[:n] == seq.positions[:n]) & (seq.kv_tokens[:n] >= 0)
-    first = int(same.logical_not().nonzero()[0, 0]) if not bool(same.all()) else n
-    reusable = torch.zeros(length, dtype=torch.bool, device=tokens.device)
-    reusable[:first] = True
-    if spec.attention == "block_causal" and first < length:
-        # A column's K/V depend on every column of its block and earlier ones: drop the changed blocks.
-        blocks = torch.div(pos, spec.block_size, rounding_mode="floor")  # [L]
-        reusable &= blocks < blocks[first:].min()
-    return reusable
-
-
-def _first_mask(tokens: torch.Tensor, mask_id: int) -> int:
-    hits = (tokens == mask_id).nonzero()
-    return int(hits[0, 0]) if len(hits) else len(tokens)
-
-
-def _block_of(policy: CachePolicy, tokens: torch.Tensor, mask_id: int, origin: int) -> int:
-    """The decoder's current block: the one holding the leftmost mask (-1 without blocks)."""
-    if policy.block_length is None:
-        return -1
-    return max(0, (_first_mask(tokens, mask_id) - origin) // policy.block_length)
-
-
-def _block_span(policy: CachePolicy, origin: int, block: int, length: int) -> tuple[int, int]:
-    start = min(origin + block * policy.block_length, length)
-    return start, min(start + policy.block_length, length)
+                seq.block = self.policy.block_of(tokens, spec.mask_token_id, seq.origin)
 
 
 def _kv_spec(signature: StepSignature):

@@ -19,7 +19,8 @@ from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
 from dlmc.runtime import loop
 from dlmc.runtime.backends import Step, load_step
-from dlmc.runtime.cache import BLOCK_POLICIES, CacheManager, CachePolicy, empty_cache
+from dlmc.runtime.cache import CacheManager, empty_cache
+from dlmc.runtime.policies import policy_from_dict
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
 
@@ -119,24 +120,12 @@ class Engine:
         return generate(self.model_for(decoder, config), self.spec, prompts, config, seed=seed, on_step=on_step)
 
     def model_for(self, decoder: str, config: Any) -> Engine | CacheManager:
-        """The engine itself, or for a cached step a fresh cache manager, after checking that the
-        decoder can run under its cache policy."""
+        """The engine itself, or for a cached step a fresh cache manager, after its policy checked that
+        the decoder can run under it."""
         if self.signature.cache is None:
             return self
-        policy = CachePolicy.from_dict(self.signature.cache)
-        if policy.policy in BLOCK_POLICIES:
-            # These freeze everything outside the current block, so the decoder must stay inside it.
-            length = getattr(config, "block_length", None) or getattr(config, "gen_length", None)
-            if decoder != "llada" or length != policy.block_length:
-                raise DlmcError(
-                    f"decoder: this artifact's {policy.policy} cache works with the llada decoder at block_length "
-                    f"{policy.block_length}; got {decoder} with block_length {length}"
-                )
-            if policy.window is not None and policy.window + policy.block_length > config.gen_length:
-                raise DlmcError(
-                    f"decoder: window {policy.window} plus block {policy.block_length} exceeds gen_length "
-                    f"{config.gen_length}; nothing would be pruned"
-                )
+        policy = policy_from_dict(self.signature.cache)
+        policy.check_decoder(decoder, config)
         return CacheManager(self, policy)
 
 

@@ -22,6 +22,7 @@ from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
 from dlmc.runtime import transfer
 from dlmc.runtime.cache import empty_cache
+from dlmc.runtime.policies import policy_from_dict
 
 FUSED_DECODERS = ("llada",)
 
@@ -41,7 +42,7 @@ def check_supported(signature, decoder: str, config) -> None:
     cache = signature.cache
     # The block length stays a run-time setting: the fused step's row and cache dims are dynamic, and
     # the loop, not the graph, decides which columns are cached.
-    if cache is not None and cache["policy"] != "dual":
+    if cache is not None and policy_from_dict(cache).name != "dual":
         raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; fuse_decode runs with dual")
 
 
@@ -69,7 +70,7 @@ def generate(
     block = torch.zeros(B, dtype=torch.long, device=device)  # [B]: each row's current block
     steps_in_block = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     schedule = num_transfer_tokens(bl, config.steps_per_block)
-    cache = _DualCache(engine, batch, bl, shift, sig.cache.get("refresh")) if sig.cache else None
+    cache = _DualCache(engine, batch, bl, shift, policy_from_dict(sig.cache).refresh) if sig.cache else None
     offsets = torch.arange(bl, device=device)  # [bl]
     vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
     noise_free = _no_noise(vocab, B, bl, device)  # a sampling step's inputs at temperature 0, made once
