@@ -37,6 +37,8 @@ from dlmc.testing.fixtures import write_checkpoint
 EMBEDDED = Path(__file__).parents[1] / "dlmc" / "data" / "default_model"
 RECIPES = Path(__file__).parents[1] / "recipes"
 
+FUSED = [{"fold_constants": {}}, {"fuse_decode": {}}]
+DUAL_FUSED = [{"block_cache": {"mode": "dual", "block_length": 32}}, {"fuse_decode": {}}]
 # name -> (passes or a recipe file, backend, decoder config overrides); None = the eager reference model
 ROWS = {
     "reference": (None, None, {}),
@@ -52,6 +54,11 @@ ROWS = {
     "dual+thr": ([{"block_cache": {"mode": "dual", "block_length": 32}}], "inductor", {"threshold": 0.9}),
     "delayed+thr": ([{"delayed_kv": {"refresh": 8, "block_length": 32}}], "inductor", {"threshold": 0.9}),
     "window+thr": ([{"window_pruning": {"window": 32, "block_length": 32}}], "inductor", {"threshold": 0.9}),
+    # the decoding rule compiled into the step (fuse_decode) and the runtime's fused loop
+    "fused": (FUSED, "inductor", {}),
+    "fused+thr": (FUSED, "inductor", {"threshold": 0.9}),
+    "dual_fused": (DUAL_FUSED, "inductor", {}),
+    "dual_fused+thr": (DUAL_FUSED, "inductor", {"threshold": 0.9}),
 }
 SYNTHETIC_ROWS = ("compiled", "prefix_cache", "dual_cache", "delayed_kv", "window")
 

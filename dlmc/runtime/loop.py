@@ -70,7 +70,10 @@ def generate(
     block = torch.zeros(B, dtype=torch.long, device=device)  # [B]: each row's current block
     steps_in_block = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     schedule = num_transfer_tokens(bl, config.steps_per_block)
-    cache = _DualCache(engine, batch, bl, shift, policy_from_dict(sig.cache).refresh) if sig.cache else None
+    if sig.cache is None:
+        step = _Uncached(engine, batch, bl, shift)
+    else:
+        step = _DualCache(engine, batch, bl, shift, policy_from_dict(sig.cache).refresh)
     offsets = torch.arange(bl, device=device)  # [bl]
     vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
     noise_free = _no_noise(vocab, B, bl, device)  # a sampling step's inputs at temperature 0, made once
@@ -81,14 +84,10 @@ def generate(
         lo = batch.start + block[active] * bl  # [A]: first column of each row's block
         columns = lo[:, None] + offsets  # [A, bl]: the block's columns
         extra = _draws(config, generators, batch, active, columns, noise_free)
-        if cache is None:
-            rows = (columns - shift).clamp(min=0)  # the rows whose logits predict those columns
-            inputs = (batch.x[active], batch.real[active], batch.positions[active])
-            tokens, confidence, confidence64 = engine.run_step(*inputs, rows, *extra.step)[:3]
-        else:
-            tokens, confidence, confidence64 = cache.step(active, lo, extra.step)
+        tokens, confidence, confidence64 = step(active, lo, extra.step)  # each [A, bl]
         nfe += 1
-        eligible = batch.x[active].gather(1, columns) == spec.mask_token_id  # [A, bl]
+        current = batch.x[active].gather(1, columns)  # [A, bl]
+        eligible = current == spec.mask_token_id  # [A, bl]
         score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
         score = torch.where(eligible, score, float("-inf"))  # [A, bl]
         if config.threshold is not None:
@@ -98,7 +97,6 @@ def generate(
         else:  # every row is at the same step of its block: one k for the batch
             commit = transfer.top_k(score, schedule[int(steps_in_block[active[0]])])
         commit &= eligible
-        current = batch.x[active].gather(1, columns)  # [A, bl]
         batch.x[active] = batch.x[active].scatter(1, columns, torch.where(commit, tokens, current))
         steps_in_block[active] += 1
         if config.parallel:
@@ -162,6 +160,20 @@ def _no_noise(vocab: int | None, batch: int, block_length: int, device) -> tuple
     return uniform, torch.zeros(1, dtype=torch.float64, device=device)
 
 
+class _Uncached:
+    """The step over every column of the active rows' canvases; the head on the block's rows."""
+
+    def __init__(self, engine, batch: _Batch, block_length: int, shift: int):
+        self.engine, self.batch, self.shift = engine, batch, shift
+        self.offsets = torch.arange(block_length, device=batch.x.device)  # [bl]
+
+    def __call__(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+        """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
+        rows = (lo[:, None] + self.offsets - self.shift).clamp(min=0)  # [A, bl]: rows predicting the block
+        b = self.batch
+        return self.engine.run_step(b.x[active], b.real[active], b.positions[active], rows, *draws)[:3]
+
+
 class _DualCache:
     """Per row: the K/V of every column outside its block's span, from the row's last full step."""
 
@@ -177,7 +189,7 @@ class _DualCache:
         self.keys: torch.Tensor | None = None  # [layers, B, kv_heads, C, head_dim], allocated once
         self.values: torch.Tensor | None = None
 
-    def step(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+    def __call__(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
         """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
         block = (lo - self.batch.start) // self.block_length  # [A]
         stale = self.block[active] != block  # [A]: a new block (or a refresh) needs the whole canvas
