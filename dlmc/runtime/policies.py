@@ -153,23 +153,20 @@ class BlockPolicy(CachePolicy):
 @dataclass(frozen=True, kw_only=True)
 class Prefix(BlockPolicy):
     name: ClassVar[str] = "prefix"
-
-    def query(self, spec, seq, tokens, origin, block):
-        start, _ = self.block_span(origin, block, len(tokens))
-        query = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
-        query[start:] = True
-        return query
-
-
-@dataclass(frozen=True, kw_only=True)
-class Dual(BlockPolicy):
-    name: ClassVar[str] = "dual"
+    suffix: ClassVar[bool] = True
+    """The masked suffix after the block is computed every step too."""
 
     def query(self, spec, seq, tokens, origin, block):
         start, end = self.block_span(origin, block, len(tokens))
         query = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
-        query[start:end] = True
+        query[start : len(tokens) if self.suffix else end] = True
         return query
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dual(Prefix):
+    name: ClassVar[str] = "dual"
+    suffix: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, kw_only=True)
