@@ -12,7 +12,6 @@ rows of a prompt + gen canvas, every other column from a random K/V cache.
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
 from pathlib import Path
 

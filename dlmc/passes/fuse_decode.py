@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch.export import Dim
 
-from dlmc.artifact import FUSED_OUTPUTS, StepSignature, TensorSpec
+from dlmc.artifact import StepSignature, TensorSpec
 from dlmc.capture import StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, register

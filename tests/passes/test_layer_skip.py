@@ -12,15 +12,8 @@ from dlmc.errors import DlmcError
 from dlmc.lower.inductor import InductorSettings
 from dlmc.models import load_model
 from dlmc.passes.fold_constants import FoldConstants
-from dlmc.passes.layer_skip import (
-    LayerSkip,
-    calibration_batches,
-    choose_layers,
-    find_blocks,
-    layer_of,
-    layer_skip,
-    resolve,
-)
+from dlmc.passes.blocks import find_blocks, layer_of
+from dlmc.passes.layer_skip import LayerSkip, calibration_batches, choose_layers, layer_skip, resolve
 from dlmc.pipeline import check_program, run_passes
 from dlmc.recipe import Recipe, RecipeError, parse_recipe
 from dlmc.tasks import held_out
