@@ -131,15 +131,18 @@ def _completion_prompts(served: ServedModel, prompt) -> list[list[int]]:
 
 async def _results(request: Request, jobs: list[Job]) -> list[Output] | None:
     """Every job's output, or None (and the jobs cancelled) if the client disconnects first."""
-    answers = asyncio.gather(*(asyncio.wrap_future(job.future) for job in jobs))
+    answers = [asyncio.wrap_future(job.future) for job in jobs]
+    finished = asyncio.ensure_future(asyncio.wait(answers))
     gone = asyncio.ensure_future(_disconnected(request))
-    await asyncio.wait({answers, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not answers.done():
-        answers.cancel()  # cancels the futures too: queued jobs are dropped, a running one is discarded
+    await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not finished.done():
+        for job in jobs:  # a queued job is dropped; a running one finishes and is discarded
+            job.future.cancel()
+        finished.cancel()
         return None
     gone.cancel()
     try:
-        return answers.result()
+        return [answer.result() for answer in answers]
     except DlmcError as e:
         raise ApiError(400, str(e)) from None
 

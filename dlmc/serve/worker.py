@@ -57,7 +57,8 @@ class Worker:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Jobs waiting, not counting cancelled ones (they leave the queue at the next submit or batch)."""
+        return sum(not job.future.cancelled() for job in list(self._queue))
 
     @property
     def closing(self) -> bool:
