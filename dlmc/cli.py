@@ -340,6 +340,7 @@ def serve(
     model_name: Annotated[Optional[str], Opt(help="The model id clients send (default: the directory's name).")] = None,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
+    threads: Annotated[Optional[int], Opt(help="torch intra-op threads (default: torch's, one per core).")] = None,
     log_level: Annotated[str, Opt()] = "info",
     debug: Debug = False,
 ) -> None:
@@ -348,8 +349,12 @@ def serve(
     from dlmc.serve import ServedModel, ServeSettings, serve as run_server
 
     try:
-        if max_queue < 1 or max_batch < 1:
-            raise DlmcError("--max-queue and --max-batch must be at least 1")
+        if min(max_queue, max_batch, threads or 1) < 1:
+            raise DlmcError("--max-queue, --max-batch and --threads must be at least 1")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         model, spec, tokenizer, defaults = _load(path, device, dtype)
         name = model_name or (path or default_model_dir()).resolve().name
         served = ServedModel(model, spec, tokenizer, defaults, name, max_batch=max_batch)
