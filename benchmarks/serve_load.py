@@ -181,7 +181,7 @@ def _wait_ready(url: str, server: subprocess.Popen) -> str:
 
 def _cpu() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except (OSError, StopIteration):
         name = "unknown"

@@ -346,9 +346,12 @@ def serve(
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
     from dlmc.generation import default_model_dir
-    from dlmc.serve import ServedModel, ServeSettings, serve as run_server
 
     try:
+        try:
+            from dlmc.serve import ServedModel, ServeSettings, serve as run_server
+        except ImportError as e:
+            raise DlmcError(f'dlmc serve needs the serve extra: pip install -e ".[serve]" ({e})') from None
         if min(max_queue, max_batch, threads or 1) < 1:
             raise DlmcError("--max-queue, --max-batch and --threads must be at least 1")
         if threads is not None:

@@ -1,6 +1,8 @@
 """`on_canvas` shows each step's canvas without changing what the decoders produce: the last canvas is
 the output, and a position once decided keeps its token (what streaming the settled prefix relies on)."""
 
+from itertools import pairwise
+
 import pytest
 
 from dlmc.decoding import CANVAS_DECODERS, DECODERS
@@ -24,6 +26,6 @@ def test_canvas_ends_at_the_output_and_decided_positions_stay(decoder):
     result = generate(model, spec, PROMPTS, config, seed=2, on_canvas=lambda g: canvases.append(g.tolist()))
     assert result == generate(model, spec, PROMPTS, config, seed=2)  # the hook changes nothing
     assert len(canvases) == result.nfe and canvases[-1] == result.output_ids
-    for before, after in zip(canvases, canvases[1:]):
+    for before, after in pairwise(canvases):
         for row_before, row_after in zip(before, after):
             assert all(a == b for a, b in zip(row_after, row_before) if b != MASK)

@@ -32,7 +32,7 @@ def served(embedded) -> ServedModel:
 
 @contextmanager
 def running(served: ServedModel, **settings):
-    """A server on 127.0.0.1 in a thread; yields (base url, app)."""
+    """A server on 127.0.0.1 in a thread; yields its base url."""
     app = create_app(served, ServeSettings(log_level="warning", **settings))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -44,7 +44,7 @@ def running(served: ServedModel, **settings):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
         thread.join(30)

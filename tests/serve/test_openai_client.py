@@ -14,7 +14,7 @@ SMALL = {"max_tokens": 16, "extra_body": {"steps": 16}}
 
 @pytest.fixture
 def server(served):
-    with running(served) as (url, app):
+    with running(served) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0), url
 
 
@@ -31,7 +31,7 @@ def test_completion_chat_and_models(server):
 @pytest.mark.parametrize("extra", [{"steps": 16}, {"threshold": 0.9, "block_length": 8}, {"steps": 8}])
 def test_stream_pieces_add_up_to_the_text(server, extra):
     client, _ = server
-    args = dict(model=NAME, prompt="count 417:", max_tokens=16, extra_body=extra, seed=1)
+    args = {"model": NAME, "prompt": "count 417:", "max_tokens": 16, "extra_body": extra, "seed": 1}
     whole = client.completions.create(**args).choices[0]
     chunks = list(client.completions.create(stream=True, **args))
     assert "".join(c.choices[0].text for c in chunks) == whole.text
@@ -59,7 +59,7 @@ def test_errors_are_the_clients_exceptions(server):
 
 def test_concurrent_requests_batch_and_match_their_solo_answers(served):
     prompts = ["count 417:", "shift abc:", "reverse HELLO:", "add 12+30:", "count 800:"]
-    with running(served) as (url, app):
+    with running(served) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         solo = [client.completions.create(model=NAME, prompt=p, **SMALL).choices[0].text for p in prompts]
         gate = Gate(served)  # the next batch waits: the others queue behind it
@@ -83,7 +83,7 @@ def test_concurrent_requests_batch_and_match_their_solo_answers(served):
 
 
 def test_a_client_that_leaves_while_queued_is_dropped(served):
-    with running(served) as (url, app):
+    with running(served) as url:
         gate = Gate(served)
         body = {"model": NAME, "prompt": "count 417:", "max_tokens": 16}
         first = threading.Thread(target=httpx.post, args=(f"{url}/v1/completions",), kwargs={"json": body, "timeout": 30})

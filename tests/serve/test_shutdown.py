@@ -73,5 +73,5 @@ def test_sigterm_drains_then_exits_0():
 
 
 def test_bad_model_path_is_one_line(tmp_path):
-    result = subprocess.run([*CLI, str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*CLI, str(tmp_path / "missing")], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

@@ -18,7 +18,7 @@ class Stub:
     class spec:
         mask_token_id = 3
 
-    stops = {0}
+    stops = frozenset({0})
 
     def __init__(self, max_batch=8, fail=False):
         self.max_batch, self.fail = max_batch, fail
@@ -46,7 +46,7 @@ def busy_worker(stub, max_queue=16):
 
 def test_equal_settings_batch_together_in_arrival_order():
     stub = Stub(max_batch=3)
-    worker, first = busy_worker(stub)
+    worker, _ = busy_worker(stub)
     jobs = [Job([i], key) for i, key in enumerate([A, B, A, A, B, A], start=1)]
     worker.submit(jobs)
     stub.go.set()
@@ -59,7 +59,7 @@ def test_equal_settings_batch_together_in_arrival_order():
 
 def test_full_queue_refuses_and_cancelled_jobs_are_dropped():
     stub = Stub()
-    worker, first = busy_worker(stub, max_queue=2)
+    worker, _ = busy_worker(stub, max_queue=2)
     waiting = [Job([1], A), Job([2], A)]
     worker.submit(waiting)
     with pytest.raises(QueueFull):
