@@ -328,3 +328,39 @@ def bench(
         typer.echo(json.dumps(report))
         return
     typer.echo(report["table"])
+
+
+@app.command()
+def serve(
+    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint or artifact directory (default: the embedded model).")] = None,
+    host: Annotated[str, Opt()] = "127.0.0.1",
+    port: Annotated[int, Opt()] = 8000,
+    max_queue: Annotated[int, Opt(help="Queued requests before new ones get 429.")] = 64,
+    max_batch: Annotated[int, Opt(help="Queued requests with the same decoder settings decoded as one batch.")] = 8,
+    model_name: Annotated[Optional[str], Opt(help="The model id clients send (default: the directory's name).")] = None,
+    device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
+    dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
+    threads: Annotated[Optional[int], Opt(help="torch intra-op threads (default: torch's, one per core).")] = None,
+    log_level: Annotated[str, Opt()] = "info",
+    debug: Debug = False,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    from dlmc.generation import default_model_dir
+
+    try:
+        try:
+            from dlmc.serve import ServedModel, ServeSettings, serve as run_server
+        except ImportError as e:
+            raise DlmcError(f'dlmc serve needs the serve extra: pip install -e ".[serve]" ({e})') from None
+        if min(max_queue, max_batch, threads or 1) < 1:
+            raise DlmcError("--max-queue, --max-batch and --threads must be at least 1")
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        model, spec, tokenizer, defaults = _load(path, device, dtype)
+        name = model_name or (path or default_model_dir()).resolve().name
+        served = ServedModel(model, spec, tokenizer, defaults, name, max_batch=max_batch)
+    except DlmcError as e:
+        _fail(e, debug)
+    run_server(served, ServeSettings(host=host, port=port, max_queue=max_queue, max_batch=max_batch, log_level=log_level))

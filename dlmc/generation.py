@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dlmc.decoding import DECODERS, config_fields, decode, default_decoder
-from dlmc.decoding.common import StepCallback
+from dlmc.decoding.common import CanvasCallback, StepCallback
 from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
@@ -65,11 +65,14 @@ def generate(
     *,
     seed: int = 0,
     on_step: StepCallback | None = None,
+    on_canvas: CanvasCallback | None = None,
 ) -> list[Completion]:
-    """Decode all prompts as one batch. `text` is cut at the first end-of-sequence or end-of-turn."""
+    """Decode all prompts as one batch. `text` is cut at the first end-of-sequence or end-of-turn.
+    `on_canvas` needs a decoder in CANVAS_DECODERS."""
     start = time.perf_counter()
+    canvas = {} if on_canvas is None else {"on_canvas": on_canvas}
     with torch.inference_mode():
-        result = decode(model, spec, prompts, decoder, config, seed=seed, on_step=on_step)
+        result = decode(model, spec, prompts, decoder, config, seed=seed, on_step=on_step, **canvas)
     seconds = time.perf_counter() - start
     stops = {i for i in (spec.eos_token_id, spec.eot_token_id) if i is not None}
     completions = []

@@ -30,6 +30,12 @@ class TextTokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def unk_token_id(self) -> int | None:
+        """The id text outside the vocabulary encodes to, if the model has one (byte-level BPE has none)."""
+        unk = getattr(self._tok.model, "unk_token", None)
+        return self._tok.token_to_id(unk) if unk else None
+
 
 def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
     """The directory's tokenizer, or None when it ships no tokenizer files."""

@@ -21,6 +21,9 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
 }
 """Closed registry: decoder name -> (config type, generate function)."""
 
+CANVAS_DECODERS: tuple[str, ...] = ("llada", "dream")
+"""Decoders whose generate takes `on_canvas` (see `dlmc.decoding.common.CanvasCallback`)."""
+
 
 def decode(model, spec: DenoiserSpec, prompts: list[list[int]], decoder: str, config, **kwargs) -> Generation:
     """Run `decoder` on `model`. A compiled artifact (`dlmc.runtime.Engine`) runs its own loop: the
@@ -45,4 +48,4 @@ def default_decoder(spec: DenoiserSpec) -> str:
     return "dream" if spec.shift_logits else "llada"
 
 
-__all__ = ["DECODERS", "Generation", "config_fields", "decode", "default_decoder"]
+__all__ = ["CANVAS_DECODERS", "DECODERS", "Generation", "config_fields", "decode", "default_decoder"]

@@ -29,6 +29,12 @@ StepCallback = Callable[[int, int], None]
 """`on_step(nfe, decided)`: called after every model call with the denoiser evaluations so far and the
 number of generated positions decided so far, summed over the batch."""
 
+CanvasCallback = Callable[[torch.Tensor], None]
+"""`on_canvas(generated)`: called after every step with the generated region of every row,
+generated [B, G] int64, `spec.mask_token_id` where a position is still undecided. It may be a view of
+the decoder's state: read it during the call, never keep or modify it. For streaming the settled
+prefix of each row (`dlmc serve`); only the decoders in `dlmc.decoding.CANVAS_DECODERS` take it."""
+
 
 @dataclass(frozen=True)
 class Generation:

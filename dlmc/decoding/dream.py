@@ -28,6 +28,7 @@ import torch
 from dlmc.decoding.common import (
     Generation,
     Model,
+    CanvasCallback,
     StepCallback,
     check_length,
     check_positive,
@@ -122,6 +123,7 @@ def generate(
     *,
     seed: int = 0,
     on_step: StepCallback | None = None,
+    on_canvas: CanvasCallback | None = None,
 ) -> Generation:
     validate(spec, prompts, config)
     device = model_device(model)
@@ -137,6 +139,8 @@ def generate(
             _denoise_step(row, aligned, timesteps, spec, config)
         if on_step is not None:
             on_step(nfe, sum(int((row.x[row.prompt_len :] != spec.mask_token_id).sum()) for row in rows))
+        if on_canvas is not None:  # every row generates the same length, so the regions stack
+            on_canvas(torch.stack([row.x[row.prompt_len :] for row in rows]))  # [B, G]
     return Generation(output_ids=[row.x[row.prompt_len :].tolist() for row in rows], nfe=nfe)
 
 

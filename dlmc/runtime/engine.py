@@ -91,6 +91,7 @@ class Engine:
         config: Any = None,
         seed: int = 0,
         on_step: Callable[[int, int], None] | None = None,
+        on_canvas: Callable | None = None,
     ) -> Generation:
         """Decode `prompts` (token ids) with a reference decoder running on the compiled step.
 
@@ -106,18 +107,27 @@ class Engine:
             config = config_type(**config_fields(fields))
         elif not isinstance(config, config_type):
             raise DlmcError(f"decoder: '{name}' takes a {config_type.__name__}, got {type(config).__name__}")
-        return self.decode(prompts, name, config, seed=seed, on_step=on_step)
+        return self.decode(prompts, name, config, seed=seed, on_step=on_step, on_canvas=on_canvas)
 
     def decode(
-        self, prompts: list[list[int]], decoder: str, config: Any, seed: int = 0, on_step: Callable | None = None
+        self,
+        prompts: list[list[int]],
+        decoder: str,
+        config: Any,
+        seed: int = 0,
+        on_step: Callable | None = None,
+        on_canvas: Callable | None = None,
     ) -> Generation:
         """One decoder run: the fused loop for a step with the decoding rule compiled in, else the
-        reference decoder driving the step (through a fresh K/V cache manager for a cached step)."""
+        reference decoder driving the step (through a fresh K/V cache manager for a cached step).
+        `on_canvas` is passed on only when given: not every decoder takes it (CANVAS_DECODERS)."""
+        canvas = {} if on_canvas is None else {"on_canvas": on_canvas}
         if self.signature.fused:
             loop.check_supported(self.signature, decoder, config)
-            return loop.generate(self, prompts, config, seed=seed, on_step=on_step)
+            return loop.generate(self, prompts, config, seed=seed, on_step=on_step, **canvas)
         _, generate = DECODERS[decoder]
-        return generate(self.model_for(decoder, config), self.spec, prompts, config, seed=seed, on_step=on_step)
+        model = self.model_for(decoder, config)
+        return generate(model, self.spec, prompts, config, seed=seed, on_step=on_step, **canvas)
 
     def model_for(self, decoder: str, config: Any) -> Engine | CacheManager:
         """The engine itself, or for a cached step a fresh cache manager, after its policy checked that

@@ -58,8 +58,14 @@ class _Batch:
 
 
 def generate(
-    engine, prompts: list[list[int]], config: LLaDAConfig, seed: int = 0, on_step: Callable | None = None
+    engine,
+    prompts: list[list[int]],
+    config: LLaDAConfig,
+    seed: int = 0,
+    on_step: Callable | None = None,
+    on_canvas: Callable | None = None,
 ) -> Generation:
+    """`on_step` and `on_canvas` as the reference decoder calls them (`dlmc.decoding.common`)."""
     spec, sig, device = engine.spec, engine.signature, engine.device
     check_supported(sig, "llada", config)
     validate(spec, prompts, config)
@@ -108,6 +114,8 @@ def generate(
         done = block == config.num_blocks
         if on_step is not None:
             on_step(nfe, int((batch.x[:, batch.start :] != spec.mask_token_id).sum()))
+        if on_canvas is not None:
+            on_canvas(batch.x[:, batch.start :])  # [B, G]: a view; the callback reads it before the next step
     return Generation(output_ids=batch.x[:, batch.start :].tolist(), nfe=nfe)
 
 

@@ -84,3 +84,12 @@ def test_settings_it_cannot_run_are_one_line(checkpoints, tmp_path):
     greedy = dlmc.runtime.load(tmp_path / "greedy")
     with pytest.raises(DlmcError, match=r"temperature=0.5: .* compile it with fuse_decode \{gumbel: true\}"):
         greedy.generate([[5, 6]], config=LLaDAConfig(gen_length=4, temperature=0.5))
+
+
+def test_on_canvas_shows_every_step_and_changes_nothing(checkpoints, tmp_path):
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=True)
+    config = CONFIGS["threshold"]
+    canvases = []
+    actual = engine.generate(PROMPTS, config=config, seed=3, on_canvas=lambda g: canvases.append(g.tolist()))
+    assert actual == engine.generate(PROMPTS, config=config, seed=3)
+    assert len(canvases) == actual.nfe and canvases[-1] == actual.output_ids
