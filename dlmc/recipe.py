@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 
 from dlmc.capture import CaptureConfig
 from dlmc.decoding import DECODERS
+from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.lower import BACKENDS, LowerSettings, check_backend
 from dlmc.lower.inductor import InductorSettings
@@ -72,12 +72,7 @@ class Recipe:
 
 def default_recipe(device: str = "cpu") -> Recipe:
     """Exact passes only, Inductor on `device` (cpu or cuda): token-identical to the reference decoder."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise DlmcError(f"device: '{device}' is not supported (use cpu, cuda or cuda:N)")
+    kind = check_device(device).type
     return Recipe(
         description=f"default: exact passes, Inductor on {kind}",
         passes=(FoldConstants(),),

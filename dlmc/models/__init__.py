@@ -9,6 +9,7 @@ from types import ModuleType
 
 import torch
 
+from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
 from dlmc.models import bnb, dream, fast_dllm_v2, llada, sdar, wedlm
@@ -53,6 +54,7 @@ def load_model(
     in the checkpoint's dtype unless `dtype` is given. A bitsandbytes checkpoint's linears are decoded
     to float (see dlmc.models.bnb), in bnb_4bit_compute_dtype or the checkpoint's float dtype."""
     model_dir = Path(model_dir)
+    device = check_device(device)
     family, arch, spec = read_model_config(model_dir)
     files = weight_map(model_dir)
     quantized = quantization(model_dir)
@@ -60,7 +62,7 @@ def load_model(
         dtype = dtype or default_dtype(model_dir)  # one dtype for decoded and stored-float tensors alike
     with torch.device("meta"):
         model = DiffusionLM(arch, spec)
-    load_weights(model, files, family.published_name, torch.device(device), dtype, quantized)
+    load_weights(model, files, family.published_name, device, dtype, quantized)
     return model.eval()
 
 

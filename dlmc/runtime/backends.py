@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dlmc.device import check_device
 from dlmc.errors import DlmcError
 
 Step = Callable[..., Any]
@@ -41,8 +42,7 @@ def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
         hint = f"; pip install 'dlmc[{extra}]'" if extra else ""
         raise DlmcError(f"{root}: this artifact runs on {name}, which needs {', '.join(missing)}{hint}")
     built_for = torch.device(entry.get("device", "cpu")).type
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise DlmcError(f"device '{device}' was asked for, but torch sees no CUDA device")
+    check_device(device)
     return LOADERS[name](root, entry, device, built_for)
 
 

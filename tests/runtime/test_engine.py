@@ -148,3 +148,10 @@ def test_load_names_the_missing_backend_package(artifact, tmp_path):
         pytest.skip("torch_tensorrt is installed here")
     with pytest.raises(DlmcError, match="needs torch_tensorrt; pip install 'dlmc\\[trt\\]'"):
         dlmc.runtime.load(copy)
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_an_unusable_device_is_one_line(artifact, checkpoints, device):
+    for load in (dlmc.runtime.load, lambda path, device: load_model(checkpoints["llada"], device=device)):
+        with pytest.raises(DlmcError, match=f"^device: '{device}'"):
+            load(artifact, device=device)
