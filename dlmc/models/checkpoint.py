@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -38,15 +39,48 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
         entries = read_json(index).get("weight_map")
         if not isinstance(entries, dict) or not entries:
             raise DlmcError(f"{index}: missing or empty 'weight_map'")
+        if not all(isinstance(shard, str) for shard in entries.values()):
+            raise DlmcError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = {name: model_dir / shard for name, shard in entries.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise DlmcError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+            read_header(shard)
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
-        return {name: single for name in _open(single).keys()}
+        return {name: single for name in read_header(single)}
     raise DlmcError(f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE}")
+
+
+MAX_HEADER = 100_000_000
+"""The largest header safetensors itself reads."""
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets), read from its header alone,
+    after checking the file is as long as the header says its data is: a truncated download fails
+    here, naming the shard, and not only once the weights are read (never, for `dlmc inspect`)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")  # u64 little-endian, then the JSON header
+            raw = f.read(length) if length <= MAX_HEADER else b""
+        header = json.loads(raw)
+    except OSError as e:
+        raise DlmcError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError:  # also UnicodeDecodeError
+        raise DlmcError(f"{path}: not a safetensors file (no readable header; truncated?)") from None
+    if not isinstance(header, dict):
+        raise DlmcError(f"{path}: not a safetensors file (no readable header)")
+    tensors = {name: t for name, t in header.items() if name != "__metadata__"}
+    try:
+        end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise DlmcError(f"{path}: not a safetensors file (a tensor without data_offsets)") from None
+    size = path.stat().st_size
+    if size < 8 + length + end:
+        raise DlmcError(f"{path}: truncated: {size} bytes, the header describes {8 + length + end}")
+    return tensors
 
 
 def _open(path: Path):
