@@ -202,6 +202,10 @@ def _pass_checks(
     if "fuse_decode" in names:
         problems += _fuse_checks(passes, decode)
     caches = [p for p in passes if p.kv_cache]
+    if caches and "layer_skip" in names[names.index(caches[0].name):]:
+        # layer_skip finds a block by the residual stream alone; after a cache pass each block also
+        # passes out its K/V, so the compile would stop there, after the capture and earlier passes.
+        problems.append(f"passes: layer_skip must come before {caches[0].name} (a pass with a K/V cache)")
     if len(caches) > 1:
         names = " and ".join(p.name for p in caches)
         problems.append(f"passes: {names} each give the step a K/V cache; keep one")

@@ -143,6 +143,14 @@ def test_validate_reports_every_problem(tmp_path):
     assert len([line for line in result.stderr.splitlines() if str(bad) in line]) >= 3
 
 
+def test_validate_refuses_layer_skip_after_a_cache_pass(tmp_path):
+    recipe = tmp_path / "late-skip.yaml"
+    recipe.write_text("passes:\n  - causal_cache: {}\n  - layer_skip: {layers: [1]}\n")
+    result = invoke("validate", recipe)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"{recipe}: passes: layer_skip must come before causal_cache (a pass with a K/V cache)"
+
+
 UNUSABLE_DEVICES = ["foo", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"])
 
 
