@@ -237,6 +237,22 @@ def test_non_finite_activations_are_one_clear_line(llada):
         quantize_program(broken, Quantize(), batches)
 
 
+def test_calibration_batches_larger_than_the_step_run_in_chunks(llada):
+    """A step captured for batch 1 holds the batch as a constant; batch_size 8 used to stop with
+    torch's "expanded size" error. The static activation scales are maxima: any grouping gives them."""
+    path, model, _ = llada
+    single = capture(model, CaptureConfig(max_batch=1))
+    scheme = Scheme(activations="per_tensor")
+    scales = []
+    for batch_size in (8, 1):
+        config = Quantize(scheme=scheme, calibration=Calibration(samples=8, seq_len=24, batch_size=batch_size))
+        with quant_session(path):
+            program = quantize(single, config).program
+        scales.append({k: v for k, v in program.exported.state_dict.items() if k.endswith("act_scale")})
+    assert scales[0].keys() == scales[1].keys() and len(scales[0]) == 15
+    assert all(torch.equal(scales[0][k], scales[1][k]) for k in scales[0])
+
+
 def test_the_fp16_jetson_recipe_calibrates_a_llada_checkpoint(tmp_path):
     """The Jetson W8A8 recipe's passes on a fp16 LLaDA: static int8 activations put |int32 sums| above
     65504 already at 64 input channels; the layer's rescale must not pass through fp16 (it did, and
