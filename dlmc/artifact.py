@@ -287,7 +287,7 @@ def check_fields(manifest: dict[str, Any]) -> None:
     if device_kind(_need(backend.get("device", "cpu"), str, "backend.device")) is None:
         raise DlmcError(f"backend.device: '{backend['device']}' is not cpu, cuda or cuda:N")
     for role, name in _need(backend.get("files", {}), dict, "backend.files").items():
-        if name not in files:  # also keeps the loaders inside the hashed files
+        if _need(name, str, f"backend.files.{role}") not in files:  # keeps the loaders inside the hashed files
             raise DlmcError(f"backend.files.{role}: {name!r} is not one of the artifact's files")
     for role, names in _need(backend.get("state", {}), dict, "backend.state").items():
         for i, name in enumerate(_need(names, list, f"backend.state.{role}")):

@@ -25,7 +25,7 @@ import yaml
 from dlmc.capture import CaptureConfig
 from dlmc.decoding import DECODERS
 from dlmc.device import check_device
-from dlmc.errors import DlmcError
+from dlmc.errors import DlmcError, single_line
 from dlmc.lower import BACKENDS, LowerSettings, check_backend
 from dlmc.lower.inductor import InductorSettings
 from dlmc.lower.tensorrt import TensorRtSettings
@@ -40,9 +40,9 @@ class RecipeError(DlmcError):
     """All of a recipe's problems; str() is one line, `problems` has one entry per problem."""
 
     def __init__(self, where: str, problems: list[str]):
-        self.problems = problems
+        self.problems = [single_line(p) for p in problems]  # `dlmc validate` prints one per line
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
-        super().__init__(f"{where}: {count}: " + "; ".join(problems))
+        super().__init__(f"{where}: {count}: " + "; ".join(self.problems))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +133,7 @@ def _passes(items: Any, problems: list[str]) -> list[PassConfig]:
             problems.append(f"{where}: expected one pass name mapped to its options, e.g. '- fold_constants: {{}}'")
             continue
         ((name, options),) = item.items()
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             problems.append(f"{where}: unknown pass '{name}' (known: {', '.join(sorted(known))})")
             continue
         config = build(known[name], options or {}, f"{where}.{name}", problems)
@@ -147,7 +147,7 @@ def _lower(data: Any, problems: list[str]) -> LowerSettings:
         problems.append(f"lower: expected a mapping, got {kind(data)}")
         return BAD
     backend = data.get("backend", "inductor")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         problems.append(f"lower.backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         return BAD
     return build(BACKENDS[backend], {k: v for k, v in data.items() if k != "backend"}, "lower", problems)
@@ -163,7 +163,7 @@ def _decode(data: Any, problems: list[str]) -> DecodeDefaults:
         if fields:
             problems.append(f"decode: options {', '.join(fields)} need a 'decoder' to belong to")
         return DecodeDefaults()
-    if name not in DECODERS:
+    if not isinstance(name, str) or name not in DECODERS:
         problems.append(f"decode.decoder: unknown decoder '{name}' (known: {', '.join(sorted(DECODERS))})")
         return BAD
     config = build(DECODERS[name][0], fields, "decode", problems)

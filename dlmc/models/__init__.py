@@ -13,7 +13,7 @@ from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
 from dlmc.models import bnb, dream, fast_dllm_v2, llada, sdar, wedlm
-from dlmc.models.checkpoint import checkpoint_dtype, load_weights, weight_map
+from dlmc.models.checkpoint import check_config_types, checkpoint_dtype, load_weights, weight_map
 from dlmc.models.transformer import ArchConfig, DiffusionLM
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import load_tokenizer
@@ -27,7 +27,7 @@ def family_of(config: dict, where: Path) -> ModuleType:
     archs = config.get("architectures")
     if not isinstance(archs, list) or not archs:
         raise DlmcError(f"{where}: missing field 'architectures'")
-    if archs[0] not in FAMILIES:
+    if not isinstance(archs[0], str) or archs[0] not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
         raise DlmcError(f"{where}: unknown architecture '{archs[0]}' (supported: {known})")
     return FAMILIES[archs[0]]
@@ -40,6 +40,7 @@ def read_model_config(model_dir: str | Path) -> tuple[ModuleType, ArchConfig, De
     where = model_dir / "config.json"
     config = read_json(where)
     family = family_of(config, where)
+    check_config_types(config, where)
     bnb.read_format(config, where)  # a quantization dlmc cannot read fails here, not as a shape error
     tokenizer = load_tokenizer(model_dir)
     arch, spec = family.read_config(config, where, tokenizer.token_id if tokenizer else lambda token: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,47 @@ SINGLE_FILE = "model.safetensors"
 
 # Tensors some exporters add that carry no weights of ours.
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+SIZES = (
+    "d_model", "n_heads", "n_layers", "n_kv_heads", "embedding_size", "mlp_hidden_size", "mlp_ratio",
+    "max_sequence_length", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+    "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings", "bd_size", "block_size",
+)
+TOKEN_IDS = ("mask_token_id", "pad_token_id", "eos_token_id")
+NUMBERS = ("rms_norm_eps", "rope_theta")
+FLAGS = (
+    "include_bias", "include_qkv_bias", "weight_tying", "rope_full_precision", "input_emb_norm", "scale_logits",
+    "multi_query_attention", "tie_word_embeddings", "attention_bias", "qk_norm",
+)
+
+
+def check_config_types(config: dict, where: Path) -> None:
+    """Every config.json field a family reader uses holds the kind of value it is read as, so a
+    hand-edited config is one line naming the field, not an arithmetic error in the reader. null is
+    read as absent, as the readers do."""
+    for key, value in config.items():
+        if value is None:
+            continue
+        if key in SIZES:
+            ok, kind = _integer(value) and value >= 1, "an integer >= 1"
+        elif key in TOKEN_IDS:  # eos may list several ids (the first is used)
+            ids = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
+            ok, kind = all(_integer(v) and v >= 0 for v in ids), "a token id (an integer >= 0)"
+        elif key in NUMBERS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= sys.float_info.max
+            kind = "a positive number"
+        elif key in FLAGS:
+            ok, kind = isinstance(value, bool), "true or false"
+        else:
+            continue
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise DlmcError(f"{where}: field '{key}' must be {kind}, got {shown}")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def field(config: dict, key: str, where: Path, family: str, default=None, required: bool = True):
