@@ -84,7 +84,7 @@ class StepSignature:
         for name in ("batch", "seq"):
             bounds = getattr(self, name)
             if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
-                raise ValueError(f"{name}: expected [smallest, largest] with 1 <= smallest <= largest, got {list(bounds)}")
+                raise ValueError(f"{name}: expected [smallest, largest], 1 <= smallest <= largest, got {list(bounds)}")
         if not self.outputs:
             raise ValueError("outputs: the step must return at least the logits")
         if any(b < 1 for b in self.seq_buckets):

@@ -148,7 +148,8 @@ def test_validate_refuses_layer_skip_after_a_cache_pass(tmp_path):
     recipe.write_text("passes:\n  - causal_cache: {}\n  - layer_skip: {layers: [1]}\n")
     result = invoke("validate", recipe)
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"{recipe}: passes: layer_skip must come before causal_cache (a pass with a K/V cache)"
+    message = "passes: layer_skip must come before causal_cache (a pass with a K/V cache)"
+    assert result.stderr.strip() == f"{recipe}: {message}"
 
 
 UNUSABLE_DEVICES = ["foo", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"])
