@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from dlmc.device import device_kind
 from dlmc.errors import DlmcError
+from dlmc.spec import DenoiserSpec
+from dlmc.typed import build, kind
 
 FORMAT = "dlmc-artifact"
 FORMAT_VERSION = 1
@@ -50,6 +55,10 @@ class TensorSpec:
     shape: tuple[str | int, ...]
     """A symbolic dim is named ("batch", "seq"); a static one is an int."""
 
+    def __post_init__(self) -> None:
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype: '{self.dtype}' is not a torch dtype")
+
 
 @dataclass(frozen=True, kw_only=True)
 class StepSignature:
@@ -70,6 +79,16 @@ class StepSignature:
     cache: dict[str, Any] | None = None
     """For a step with K/V cache inputs: the cache policy the runtime drives it with (the caching
     pass's resolved config, e.g. {"policy": "dual", "block_length": 32}); None for a plain step."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "seq"):
+            bounds = getattr(self, name)
+            if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+                raise ValueError(f"{name}: expected [smallest, largest], 1 <= smallest <= largest, got {list(bounds)}")
+        if not self.outputs:
+            raise ValueError("outputs: the step must return at least the logits")
+        if any(b < 1 for b in self.seq_buckets):
+            raise ValueError("seq_buckets: every bucket must be >= 1")
 
     @property
     def fused(self) -> bool:
@@ -93,17 +112,12 @@ class StepSignature:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StepSignature:
-        def specs(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
-
-        return cls(
-            inputs=specs(d["inputs"]),
-            outputs=specs(d["outputs"]),
-            batch=(int(d["batch"][0]), int(d["batch"][1])),
-            seq=(int(d["seq"][0]), int(d["seq"][1])),
-            seq_buckets=tuple(int(b) for b in d.get("seq_buckets", ())),
-            cache=d.get("cache"),
-        )
+        """The signature a manifest records; a malformed one is a DlmcError naming the field."""
+        problems: list[str] = []
+        signature = build(cls, d, "signature", problems)
+        if problems:
+            raise DlmcError(problems[0])
+        return signature
 
 
 def _spec_dict(t: TensorSpec) -> dict[str, Any]:
@@ -238,9 +252,59 @@ def read_manifest(path: str | Path, *, verify: bool = False) -> dict[str, Any]:
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise DlmcError(f"{where}: missing field '{missing[0]}'")
+    try:
+        check_fields(manifest)
+    except DlmcError as e:
+        raise DlmcError(f"{where}: {e}") from None
     if verify:
         verify_files(root, manifest)
     return manifest
+
+
+def check_fields(manifest: dict[str, Any]) -> None:
+    """Every field the runtime and `dlmc inspect` read has the type they read it as, so a damaged or
+    hand-edited manifest is one line naming its first bad field ("signature.inputs[2].dtype: ..."),
+    never a KeyError deep in a loader."""
+    problems: list[str] = []
+    build(StepSignature, manifest["signature"], "signature", problems)
+    build(DenoiserSpec, manifest["spec"], "spec", problems)
+    if problems:
+        raise DlmcError(problems[0])
+    for key in ("dlmc_version", "torch_version"):
+        _need(manifest[key], str, key)
+    _need(manifest["recipe"], dict, "recipe")
+    decode = _need(manifest["decode"], (dict, type(None)), "decode") or {}
+    _need(decode.get("decoder"), (str, type(None)), "decode.decoder")
+    _need(decode.get("config"), (dict, type(None)), "decode.config")
+    files = _need(manifest["files"], dict, "files")
+    for name, entry in files.items():
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise DlmcError(f"files: entry '{name}' points outside the artifact")
+        _need(_need(entry, dict, f"files.{name}").get("sha256"), str, f"files.{name}.sha256")
+        _need(entry.get("bytes"), int, f"files.{name}.bytes")
+    backend = _need(manifest["backend"], dict, "backend")
+    _need(backend.get("name"), str, "backend.name")
+    if device_kind(_need(backend.get("device", "cpu"), str, "backend.device")) is None:
+        raise DlmcError(f"backend.device: '{backend['device']}' is not cpu, cuda or cuda:N")
+    for role, name in _need(backend.get("files", {}), dict, "backend.files").items():
+        if _need(name, str, f"backend.files.{role}") not in files:  # keeps the loaders inside the hashed files
+            raise DlmcError(f"backend.files.{role}: {name!r} is not one of the artifact's files")
+    for role, names in _need(backend.get("state", {}), dict, "backend.state").items():
+        for i, name in enumerate(_need(names, list, f"backend.state.{role}")):
+            _need(name, str, f"backend.state.{role}[{i}]")
+    for i, entry in enumerate(_need(manifest.get("passes", []), list, "passes")):
+        _need(_need(entry, dict, f"passes[{i}]").get("name"), str, f"passes[{i}].name")
+        _need(entry.get("exact"), bool, f"passes[{i}].exact")
+    _need(manifest.get("model"), (dict, type(None)), "model")
+
+
+def _need(value: Any, types: type | tuple[type, ...], field: str) -> Any:
+    wanted = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+        names = " or ".join({dict: "a mapping", list: "a list", str: "a string", int: "an integer",
+                             bool: "a boolean", type(None): "nothing"}[t] for t in wanted)
+        raise DlmcError(f"{field}: expected {names}, got {kind(value)}")
+    return value
 
 
 def summarize(manifest: dict[str, Any]) -> dict[str, str]:
@@ -291,12 +355,8 @@ def _size(n: int) -> str:
 def verify_files(root: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists exists with its recorded size and sha256, and no file is unlisted."""
     files = manifest["files"]
-    if not isinstance(files, dict):
-        raise DlmcError(f"{root / MANIFEST}: field 'files' is not a mapping")
     for name, entry in files.items():
-        path = root / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            raise DlmcError(f"{root / MANIFEST}: file entry '{name}' points outside the artifact")
+        path = root / name  # check_fields keeps every name inside the artifact
         if not path.is_file():
             raise DlmcError(f"{path}: missing (listed in {MANIFEST})")
         if path.stat().st_size != entry.get("bytes"):

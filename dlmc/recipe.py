@@ -16,23 +16,22 @@ reads, and the artifact embeds that dump as the resolved recipe.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 import yaml
 
 from dlmc.capture import CaptureConfig
 from dlmc.decoding import DECODERS
-from dlmc.errors import DlmcError
+from dlmc.device import check_device
+from dlmc.errors import DlmcError, single_line
 from dlmc.lower import BACKENDS, LowerSettings, check_backend
 from dlmc.lower.inductor import InductorSettings
 from dlmc.lower.tensorrt import TensorRtSettings
 from dlmc.passes import PassConfig, pass_configs
 from dlmc.passes.fold_constants import FoldConstants
+from dlmc.typed import BAD, build, convert, kind
 
 SECTIONS = ("description", "capture", "passes", "lower", "decode")
 
@@ -41,9 +40,9 @@ class RecipeError(DlmcError):
     """All of a recipe's problems; str() is one line, `problems` has one entry per problem."""
 
     def __init__(self, where: str, problems: list[str]):
-        self.problems = problems
+        self.problems = [single_line(p) for p in problems]  # `dlmc validate` prints one per line
         count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
-        super().__init__(f"{where}: {count}: " + "; ".join(problems))
+        super().__init__(f"{where}: {count}: " + "; ".join(self.problems))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,12 +71,7 @@ class Recipe:
 
 def default_recipe(device: str = "cpu") -> Recipe:
     """Exact passes only, Inductor on `device` (cpu or cuda): token-identical to the reference decoder."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise DlmcError(f"device: '{device}' is not supported (use cpu, cuda or cuda:N)")
+    kind = check_device(device).type
     return Recipe(
         description=f"default: exact passes, Inductor on {kind}",
         passes=(FoldConstants(),),
@@ -109,12 +103,12 @@ def load_recipe(path: str | Path) -> Recipe:
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     problems: list[str] = []
     if not isinstance(data, dict):
-        raise RecipeError(where, [f"expected a mapping of {', '.join(SECTIONS)}, got {_kind(data)}"])
+        raise RecipeError(where, [f"expected a mapping of {', '.join(SECTIONS)}, got {kind(data)}"])
     for key in data:
         if key not in SECTIONS:
             problems.append(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
-    description = _convert(str, data.get("description", ""), "description", problems)
-    capture = _build(CaptureConfig, data.get("capture") or {}, "capture", problems)
+    description = convert(str, data.get("description", ""), "description", problems)
+    capture = build(CaptureConfig, data.get("capture") or {}, "capture", problems)
     passes = _passes(data.get("passes") or [], problems)
     lower = _lower(data.get("lower") or {"backend": "inductor"}, problems)
     decode = _decode(data.get("decode") or {}, problems)
@@ -127,7 +121,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
 
 def _passes(items: Any, problems: list[str]) -> list[PassConfig]:
     if not isinstance(items, list):
-        problems.append(f"passes: expected a list, got {_kind(items)}")
+        problems.append(f"passes: expected a list, got {kind(items)}")
         return []
     known = pass_configs()
     configs = []
@@ -139,42 +133,42 @@ def _passes(items: Any, problems: list[str]) -> list[PassConfig]:
             problems.append(f"{where}: expected one pass name mapped to its options, e.g. '- fold_constants: {{}}'")
             continue
         ((name, options),) = item.items()
-        if name not in known:
+        if not isinstance(name, str) or name not in known:
             problems.append(f"{where}: unknown pass '{name}' (known: {', '.join(sorted(known))})")
             continue
-        config = _build(known[name], options or {}, f"{where}.{name}", problems)
-        if config is not _BAD:
+        config = build(known[name], options or {}, f"{where}.{name}", problems)
+        if config is not BAD:
             configs.append(config)
     return configs
 
 
 def _lower(data: Any, problems: list[str]) -> LowerSettings:
     if not isinstance(data, dict):
-        problems.append(f"lower: expected a mapping, got {_kind(data)}")
-        return _BAD
+        problems.append(f"lower: expected a mapping, got {kind(data)}")
+        return BAD
     backend = data.get("backend", "inductor")
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         problems.append(f"lower.backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-        return _BAD
-    return _build(BACKENDS[backend], {k: v for k, v in data.items() if k != "backend"}, "lower", problems)
+        return BAD
+    return build(BACKENDS[backend], {k: v for k, v in data.items() if k != "backend"}, "lower", problems)
 
 
 def _decode(data: Any, problems: list[str]) -> DecodeDefaults:
     if not isinstance(data, dict):
-        problems.append(f"decode: expected a mapping, got {_kind(data)}")
-        return _BAD
+        problems.append(f"decode: expected a mapping, got {kind(data)}")
+        return BAD
     name = data.get("decoder")
     fields = {k: v for k, v in data.items() if k != "decoder"}
     if name is None:
         if fields:
             problems.append(f"decode: options {', '.join(fields)} need a 'decoder' to belong to")
         return DecodeDefaults()
-    if name not in DECODERS:
+    if not isinstance(name, str) or name not in DECODERS:
         problems.append(f"decode.decoder: unknown decoder '{name}' (known: {', '.join(sorted(DECODERS))})")
-        return _BAD
-    config = _build(DECODERS[name][0], fields, "decode", problems)
-    if config is _BAD:
-        return _BAD
+        return BAD
+    config = build(DECODERS[name][0], fields, "decode", problems)
+    if config is BAD:
+        return BAD
     return DecodeDefaults(decoder=name, config=_plain(dataclasses.asdict(config)))
 
 
@@ -208,6 +202,10 @@ def _pass_checks(
     if "fuse_decode" in names:
         problems += _fuse_checks(passes, decode)
     caches = [p for p in passes if p.kv_cache]
+    if caches and "layer_skip" in names[names.index(caches[0].name):]:
+        # layer_skip finds a block by the residual stream alone; after a cache pass each block also
+        # passes out its K/V, so the compile would stop there, after the capture and earlier passes.
+        problems.append(f"passes: layer_skip must come before {caches[0].name} (a pass with a K/V cache)")
     if len(caches) > 1:
         names = " and ".join(p.name for p in caches)
         problems.append(f"passes: {names} each give the step a K/V cache; keep one")
@@ -266,114 +264,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
-
-
-# ---------------------------------------------------------------------------------------------
-# typed conversion: YAML values -> dataclass fields, collecting problems instead of stopping
-# ---------------------------------------------------------------------------------------------
-
-_BAD: Any = object()
-
-
-def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
-    if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping of options, got {_kind(data)}")
-        return _BAD
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    before = len(problems)
-    for key in data:
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            problems.append(f"{where}.{key}: unknown option (known: {known})")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            value = _convert(hints[name], data[name], f"{where}.{name}", problems)
-            if value is not _BAD:
-                kwargs[name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{where}.{name}: required")
-    if len(problems) > before:
-        return _BAD
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError, DlmcError) as e:
-        message = str(e)
-        head = message.split(":", 1)[0].split("=", 1)[0].strip()
-        problems.append(f"{where}.{message}" if head in fields else f"{where}: {message}")
-        return _BAD
-
-
-def _convert(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _convert(options[0], value, where, problems)
-        for option in options:  # first option that accepts the value, silently
-            result = _convert(option, value, where, [])
-            if result is not _BAD:
-                return result
-        problems.append(f"{where}: {value!r} is not {' or '.join(_name(o) for o in options)}")
-        return _BAD
-    if origin is Literal:
-        if value in args and type(value) is type(args[list(args).index(value)]):
-            return value
-        problems.append(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
-        return _BAD
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list, got {_kind(value)}")
-            return _BAD
-        item = args[0]
-        items = [_convert(item, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-        return _BAD if any(v is _BAD for v in items) else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {_kind(value)}")
-            return _BAD
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where, problems)
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:
-        raise TypeError(f"recipe field type {tp!r} is not supported")  # a bug in a config class, not user input
-    if not ok:
-        problems.append(f"{where}: expected {_name(tp)}, got {_kind(value)} {value!r}")
-        return _BAD
-    return value
-
-
-def _name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is tuple:
-        return "a list"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _kind(value: Any) -> str:
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        type(None): "nothing",
-    }.get(type(value), type(value).__name__)

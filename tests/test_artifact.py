@@ -17,10 +17,13 @@ from dlmc.errors import DlmcError
 BASE = {
     "dlmc_version": "0",
     "torch_version": "0",
-    "spec": {},
+    "spec": {"family": "llada", "mask_token_id": 3, "attention": "bidirectional", "block_size": None,
+             "shift_logits": False, "vocab_size": 8, "max_length": 16},
     "recipe": {},
     "backend": {"name": "eager"},
-    "signature": {},
+    "signature": {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+                  "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", 8]}],
+                  "batch": [1, 2], "seq": [2, 16]},
     "decode": {},
 }
 

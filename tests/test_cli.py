@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from dlmc.cli import app
@@ -140,3 +141,31 @@ def test_validate_reports_every_problem(tmp_path):
     assert result.exit_code == 2
     assert "cpu-eager.yaml: ok" in result.stdout
     assert len([line for line in result.stderr.splitlines() if str(bad) in line]) >= 3
+
+
+def test_validate_refuses_layer_skip_after_a_cache_pass(tmp_path):
+    recipe = tmp_path / "late-skip.yaml"
+    recipe.write_text("passes:\n  - causal_cache: {}\n  - layer_skip: {layers: [1]}\n")
+    result = invoke("validate", recipe)
+    assert result.exit_code == 2
+    message = "passes: layer_skip must come before causal_cache (a pass with a K/V cache)"
+    assert result.stderr.strip() == f"{recipe}: {message}"
+
+
+UNUSABLE_DEVICES = ["foo", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"])
+
+
+@pytest.mark.parametrize("device", UNUSABLE_DEVICES)
+@pytest.mark.parametrize("command", ["run", "eval", "compile"])
+def test_an_unusable_device_is_one_line(checkpoints, tmp_path, command, device):
+    out = tmp_path / "out"
+    args = {
+        "run": ["run", checkpoints["llada"], "--prompt-ids", "5,6", "--gen-length", 4],
+        "eval": ["eval", "--per-task", 1],
+        "compile": ["compile", checkpoints["llada"], "-o", out],
+    }[command]
+    result = invoke(*args, "--device", device)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: device: '{device}'") and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

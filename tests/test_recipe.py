@@ -108,6 +108,10 @@ extra: 1
         ("passes: [delayed_kv]\nlower: {backend: tensorrt}", "delayed_kv cannot be lowered to tensorrt"),
         ("passes: [{delayed_kv: {refresh: 0}}]", "passes[0].delayed_kv.refresh: must be >= 1"),
         (
+            "passes: [{block_cache: {mode: dual}}, {layer_skip: {layers: [1]}}]",
+            "passes: layer_skip must come before block_cache",
+        ),
+        (
             "passes: [{block_cache: {block_length: 32}}]\ndecode: {decoder: llada, gen_length: 64, block_length: 16}",
             "decode.block_length: 16 differs from block_cache.block_length 32",
         ),

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from dlmc.capture import StepProgram
+from dlmc.device import device_kind, device_problem
 
 
 class LowerSettings:
@@ -58,22 +59,16 @@ BACKENDS: dict[str, type[LowerSettings]] = {settings.backend: settings for setti
 def check_backend(settings: LowerSettings, device: str, dtypes: frozenset[str] = frozenset()) -> list[str]:
     """What stops this backend from running on this machine: missing packages, a missing device, or
     an option (or a compute dtype in `dtypes`) the backend cannot honour here. Empty when it can run."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        return [f"device: '{device}' is not supported (use cpu, cuda or cuda:N)"]
-    problems = []
+    kind = device_kind(device)
+    if kind is None:  # nothing else can be checked against a device that does not exist
+        return [device_problem(device)]
+    problems = [p for p in (device_problem(device),) if p is not None]  # a missing GPU, beside the rest
     missing = [name for name in settings.packages if importlib.util.find_spec(name) is None]
     if missing:
         hint = f" (pip install 'dlmc[{settings.extra}]')" if settings.extra else ""
         problems.append(f"lower.backend: {settings.backend} needs the package(s) {', '.join(missing)}{hint}")
-    is_cuda = kind == "cuda"
-    if settings.needs_cuda and not is_cuda:
+    if settings.needs_cuda and kind != "cuda":
         problems.append(f"lower.backend: {settings.backend} runs only on a CUDA device, and the device is '{device}'")
-    if is_cuda and not torch.cuda.is_available():
-        problems.append(f"device: '{device}' was asked for, but torch sees no CUDA device")
     if not missing:  # the backend's own checks may import its package
         problems += settings.unsupported(device, dtypes)
     return problems

@@ -9,10 +9,11 @@ from types import ModuleType
 
 import torch
 
+from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
 from dlmc.models import bnb, dream, fast_dllm_v2, llada, sdar, wedlm
-from dlmc.models.checkpoint import checkpoint_dtype, load_weights, weight_map
+from dlmc.models.checkpoint import check_config_types, checkpoint_dtype, load_weights, weight_map
 from dlmc.models.transformer import ArchConfig, DiffusionLM
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import load_tokenizer
@@ -26,7 +27,7 @@ def family_of(config: dict, where: Path) -> ModuleType:
     archs = config.get("architectures")
     if not isinstance(archs, list) or not archs:
         raise DlmcError(f"{where}: missing field 'architectures'")
-    if archs[0] not in FAMILIES:
+    if not isinstance(archs[0], str) or archs[0] not in FAMILIES:
         known = ", ".join(sorted(FAMILIES))
         raise DlmcError(f"{where}: unknown architecture '{archs[0]}' (supported: {known})")
     return FAMILIES[archs[0]]
@@ -39,6 +40,7 @@ def read_model_config(model_dir: str | Path) -> tuple[ModuleType, ArchConfig, De
     where = model_dir / "config.json"
     config = read_json(where)
     family = family_of(config, where)
+    check_config_types(config, where)
     bnb.read_format(config, where)  # a quantization dlmc cannot read fails here, not as a shape error
     tokenizer = load_tokenizer(model_dir)
     arch, spec = family.read_config(config, where, tokenizer.token_id if tokenizer else lambda token: None)
@@ -53,6 +55,7 @@ def load_model(
     in the checkpoint's dtype unless `dtype` is given. A bitsandbytes checkpoint's linears are decoded
     to float (see dlmc.models.bnb), in bnb_4bit_compute_dtype or the checkpoint's float dtype."""
     model_dir = Path(model_dir)
+    device = check_device(device)
     family, arch, spec = read_model_config(model_dir)
     files = weight_map(model_dir)
     quantized = quantization(model_dir)
@@ -60,7 +63,7 @@ def load_model(
         dtype = dtype or default_dtype(model_dir)  # one dtype for decoded and stored-float tensors alike
     with torch.device("meta"):
         model = DiffusionLM(arch, spec)
-    load_weights(model, files, family.published_name, torch.device(device), dtype, quantized)
+    load_weights(model, files, family.published_name, device, dtype, quantized)
     return model.eval()
 
 

@@ -100,10 +100,10 @@ def read_format(config: dict, where: Path) -> BnbFormat | None:
     if eight:
         return BnbFormat("int8")
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # transformers' default
-    if quant_type not in QUANT_TYPES:
+    if not isinstance(quant_type, str) or quant_type not in QUANT_TYPES:
         raise DlmcError(f"{where}: quantization_config.bnb_4bit_quant_type '{quant_type}' is not nf4 or fp4")
     compute = qc.get("bnb_4bit_compute_dtype")
-    if compute is not None and compute not in COMPUTE_DTYPES:
+    if compute is not None and (not isinstance(compute, str) or compute not in COMPUTE_DTYPES):
         raise DlmcError(
             f"{where}: quantization_config.bnb_4bit_compute_dtype '{compute}' is not one of {', '.join(COMPUTE_DTYPES)}"
         )

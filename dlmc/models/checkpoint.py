@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,47 @@ SINGLE_FILE = "model.safetensors"
 IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+SIZES = (
+    "d_model", "n_heads", "n_layers", "n_kv_heads", "embedding_size", "mlp_hidden_size", "mlp_ratio",
+    "max_sequence_length", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+    "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings", "bd_size", "block_size",
+)
+TOKEN_IDS = ("mask_token_id", "pad_token_id", "eos_token_id")
+NUMBERS = ("rms_norm_eps", "rope_theta")
+FLAGS = (
+    "include_bias", "include_qkv_bias", "weight_tying", "rope_full_precision", "input_emb_norm", "scale_logits",
+    "multi_query_attention", "tie_word_embeddings", "attention_bias", "qk_norm",
+)
+
+
+def check_config_types(config: dict, where: Path) -> None:
+    """Every config.json field a family reader uses holds the kind of value it is read as, so a
+    hand-edited config is one line naming the field, not an arithmetic error in the reader. null is
+    read as absent, as the readers do."""
+    for key, value in config.items():
+        if value is None:
+            continue
+        if key in SIZES:
+            ok, kind = _integer(value) and value >= 1, "an integer >= 1"
+        elif key in TOKEN_IDS:  # eos may list several ids (the first is used)
+            ids = value if key == "eos_token_id" and isinstance(value, list) and value else [value]
+            ok, kind = all(_integer(v) and v >= 0 for v in ids), "a token id (an integer >= 0)"
+        elif key in NUMBERS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= sys.float_info.max
+            kind = "a positive number"
+        elif key in FLAGS:
+            ok, kind = isinstance(value, bool), "true or false"
+        else:
+            continue
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise DlmcError(f"{where}: field '{key}' must be {kind}, got {shown}")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def field(config: dict, key: str, where: Path, family: str, default=None, required: bool = True):
     """A config value; a missing required one is an error naming the file and the field."""
     if key in config and config[key] is not None:
@@ -38,15 +81,48 @@ def weight_map(model_dir: Path) -> dict[str, Path]:
         entries = read_json(index).get("weight_map")
         if not isinstance(entries, dict) or not entries:
             raise DlmcError(f"{index}: missing or empty 'weight_map'")
+        if not all(isinstance(shard, str) for shard in entries.values()):
+            raise DlmcError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = {name: model_dir / shard for name, shard in entries.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise DlmcError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+            read_header(shard)
         return files
     single = model_dir / SINGLE_FILE
     if single.is_file():
-        return {name: single for name in _open(single).keys()}
+        return {name: single for name in read_header(single)}
     raise DlmcError(f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE}")
+
+
+MAX_HEADER = 100_000_000
+"""The largest header safetensors itself reads."""
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets), read from its header alone,
+    after checking the file is as long as the header says its data is: a truncated download fails
+    here, naming the shard, and not only once the weights are read (never, for `dlmc inspect`)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")  # u64 little-endian, then the JSON header
+            raw = f.read(length) if length <= MAX_HEADER else b""
+        header = json.loads(raw)
+    except OSError as e:
+        raise DlmcError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError:  # also UnicodeDecodeError
+        raise DlmcError(f"{path}: not a safetensors file (no readable header; truncated?)") from None
+    if not isinstance(header, dict):
+        raise DlmcError(f"{path}: not a safetensors file (no readable header)")
+    tensors = {name: t for name, t in header.items() if name != "__metadata__"}
+    try:
+        end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise DlmcError(f"{path}: not a safetensors file (a tensor without data_offsets)") from None
+    size = path.stat().st_size
+    if size < 8 + length + end:
+        raise DlmcError(f"{path}: truncated: {size} bytes, the header describes {8 + length + end}")
+    return tensors
 
 
 def _open(path: Path):

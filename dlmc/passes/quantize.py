@@ -107,7 +107,7 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
         if scheme.bits == 4 and (scheme.group_size or w.shape[1]) % 2:
             raise DlmcError(f"quantize.group_size: int4 packing needs an even group size ({name})")
 
-    batches = batches() if callable(batches) else batches
+    batches = _at_most(batches() if callable(batches) else batches, program.signature.batch[1])
     if len(batches) == 0 or sum(b[0].shape[0] for b in batches) < Calibration.minimum:
         raise DlmcError(f"quantize.calibration: fewer than {Calibration.minimum} calibration samples")
     flat_state = _flat_state(ep)
@@ -321,6 +321,13 @@ def _rewrite(
             graph.erase_node(weight_node)
             del state[name + ".weight"]
     return added
+
+
+def _at_most(batches: list[tuple[torch.Tensor, ...]], largest: int) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration batches cut to the largest batch the step was captured for (a graph captured for
+    batch 1 holds that size as a constant): batch_size only groups rows, and the statistics are sums
+    and maxima over rows, whatever the grouping."""
+    return [tuple(t[i : i + largest] for t in batch) for batch in batches for i in range(0, len(batch[0]), largest)]
 
 
 def _flat_state(ep: torch.export.ExportedProgram) -> list[Any]:

@@ -75,7 +75,11 @@ def translation_table() -> dict[Any, Any]:
                               op20.CastLike(op20.Constant(value_float=127.0), x))
             xq = op20.Cast(codes, to=ir.DataType.INT8)
             acc = op20.MatMulInteger(xq, op20.Transpose(qweight, perm=[1, 0]))  # int32 [..., out]
-            y = op20.Mul(op20.Mul(op20.CastLike(acc, x), s), op20.Transpose(scale, perm=[1, 0]))
+            # rescaled in fp32: the int32 sums overflow fp16 (see dlmc.quant.ops._linear_w8a8)
+            f32 = ir.DataType.FLOAT
+            y = op20.Mul(op20.Mul(op20.Cast(acc, to=f32), op20.Cast(s, to=f32)),
+                         op20.Cast(op20.Transpose(scale, perm=[1, 0]), to=f32))
+            y = op20.CastLike(y, x)
         return y if bias is None else op20.Add(y, bias)
 
     return {torch.ops.dlmc.linear_woq.default: linear_woq, torch.ops.dlmc.linear_w8a8.default: linear_w8a8}

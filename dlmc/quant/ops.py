@@ -74,7 +74,10 @@ def _linear_w8a8(
     # int8 x int8 -> int32 (VNNI on this CPU: 2.8x the fp32 matmul, benchmarks/int8_matmul.py)
     acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), qweight.t())  # [rows, out] int32
     acc = acc.reshape(*x.shape[:-1], qweight.shape[0])
-    y = acc.to(x.dtype) * (s * scale.reshape(-1).to(x.dtype))  # [..., out]
+    # The int32 sums reach 127 * 127 * in (66k at in=64): cast to fp16 (max 65504) they overflow to inf,
+    # so rescale in fp32 and cast the layer's output, which is of ordinary size, back.
+    wide = torch.promote_types(x.dtype, torch.float32)
+    y = (acc.to(wide) * (s.to(wide) * scale.reshape(-1).to(wide))).to(x.dtype)  # [..., out]
     return y if bias is None else y + bias
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dlmc.device import check_device
 from dlmc.errors import DlmcError
 
 Step = Callable[..., Any]
@@ -29,6 +30,10 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "tensorrt": (("torch_tensorrt",), "trt"),
 }
 """Backend -> (modules it imports, the dlmc extra that installs them)."""
+FILES = {"eager": ("graph", "weights"), "inductor": ("package", "weights"), "onnxrt": ("model",), "tensorrt": ("program",)}
+"""Backend -> the files its manifest entry must name (backend.files)."""
+STATE = ("parameters", "buffers", "constants")
+"""What backend.state lists for a backend whose weights live in a safetensors file."""
 
 
 def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
@@ -40,9 +45,14 @@ def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
     if missing:
         hint = f"; pip install 'dlmc[{extra}]'" if extra else ""
         raise DlmcError(f"{root}: this artifact runs on {name}, which needs {', '.join(missing)}{hint}")
+    manifest = root / "manifest.json"  # read_manifest checked the entry's types, not what each backend needs
+    missing = [role for role in FILES[name] if role not in entry.get("files", {})]
+    if missing:
+        raise DlmcError(f"{manifest}: backend.files.{missing[0]}: required by the {name} backend")
+    if "weights" in FILES[name] and not all(role in entry.get("state", {}) for role in STATE):
+        raise DlmcError(f"{manifest}: backend.state: needs the lists {', '.join(STATE)}")
     built_for = torch.device(entry.get("device", "cpu")).type
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise DlmcError(f"device '{device}' was asked for, but torch sees no CUDA device")
+    check_device(device)
     return LOADERS[name](root, entry, device, built_for)
 
 

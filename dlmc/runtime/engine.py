@@ -15,6 +15,7 @@ import torch
 
 from dlmc.artifact import TOKENIZER_DIR, StepSignature, read_manifest
 from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
+from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
 from dlmc.runtime import loop
@@ -143,6 +144,8 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     """Load a compiled artifact: check its format version and every file's hash, then load the step
     with the one backend it was compiled for. `device` defaults to the one it was compiled for."""
     root = Path(path)
+    if device is not None:
+        check_device(device)
     manifest = read_manifest(root, verify=True)
     entry = manifest["backend"]
     signature = StepSignature.from_dict(manifest["signature"])

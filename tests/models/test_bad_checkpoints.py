@@ -92,3 +92,24 @@ def test_not_a_directory(tmp_path):
 def test_copy_is_independent(ckpt, tmp_path):
     shutil.copytree(ckpt, tmp_path / "copy")
     assert load_model(tmp_path / "copy").spec.family == "llada"
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -1])
+def test_inspect_names_a_truncated_shard(ckpt, keep):
+    """`dlmc inspect` reads no weights, so only the header check can tell the download was cut short."""
+    from typer.testing import CliRunner
+
+    from dlmc.cli import app
+
+    shard = first_shard(ckpt)
+    shard.write_bytes(shard.read_bytes()[:keep])
+    result = CliRunner().invoke(app, ["inspect", str(ckpt)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {shard}: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_truncated_single_file_checkpoint(tmp_path):
+    path = write_checkpoint("sdar", tmp_path / "s", shards=1)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    expect_error(path, "model.safetensors: truncated")

@@ -1,4 +1,5 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,48 @@ def test_non_finite_activations_are_one_clear_line(llada):
     message = r"^quantize.calibration: non-finite activations \(NaN/inf\) at the input of layers.0.attn.q_proj"
     with pytest.raises(DlmcError, match=message):
         quantize_program(broken, Quantize(), batches)
+
+
+def test_calibration_batches_larger_than_the_step_run_in_chunks(llada):
+    """A step captured for batch 1 holds the batch as a constant; batch_size 8 used to stop with
+    torch's "expanded size" error. The static activation scales are maxima: any grouping gives them."""
+    path, model, _ = llada
+    single = capture(model, CaptureConfig(max_batch=1))
+    scheme = Scheme(activations="per_tensor")
+    scales = []
+    for batch_size in (8, 1):
+        config = Quantize(scheme=scheme, calibration=Calibration(samples=8, seq_len=24, batch_size=batch_size))
+        with quant_session(path):
+            program = quantize(single, config).program
+        scales.append({k: v for k, v in program.exported.state_dict.items() if k.endswith("act_scale")})
+    assert scales[0].keys() == scales[1].keys() and len(scales[0]) == 15
+    assert all(torch.equal(scales[0][k], scales[1][k]) for k in scales[0])
+
+
+def test_the_fp16_jetson_recipe_calibrates_a_llada_checkpoint(tmp_path):
+    """The Jetson W8A8 recipe's passes on a fp16 LLaDA: static int8 activations put |int32 sums| above
+    65504 already at 64 input channels; the layer's rescale must not pass through fp16 (it did, and
+    calibration stopped at "non-finite activations at layers.0.attn.o_proj", fed by q/k/v's inf)."""
+    import yaml
+
+    from dlmc.compiler import compile_model
+    from dlmc.recipe import check_target, parse_recipe
+    from dlmc.runtime import load
+    from dlmc.testing.fixtures import write_checkpoint
+
+    recipe_path = Path(__file__).parents[2] / "recipes" / "llada-8b-jetson-orin-w8a8.yaml"
+    data = yaml.safe_load(recipe_path.read_text())
+    prompts = tmp_path / "calibration.txt"
+    prompts.write_text("\n".join(f"count {37 * i}: and then some words" for i in range(8)))
+    data["passes"][1]["quantize"]["calibration"].update(file=str(prompts), samples=8, seq_len=48)
+    recipe = parse_recipe(data)
+    if check_target(recipe, "cpu", "float16"):  # no onnxruntime here: the passes are what matter
+        recipe = parse_recipe(data | {"lower": {"backend": "eager"}})
+    checkpoint = write_checkpoint("llada", tmp_path / "m", dtype=torch.float16)
+    out = compile_model(checkpoint, recipe, tmp_path / "out")
+    engine = load(out)
+    logits = engine(torch.tensor([[5, 6, 7, 8, 9, 10]]))
+    assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
 
 
 def test_lowers_with_inductor(w8a8, weight_only):

@@ -37,3 +37,16 @@ def test_linear_w8a8_equals_integer_arithmetic():
     xq = torch.round(x / a).clamp(-128, 127).long()
     expected = (xq @ q8.long().T).double() * 0.01 * qw.scale.double().reshape(-1)
     torch.testing.assert_close(ops.linear_w8a8(x, q8, qw.scale, None, a).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_w8a8_in_fp16_rescales_sums_beyond_the_fp16_range():
+    """int8 x int8 sums over 64 channels reach 127 * 127 * 64 > 65504, the largest fp16."""
+    x = torch.full((2, 64), 1.0)
+    q8 = torch.full((3, 64), 127, dtype=torch.int8)
+    scale = torch.full((3, 1), 1 / 127)
+    expected = ops.linear_w8a8(x, q8, scale, None, torch.tensor(1 / 127))  # fp32: 64 * 1 * 1
+    actual = ops.linear_w8a8(x.half(), q8, scale.half(), None, torch.tensor(1 / 127).half())
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual.float(), expected, rtol=2e-3, atol=0)
+    dynamic = ops.linear_w8a8(x.half(), q8, scale.half(), None, None)  # per token: the same sums
+    torch.testing.assert_close(dynamic.float(), expected, rtol=2e-3, atol=0)

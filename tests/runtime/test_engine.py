@@ -148,3 +148,54 @@ def test_load_names_the_missing_backend_package(artifact, tmp_path):
         pytest.skip("torch_tensorrt is installed here")
     with pytest.raises(DlmcError, match="needs torch_tensorrt; pip install 'dlmc\\[trt\\]'"):
         dlmc.runtime.load(copy)
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_an_unusable_device_is_one_line(artifact, checkpoints, device):
+    for load in (dlmc.runtime.load, lambda path, device: load_model(checkpoints["llada"], device=device)):
+        with pytest.raises(DlmcError, match=f"^device: '{device}'"):
+            load(artifact, device=device)
+
+
+def _set(path: str, value):
+    """A manifest edit setting the field at a dotted path (list items by index); None removes it."""
+    def change(manifest):
+        *parents, leaf = [int(k) if k.isdigit() else k for k in path.split(".")]
+        for key in parents:
+            manifest = manifest[key]
+        if value is None:
+            del manifest[leaf]
+        else:
+            manifest[leaf] = value
+    return change
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("signature.inputs.2.dtype", None, "signature.inputs[2].dtype: required"),
+        ("signature.inputs.2.dtype", "int65", "signature.inputs[2].dtype: 'int65' is not a torch dtype"),
+        ("signature.inputs.0.shape", "batch", "signature.inputs[0].shape: expected a list, got a string"),
+        ("signature.outputs", {}, "signature.outputs: expected a list, got a mapping"),
+        ("signature.batch", [2], "signature.batch: expected [smallest, largest]"),
+        ("signature.seq", ["2", 16], "signature.seq[0]: expected an integer, got a string '2'"),
+        ("signature.cache", [], "signature.cache: expected a mapping, got a list"),
+        ("spec.mask_token_id", None, "spec.mask_token_id: required"),
+        ("spec.attention", "sideways", "spec.attention: 'sideways' is not one of"),
+        ("spec.shift_logits", 1, "spec.shift_logits: expected a boolean, got an integer 1"),
+        ("spec.colour", "red", "spec.colour: unknown option"),
+        ("backend.device", "tpu", "backend.device: 'tpu' is not cpu, cuda or cuda:N"),
+        ("backend.files.graph", "../../etc/passwd", "backend.files.graph: '../../etc/passwd' is not one of"),
+        ("backend.files.weights", None, "backend.files.weights: required by the eager backend"),
+        ("backend.state", None, "backend.state: needs the lists parameters, buffers, constants"),
+        ("decode", [], "decode: expected a mapping or nothing, got a list"),
+        ("passes.0.exact", "yes", "passes[0].exact: expected a boolean, got a string"),
+    ],
+)
+def test_load_names_the_malformed_manifest_field(artifact, tmp_path, path, value, message):
+    copy = copy_artifact(artifact, tmp_path)
+    edit_manifest(copy, _set(path, value))
+    with pytest.raises(DlmcError) as info:
+        dlmc.runtime.load(copy)
+    assert str(info.value).startswith(f"{copy / 'manifest.json'}: {message}"), str(info.value)
+    assert "\n" not in str(info.value)
