@@ -108,6 +108,7 @@ def run(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint or artifact directory (default: the embedded model).")] = None,
     prompt: Prompt = [],
     prompt_ids: PromptIds = [],
+    chat: Annotated[bool, Opt("--chat", help="Each --prompt is one user message, through the model's chat template.")] = False,
     decoder: Annotated[Optional[str], Opt(help="llada | dream | block | wedlm (default: the family's).")] = None,
     gen_length: Annotated[Optional[int], Opt()] = None,
     steps: Annotated[Optional[int], Opt()] = None,
@@ -131,7 +132,7 @@ def run(
 
     try:
         model, spec, tokenizer, defaults = _load(path, device, dtype)
-        prompts = encode_prompts(tokenizer, prompt, prompt_ids)
+        prompts = encode_prompts(tokenizer, prompt, prompt_ids, chat=chat)
         options = _decoder_options(
             gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,

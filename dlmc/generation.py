@@ -83,13 +83,21 @@ def generate(
     return completions
 
 
-def encode_prompts(tokenizer: TextTokenizer | None, texts: list[str], id_lists: list[str]) -> list[list[int]]:
-    """Prompts from --prompt texts and --prompt-ids lists ("1,2,3"), in that order."""
+def encode_prompts(
+    tokenizer: TextTokenizer | None, texts: list[str], id_lists: list[str], chat: bool = False
+) -> list[list[int]]:
+    """Prompts from --prompt texts and --prompt-ids lists ("1,2,3"), in that order. With `chat` each
+    text is one user message rendered by the model's chat template (--prompt-ids are used as given)."""
     prompts = []
+    if chat and (tokenizer is None or tokenizer.chat_template is None):
+        raise DlmcError("--chat: this model has no chat template (no chat_template in tokenizer_config.json)")
     if texts:
         if tokenizer is None:
             raise DlmcError("this model has no tokenizer files; pass --prompt-ids instead of --prompt")
-        prompts += [tokenizer.encode(text) for text in texts]
+        if chat:
+            prompts += [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in texts]
+        else:
+            prompts += [tokenizer.encode(text) for text in texts]
     for ids in id_lists:
         try:
             prompts.append([int(t) for t in ids.split(",") if t.strip()])

@@ -1,5 +1,6 @@
 """Tokenizers from a checkpoint directory, with the `tokenizers` library only (no transformers,
-no remote code): tokenizer.json when present, else Qwen-style vocab.json + merges.txt."""
+no remote code): tokenizer.json when present, else Qwen-style vocab.json + merges.txt; with the chat
+template of tokenizer_config.json when it has one (see dlmc.chat)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from dlmc.chat import ChatTemplate
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
 
@@ -18,11 +20,31 @@ QWEN_SPLIT = (
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, chat_template: ChatTemplate | None = None):
         self._tok = tokenizer
+        self.chat_template = chat_template
 
     def encode(self, text: str) -> list[int]:
+        """The ids of `text`, adding no special tokens; special-token strings in it (e.g. <|im_start|>)
+        become their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a conversation through the chat template, with the generation prompt.
+        Special tokens come from the template's text only, except the BOS id when the config asks
+        for add_bos_token and the text does not already start with it (as transformers' Llama tokenizer)."""
+        template = self.chat_template
+        if template is None:
+            raise DlmcError("this model has no chat template (tokenizer_config.json has no chat_template)")
+        text = template.render(messages)
+        ids = self.encode(text)
+        bos = template.bos_token
+        if template.add_bos_token and bos and not text.startswith(bos):
+            bos_id = self.token_id(bos)
+            if bos_id is None:
+                raise DlmcError(f"tokenizer_config.json: bos_token '{bos}' is not in the vocabulary")
+            ids = [bos_id] + ids
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -41,14 +63,18 @@ def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
     """The directory's tokenizer, or None when it ships no tokenizer files."""
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
+    config_path = model_dir / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    chat = ChatTemplate.from_config(config) if isinstance(config, dict) else None
     if path.is_file():
         try:
-            return TextTokenizer(Tokenizer.from_file(str(path)))
+            tok = Tokenizer.from_file(str(path))
         except Exception as e:
             raise DlmcError(f"{path}: cannot load tokenizer ({e})") from None
+        return TextTokenizer(tok, chat)
     vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
     if vocab.is_file() and merges.is_file():
-        return TextTokenizer(_qwen_bpe(model_dir, vocab, merges))
+        return TextTokenizer(_qwen_bpe(model_dir, vocab, merges), chat)
     return None
 
 

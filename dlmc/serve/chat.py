@@ -1,15 +1,13 @@
-"""Chat messages -> prompt token ids.
-
-A placeholder rendering, kept in this one function so that real chat templates (the Jinja2
-`chat_template` of tokenizer_config.json, another engineer's work) can replace it: the messages'
-text contents joined by a space, roles dropped, which is how a base model without a template reads a
-conversation. For the embedded model a one-message chat is the completion of that message's text.
+"""Chat messages -> prompt token ids: through the checkpoint's chat template (dlmc.chat) when its
+tokenizer_config.json has one; a model without a template reads the messages' text contents joined
+by a space, roles dropped (for the embedded model a one-message chat is the completion of its text).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from dlmc.errors import DlmcError
 from dlmc.serve.openai_types import ApiError
 from dlmc.tokenizer import TextTokenizer
 
@@ -25,6 +23,15 @@ def message_text(message: dict[str, Any]) -> str:
 
 
 def render_chat(tokenizer: TextTokenizer, messages: list[dict[str, Any]]) -> list[int]:
-    """The prompt ids of a conversation (see the module docstring: to be replaced by chat templates)."""
-    text = " ".join(t for t in (message_text(m) for m in messages) if t)
-    return tokenizer.encode(text)
+    """The prompt ids of a conversation; a template error is a 400 naming the template."""
+    if tokenizer.chat_template is None:
+        text = " ".join(t for t in (message_text(m) for m in messages) if t)
+        return tokenizer.encode(text)
+    if not messages:
+        raise ApiError(400, "messages is empty", param="messages")
+    # Templates read message['content'] as a string; fields the client did not set are left out.
+    plain = [{k: v for k, v in m.items() if v is not None} | {"content": message_text(m)} for m in messages]
+    try:
+        return tokenizer.encode_chat(plain)
+    except DlmcError as e:
+        raise ApiError(400, str(e), param="messages") from None

@@ -30,7 +30,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>"]
+LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>"]
 QWEN_SPECIALS = {
     "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"],
     "fast_dllm_v2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|"],
@@ -38,6 +38,26 @@ QWEN_SPECIALS = {
     "wedlm": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
 }
 FAMILIES = ("llada", "dream", "fast_dllm_v2", "sdar", "wedlm")
+
+# Chat templates in the shapes of the published ones (written here, not copied): LLaDA-8B-Instruct's
+# Llama-3 headers with the BOS written by the template, and Qwen2.5's ChatML with a default system turn.
+LLAMA3_CHAT_TEMPLATE = "".join([
+    "{% for message in messages %}",
+    "{% if loop.first %}{{ bos_token }}{% endif %}",
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}",
+    "{% endfor %}",
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+])
+CHATML_CHAT_TEMPLATE = "".join([
+    "{% for message in messages %}",
+    "{% if loop.first and message['role'] != 'system' %}",
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}",
+    "{% endif %}",
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}",
+    "{% endfor %}",
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+])
+CHAT_TEMPLATES = {"llama3": LLAMA3_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
 
 
 def special_ids(family: str) -> dict[str, int]:
@@ -61,8 +81,10 @@ def write_checkpoint(
     shards: int = 2,
     seed: int = 0,
     tokenizer: bool = True,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write the checkpoint and return its directory."""
+    """Write the checkpoint and return its directory. `chat_template` (a Jinja2 string, e.g. one of
+    CHAT_TEMPLATES) goes into tokenizer_config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = special_ids(family)
@@ -82,7 +104,7 @@ def write_checkpoint(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _write_shards(out, weights, shards)
     if tokenizer:
-        _write_tokenizer(family, out, ids)
+        _write_tokenizer(family, out, ids, chat_template)
     return out
 
 
@@ -318,7 +340,8 @@ def _byte_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {chars[b]: b for b in range(256)}, []
 
 
-def _write_tokenizer(family: str, out: Path, ids: dict[str, int]) -> None:
+def _write_tokenizer(family: str, out: Path, ids: dict[str, int], chat_template: str | None = None) -> None:
+    chat = {"chat_template": chat_template} if chat_template is not None else {}
     vocab, merges = _byte_bpe()
     decoder = {str(i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True} for tok, i in ids.items()}
     if family in ("llada", "sdar"):
@@ -337,6 +360,7 @@ def _write_tokenizer(family: str, out: Path, ids: dict[str, int]) -> None:
             "pad_token": "<|endoftext|>",
             "model_max_length": 1000000000000000019884624838656,
             "tokenizer_class": "PreTrainedTokenizerFast",
+            **chat,
         }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
         (out / "special_tokens_map.json").write_text(
@@ -346,5 +370,5 @@ def _write_tokenizer(family: str, out: Path, ids: dict[str, int]) -> None:
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     (out / "added_tokens.json").write_text(json.dumps(ids, indent=2))
-    config = {"added_tokens_decoder": decoder, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "Qwen2Tokenizer"}
+    config = {"added_tokens_decoder": decoder, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "Qwen2Tokenizer", **chat}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
