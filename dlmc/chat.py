@@ -60,7 +60,8 @@ class ChatTemplate:
         if isinstance(source, list):
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
             if "default" not in named:
-                raise DlmcError(f"{WHERE}: a list of templates without one named 'default' ({', '.join(map(str, named))})")
+                names = ", ".join(map(str, named))
+                raise DlmcError(f"{WHERE}: a list of templates without one named 'default' ({names})")
             source = named["default"]
         if not isinstance(source, str):
             raise DlmcError(f"{WHERE}: expected a string, got {type(source).__name__}")

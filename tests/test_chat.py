@@ -15,7 +15,7 @@ from dlmc.testing.fixtures import CHAT_TEMPLATES, special_ids, write_checkpoint
 from dlmc.tokenizer import load_tokenizer
 from tests.test_cli import invoke
 
-TINY = dict(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=16, shards=1)
+TINY = {"hidden": 16, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 16, "shards": 1}
 ONE = [{"role": "user", "content": "hi"}]
 MANY = [
     {"role": "system", "content": "Be brief."},
@@ -53,16 +53,17 @@ def text_ids(text):
 def test_llama3_shape(llada):
     tok = load_tokenizer(llada)
     head = "<|start_header_id|>{}<|end_header_id|>\n\n"
-    assert tok.chat_template.render(ONE) == "<|startoftext|>" + head.format("user") + "hi<|eot_id|>" + head.format("assistant")
+    user, assistant = head.format("user"), head.format("assistant")
+    assert tok.chat_template.render(ONE) == "<|startoftext|>" + user + "hi<|eot_id|>" + assistant
     assert tok.chat_template.render(MANY) == "<|startoftext|>" + "".join(
         head.format(m["role"]) + m["content"] + "<|eot_id|>" for m in MANY
-    ) + head.format("assistant")
+    ) + assistant
     sp = special_ids("llada")
     start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
-    assert tok.encode_chat(ONE) == (
-        [sp["<|startoftext|>"], start, *text_ids("user"), end, *text_ids("\n\nhi"), eot, start, *text_ids("assistant"), end]
-        + text_ids("\n\n")
-    )
+    assert tok.encode_chat(ONE) == [
+        sp["<|startoftext|>"], start, *text_ids("user"), end, *text_ids("\n\nhi"), eot,
+        start, *text_ids("assistant"), end, *text_ids("\n\n"),
+    ]
 
 
 def test_chatml_shape(dream):
@@ -93,10 +94,11 @@ def test_bos_added_once(llada):
 
 
 def test_named_templates_and_tojson():
-    named = ChatTemplate([{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ messages | tojson }}"}])
+    tool_use = {"name": "tool_use", "template": "x"}
+    named = ChatTemplate([tool_use, {"name": "default", "template": "{{ messages | tojson }}"}])
     assert named.render(ONE) == '[{"role": "user", "content": "hi"}]'
     with pytest.raises(DlmcError, match="chat_template: a list of templates without one named 'default'"):
-        ChatTemplate([{"name": "tool_use", "template": "x"}]).render(ONE)
+        ChatTemplate([tool_use]).render(ONE)
 
 
 @pytest.mark.parametrize(
@@ -134,7 +136,9 @@ def test_run_chat_without_template(tmp_path):
     path = write_checkpoint("llada", tmp_path / "plain", **TINY)
     result = invoke("run", path, "--chat", "--prompt", "hi", "--gen-length", 4, "--steps", 2)
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["error: --chat: this model has no chat template (no chat_template in tokenizer_config.json)"]
+    assert result.output.strip().splitlines() == [
+        "error: --chat: this model has no chat template (no chat_template in tokenizer_config.json)"
+    ]
 
 
 def test_serve_chat_uses_template(llada):
