@@ -94,7 +94,8 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         on_canvas: Callable | None = None,
     ) -> Generation:
-        """Decode `prompts` (token ids) with a reference decoder running on the compiled step.
+        """Decode `prompts` (token ids): the fused loop of a `fuse_decode` artifact, or a reference
+        decoder running on the compiled step.
 
         The decoder defaults to the artifact's decode defaults, else the model's own sampler; `config`
         defaults to the decode defaults' config for that decoder, else the decoder's defaults."""
