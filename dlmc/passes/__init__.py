@@ -17,11 +17,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch.export import ExportedProgram
+from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputSpec, OutputSpec, TensorArgument
 from torch.fx.node import map_aggregate
 
+from dlmc.artifact import StepSignature, TensorSpec
 from dlmc.capture import StepProgram
+from dlmc.errors import DlmcError
 
 
 class PassConfig:
@@ -151,6 +153,50 @@ def input_kinds(program: StepProgram) -> dict[str, tuple[str, str | None]]:
     return {spec.arg.name: (spec.kind.name, spec.target) for spec in program.exported.graph_signature.input_specs}
 
 
+EXAMPLE_SIZES = {"batch": 2, "seq": 8, "cache": 5, "rows": 3}
+"""Distinct example sizes for re-export, so no two dims are taken to be equal."""
+
+
+def reexport(module: torch.fx.GraphModule, program: StepProgram, signature: StepSignature, pass_name: str) -> ExportedProgram:
+    """Export a pass's edited (unlifted) module again, every named dim of its new signature dynamic:
+    how a pass that adds step inputs (a K/V cache, head rows) gives them symbolic shapes and metadata."""
+    device = next(iter(program.exported.state_dict.values())).device
+    max_batch, max_seq = signature.batch[1], signature.seq[1]
+    dims = {
+        "batch": Dim("batch", min=1, max=max_batch) if max_batch > 1 else None,
+        "seq": Dim("seq", min=signature.seq[0], max=max_seq),
+        "cache": Dim("cache", min=1, max=max_seq),
+        "rows": Dim("rows", min=1, max=max_seq),
+    }
+    sizes = dict(EXAMPLE_SIZES, batch=min(2, max_batch))
+    examples, shapes = [], {}
+    for spec in signature.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
+        examples.append(_example_input(spec, shape, sizes, device))
+        shapes[spec.name] = {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str) and dims[d] is not None}
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(examples), dynamic_shapes=shapes)
+    except Exception as e:
+        raise DlmcError(f"{pass_name}: cannot export the rewritten step: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _example_input(spec: TensorSpec, shape: list[int], sizes: dict[str, int], device) -> torch.Tensor:
+    """A valid example input: in-range ids and row indices, all-True masks, increasing positions."""
+    dtype = getattr(torch, spec.dtype)
+    if spec.name == "head_rows":
+        return torch.arange(sizes["rows"], device=device).expand(*shape).contiguous()
+    if spec.name == "uniform":
+        return torch.full(shape, 0.5, dtype=dtype, device=device)
+    if spec.name == "temperature":
+        return torch.ones(shape, dtype=dtype, device=device)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype, device=device)
+    if dtype == torch.int64:  # ids and positions: distinct, in every vocabulary
+        return (torch.arange(shape[-1], device=device) % 97).expand(*shape).contiguous()
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 # The closed list of pass modules; importing them registers them. Order here means nothing.
 from dlmc.passes import (  # noqa: E402
     block_cache,
@@ -179,6 +225,7 @@ __all__ = [
     "mixed_precision",
     "pass_configs",
     "quantize",
+    "reexport",
     "register",
     "rotate",
     "window_pruning",

@@ -24,15 +24,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch.export import Dim
 
 from dlmc.artifact import StepSignature, TensorSpec
 from dlmc.capture import StepProgram
 from dlmc.errors import DlmcError
-from dlmc.passes import PassConfig, PassResult, register
+from dlmc.passes import PassConfig, PassResult, reexport, register
 
-EXAMPLE_SIZES = {"batch": 2, "seq": 8, "cache": 5, "rows": 3}
-"""Distinct example sizes for re-export, so no two dims are taken to be equal."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,48 +111,9 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
     signature = StepSignature(
         inputs=tuple(inputs), outputs=tuple(outputs), batch=sig.batch, seq=sig.seq, cache=sig.cache
     )
-    return PassResult(program.with_exported(_reexport(module, program, signature), signature), True)
+    return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
 
 
 def _module_path(node: torch.fx.Node) -> str | None:
     stack = node.meta.get("nn_module_stack")
     return list(stack.values())[-1][0] if stack else None
-
-
-def _reexport(module: torch.fx.GraphModule, program: StepProgram, signature: StepSignature):
-    """Export the edited module again, every named dim of the signature dynamic."""
-    device = next(iter(program.exported.state_dict.values())).device
-    max_batch, max_seq = signature.batch[1], signature.seq[1]
-    dims = {
-        "batch": Dim("batch", min=1, max=max_batch) if max_batch > 1 else None,
-        "seq": Dim("seq", min=signature.seq[0], max=max_seq),
-        "cache": Dim("cache", min=1, max=max_seq),
-        "rows": Dim("rows", min=1, max=max_seq),
-    }
-    sizes = dict(EXAMPLE_SIZES, batch=min(2, max_batch))
-    examples, shapes = [], {}
-    for spec in signature.inputs:
-        shape = [sizes[d] if isinstance(d, str) else d for d in spec.shape]
-        examples.append(_example(spec, shape, sizes, device))
-        shapes[spec.name] = {i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str) and dims[d] is not None}
-    try:
-        with torch.no_grad():
-            return torch.export.export(module, tuple(examples), dynamic_shapes=shapes)
-    except Exception as e:
-        raise DlmcError(f"fuse_decode: cannot export the fused step: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-
-
-def _example(spec: TensorSpec, shape: list[int], sizes: dict[str, int], device) -> torch.Tensor:
-    """A valid example input: in-range ids and row indices, all-True masks, increasing positions."""
-    dtype = getattr(torch, spec.dtype)
-    if spec.name == "head_rows":
-        return torch.arange(sizes["rows"], device=device).expand(*shape).contiguous()
-    if spec.name == "uniform":
-        return torch.full(shape, 0.5, dtype=dtype, device=device)
-    if spec.name == "temperature":
-        return torch.ones(shape, dtype=dtype, device=device)
-    if dtype == torch.bool:
-        return torch.ones(shape, dtype=dtype, device=device)
-    if dtype == torch.int64:  # ids and positions: distinct, in every vocabulary
-        return (torch.arange(shape[-1], device=device) % 97).expand(*shape).contiguous()
-    return torch.zeros(shape, dtype=dtype, device=device)

@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.export import Dim
 
 from dlmc.artifact import StepSignature, TensorSpec
-from dlmc.capture import STEP_INPUTS, StepProgram, example_inputs
+from dlmc.capture import STEP_INPUTS, StepProgram
 from dlmc.errors import DlmcError
 from dlmc.models.transformer import cached_attention_mask
+from dlmc.passes import reexport
 
 CACHE_INPUTS = ("cache_mask", "cache_positions", "cache_keys", "cache_values")
 CACHE_OUTPUTS = ("keys", "values")
@@ -95,7 +95,6 @@ def add_kv_cache(program: StepProgram, policy: dict[str, Any]) -> StepProgram:
     val = fresh["keys"][0].meta["val"]  # [B, kv_heads, L, head_dim]
     kv_heads, head_dim, dtype = int(val.shape[1]), int(val.shape[3]), val.dtype
     layers = len(attention)
-    exported = _reexport(rewritten, program, layers, kv_heads, head_dim, dtype)
     signature = StepSignature(
         inputs=(
             *sig.inputs,
@@ -113,7 +112,7 @@ def add_kv_cache(program: StepProgram, policy: dict[str, Any]) -> StepProgram:
         seq=sig.seq,
         cache=dict(policy),
     )
-    return program.with_exported(exported, signature)
+    return program.with_exported(reexport(rewritten, program, signature, "K/V cache"), signature)
 
 
 def require_bidirectional(program: StepProgram, pass_name: str) -> None:
@@ -124,31 +123,6 @@ def require_bidirectional(program: StepProgram, pass_name: str) -> None:
             f"{pass_name}: supports bidirectional families (LLaDA, Dream), not {program.spec.family} "
             f"({program.spec.attention} attention): use causal_cache, which is exact there"
         )
-
-
-def _reexport(
-    module: torch.fx.GraphModule, program: StepProgram, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype
-) -> torch.export.ExportedProgram:
-    sig = program.signature
-    device = next(iter(program.exported.state_dict.values())).device
-    batch_size, seq_len, cache_len = min(2, sig.batch[1]), min(8, sig.seq[1]), 5  # distinct sizes: no false ties
-    ids, mask, pos = example_inputs(batch=batch_size, seq=seq_len, device=device)
-    cache_mask = torch.ones(batch_size, cache_len, dtype=torch.bool, device=device)
-    cache_pos = torch.arange(cache_len, device=device).expand(batch_size, cache_len)
-    kv = torch.zeros(layers, batch_size, kv_heads, cache_len, head_dim, dtype=dtype, device=device)
-    batch = Dim("batch", min=1, max=sig.batch[1]) if sig.batch[1] > 1 else None
-    seq = Dim("seq", min=sig.seq[0], max=sig.seq[1])
-    cache = Dim("cache", min=1, max=sig.seq[1])
-    rows = {0: batch} if batch is not None else {}
-    dims = {name: {**rows, 1: seq} for name in STEP_INPUTS}
-    dims |= {"cache_mask": {**rows, 1: cache}, "cache_positions": {**rows, 1: cache}}
-    kv_batch = {1: batch} if batch is not None else {}
-    dims |= {"cache_keys": {**kv_batch, 3: cache}, "cache_values": {**kv_batch, 3: cache}}
-    try:
-        with torch.no_grad():
-            return torch.export.export(module, (ids, mask, pos, cache_mask, cache_pos, kv, kv.clone()), dynamic_shapes=dims)
-    except Exception as e:
-        raise DlmcError(f"cannot export the step with a K/V cache: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def _name(dtype: torch.dtype) -> str:
