@@ -109,7 +109,9 @@ def run(
     prompt: Prompt = [],
     prompt_ids: PromptIds = [],
     chat: Annotated[bool, Opt("--chat", help="Each --prompt is one user message, through the model's chat template.")] = False,
-    decoder: Annotated[Optional[str], Opt(help="llada | dream | block | wedlm (default: the family's).")] = None,
+    decoder: Annotated[
+        Optional[str], Opt(help="llada | dream | block | wedlm | llada2 | llada2_edit (default: the family's).")
+    ] = None,
     gen_length: Annotated[Optional[int], Opt()] = None,
     steps: Annotated[Optional[int], Opt()] = None,
     block_length: Annotated[Optional[int], Opt()] = None,
@@ -121,6 +123,11 @@ def run(
     alg: Annotated[Optional[str], Opt(help="Dream's algorithm.")] = None,
     top_p: Annotated[Optional[float], Opt()] = None,
     top_k: Annotated[Optional[int], Opt()] = None,
+    editing_threshold: Annotated[Optional[float], Opt(help="llada2_edit: token-to-token edit threshold.")] = None,
+    max_post_steps: Annotated[Optional[int], Opt(help="llada2_edit: edit-only steps after a block is full.")] = None,
+    num_to_transfer: Annotated[Optional[int], Opt(help="llada2_edit: masks committed when none is confident.")] = None,
+    minimal_topk: Annotated[Optional[int], Opt(help="llada2: steps capped at gen_length // minimal_topk.")] = None,
+    eos_early_stop: Annotated[Optional[bool], Opt("--eos-early-stop/--no-eos-early-stop", help="llada2*")] = None,
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
@@ -136,7 +143,8 @@ def run(
         options = _decoder_options(
             gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
-            top_p=top_p, top_k=top_k,
+            top_p=top_p, top_k=top_k, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+            num_to_transfer=num_to_transfer, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)

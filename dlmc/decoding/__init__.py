@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dlmc.decoding import block, dream, llada, wedlm
+from dlmc.decoding import block, dream, llada, llada2, wedlm
 from dlmc.decoding.common import Generation
 from dlmc.spec import DenoiserSpec
 
@@ -18,6 +18,8 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
     "dream": (dream.DreamConfig, dream.generate),
     "block": (block.BlockConfig, block.generate),
     "wedlm": (wedlm.WeDLMConfig, wedlm.generate),
+    "llada2": (llada2.LLaDA2Config, llada2.generate),
+    "llada2_edit": (llada2.LLaDA2EditConfig, llada2.generate_edit),
 }
 """Closed registry: decoder name -> (config type, generate function)."""
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dlmc.decoding import CANVAS_DECODERS, block, dream, llada, wedlm
+from dlmc.decoding import CANVAS_DECODERS, block, dream, llada, llada2, wedlm
 from dlmc.decoding.common import CanvasCallback, check_prompts
 from dlmc.errors import DlmcError
 from dlmc.generation import decoder_config, generate, generation_length
@@ -18,7 +18,10 @@ from dlmc.serve.openai_types import ApiError
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
 
-VALIDATE = {"llada": llada.validate, "dream": dream.validate, "block": block.validate, "wedlm": wedlm.validate}
+VALIDATE = {
+    "llada": llada.validate, "dream": dream.validate, "block": block.validate, "wedlm": wedlm.validate,
+    "llada2": llada2.validate, "llada2_edit": llada2.validate,
+}
 """Each decoder's checks that need the spec and the prompts (its config checks itself)."""
 
 
