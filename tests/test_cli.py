@@ -48,6 +48,24 @@ def test_run_llada_options(checkpoints):
     assert fast.exit_code == 0, fast.output
 
 
+def test_run_llada2_options_reach_the_config(checkpoints):
+    base = ["run", checkpoints["sdar"], "--prompt-ids", "5,6,7", "--gen-length", 8, "--json"]
+    # blocks [0, 4) (one mask behind the prompt), [4, 8), [8, 12): one step each when one step fills a block
+    capped = invoke(*base, "--decoder", "llada2", "--minimal-topk", 8)  # steps = min(4, 8 // 8) = 1
+    assert capped.exit_code == 0, capped.output
+    assert json.loads(capped.stdout)["nfe"] == 3
+    fill_at_once = ["--threshold", 1.0, "--num-to-transfer", 4, "--max-post-steps", 0]
+    filled = invoke(*base, "--decoder", "llada2_edit", *fill_at_once)
+    assert filled.exit_code == 0, filled.output
+    assert json.loads(filled.stdout)["nfe"] == 3
+    edited = invoke(*base, "--decoder", "llada2_edit", "--editing-threshold", 0.5, "--eos-early-stop")
+    assert edited.exit_code == 0, edited.output
+    wrong = invoke(*base, "--decoder", "llada2", "--editing-threshold", 0.5)
+    assert wrong.exit_code == 2 and "--editing-threshold does not apply to the llada2 decoder" in wrong.stderr
+    wrong = invoke(*base, "--decoder", "block", "--eos-early-stop")
+    assert wrong.exit_code == 2 and "--eos-early-stop does not apply to the block decoder" in wrong.stderr
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

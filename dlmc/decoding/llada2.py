@@ -24,7 +24,9 @@ confidence p of the sampled token.
 
 Deliberate differences from the official files: the stop search covers the generated region only
 (the official early stop also finds an EOS inside the prompt and then returns nothing), and a
-`llada2_edit` step that commits the mask token id itself is an error (the official loop never ends).
+`llada2_edit` step that only re-commits the mask token id, with nothing random left to change the next
+step, is an error (the official loop repeats it forever). Committing the mask token otherwise leaves
+the position masked, as in the official files.
 Outputs follow `Generation`: gen_length tokens, tokens after the stop kept as produced, positions
 never decided hold the fill id.
 """
@@ -276,9 +278,11 @@ def generate_edit(
         editable = ~masked & (positions >= row.prompt_len)  # [B] bool
         edit = editable & (probs > config.editing_threshold) & (tokens != block)  # [B] bool
         changed = commit | edit
-        if (tokens[changed] == spec.mask_token_id).any():
-            at = int(positions[changed & (tokens == spec.mask_token_id)][0])
-            raise DlmcError(f"llada2_edit: the model committed the mask token at position {at}; the block cannot end")
+        # committing the mask token leaves a position masked; a step that changes nothing while masks
+        # remain and draws deterministically repeats forever (the official loop never ends)
+        if masked.any() and not (block[changed] != tokens[changed]).any() and _deterministic(config, probs):
+            at = int(positions[changed][0])
+            raise DlmcError(f"llada2_edit: the mask token keeps winning at position {at}; the block would never end")
         block[changed] = tokens[changed]
         if not masked.any() and not edit.any():
             close_block(row)
@@ -307,6 +311,11 @@ def _sample(
     # one draw over the whole block, as the official [block, V] multinomial on the global generator
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
     return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _deterministic(config: _Common, probs: torch.Tensor) -> bool:
+    """True when the next step on the same tokens draws the same tokens: greedy, or every draw certain."""
+    return config.temperature == 0 or bool((probs == 1).all())
 
 
 def _stop_ids(spec: DenoiserSpec, config: _Common) -> tuple[int, ...]:
