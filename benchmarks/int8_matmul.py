@@ -73,7 +73,7 @@ def main() -> None:
     scale = qw.scale.reshape(-1)  # [N]
     xq = torch.randint(-127, 127, (m, k), dtype=torch.int8)
     q4 = rtn(w, 4, True, 64)
-    from dlmc.passes.quantize import QuantizedLayer, buffers
+    from dlmc.quant.layer import QuantizedLayer, buffers
     from dlmc.quant.scheme import Scheme
 
     b4 = buffers(QuantizedLayer(scheme=Scheme(weights="int4"), weight=q4), torch.float32)

@@ -10,7 +10,7 @@ from dlmc.quant.formats import rtn
     ("bits", "symmetric", "group_size"), [(8, True, 64), (8, False, 16), (4, True, 16), (4, False, 32)]
 )
 def test_linear_woq_is_linear_with_the_dequantized_weight(bits, symmetric, group_size):
-    from dlmc.passes.quantize import QuantizedLayer, buffers
+    from dlmc.quant.layer import QuantizedLayer, buffers
     from dlmc.quant.scheme import Scheme
 
     w, x, bias = torch.randn(24, 64), torch.randn(2, 5, 64), torch.randn(24)
