@@ -121,6 +121,8 @@ def run(
     alg: Annotated[Optional[str], Opt(help="Dream's algorithm.")] = None,
     top_p: Annotated[Optional[float], Opt()] = None,
     top_k: Annotated[Optional[int], Opt()] = None,
+    stop_at_eos: Annotated[bool, Opt("--stop-at-eos", help="llada / dream: stop a prompt once its first EOS "
+                                     "is settled (the official samplers run every step).")] = False,
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
@@ -136,7 +138,7 @@ def run(
         options = _decoder_options(
             gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
-            top_p=top_p, top_k=top_k,
+            top_p=top_p, top_k=top_k, stop_at_eos=stop_at_eos or None,
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)
@@ -149,10 +151,18 @@ def run(
         _fail(e, debug)
     for c in completions:
         if as_json:
-            typer.echo(json.dumps({"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text,
-                                   "nfe": c.nfe, "seconds": round(c.seconds, 4)}))
+            typer.echo(json.dumps(_completion_json(c)))
         else:
             typer.echo(c.text if c.text is not None else ",".join(map(str, c.output_ids)))
+
+
+def _completion_json(c) -> dict:
+    """One prompt's JSON line. Its own NFE always; the wall time only as what it measured: the prompt's
+    `seconds` when it was decoded alone, else the `batch_seconds` (and `batch_nfe`) of the batch."""
+    row = {"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text, "nfe": c.nfe}
+    if c.batch_size == 1:
+        return row | {"seconds": round(c.batch_seconds, 4)}
+    return row | {"batch_nfe": c.batch_nfe, "batch_seconds": round(c.batch_seconds, 4), "batch_size": c.batch_size}
 
 
 @app.command("eval")

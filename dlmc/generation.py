@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dlmc.decoding import DECODERS, config_fields, decode, default_decoder
-from dlmc.decoding.common import CanvasCallback, StepCallback
+from dlmc.decoding.common import CanvasCallback, StepCallback, stop_token_ids
 from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
@@ -48,11 +48,17 @@ def generation_length(config) -> int:
 
 @dataclass(frozen=True)
 class Completion:
+    """One prompt's result of a batch decoded together: the counts and time of the batch are shared."""
+
     prompt_ids: list[int]
     output_ids: list[int]
     text: str | None
     nfe: int
-    seconds: float
+    """This prompt's own denoiser evaluations (fewer than the batch's when it stopped at EOS)."""
+    batch_nfe: int
+    batch_seconds: float
+    """Wall time of the whole batch: prompts decoded together have no time of their own."""
+    batch_size: int
 
 
 def generate(
@@ -74,12 +80,12 @@ def generate(
     with torch.inference_mode():
         result = decode(model, spec, prompts, decoder, config, seed=seed, on_step=on_step, **canvas)
     seconds = time.perf_counter() - start
-    stops = {i for i in (spec.eos_token_id, spec.eot_token_id) if i is not None}
+    stops = set(stop_token_ids(spec, None))
     completions = []
-    for prompt, output in zip(prompts, result.output_ids):
+    for prompt, output, row_nfe in zip(prompts, result.output_ids, result.row_nfe, strict=True):
         end = next((i for i, t in enumerate(output) if t in stops), len(output))
         text = tokenizer.decode(output[:end]) if tokenizer else None
-        completions.append(Completion(list(prompt), list(output), text, result.nfe, seconds))
+        completions.append(Completion(list(prompt), list(output), text, row_nfe, result.nfe, seconds, len(prompts)))
     return completions
 
 
