@@ -96,7 +96,8 @@ def encode_prompts(
     text is one user message rendered by the model's chat template (--prompt-ids are used as given)."""
     prompts = []
     if chat and (tokenizer is None or tokenizer.chat_template is None):
-        raise DlmcError("--chat: this model has no chat template (no chat_template in tokenizer_config.json)")
+        raise DlmcError("--chat: this model has no chat template (no chat_template.jinja, no chat_template in "
+                        "tokenizer_config.json)")
     if texts:
         if tokenizer is None:
             raise DlmcError("this model has no tokenizer files; pass --prompt-ids instead of --prompt")

@@ -1,6 +1,6 @@
 """Tokenizers from a checkpoint directory, with the `tokenizers` library only (no transformers,
 no remote code): tokenizer.json when present, else Qwen-style vocab.json + merges.txt; with the chat
-template of tokenizer_config.json when it has one (see dlmc.chat)."""
+template of chat_template.jinja or tokenizer_config.json when it has one (see dlmc.chat)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ class TextTokenizer:
         for add_bos_token and the text does not already start with it (as transformers' Llama tokenizer)."""
         template = self.chat_template
         if template is None:
-            raise DlmcError("this model has no chat template (tokenizer_config.json has no chat_template)")
+            raise DlmcError("this model has no chat template (no chat_template.jinja, no chat_template in "
+                            "tokenizer_config.json)")
         text = template.render(messages)
         ids = self.encode(text)
         bos = template.bos_token
@@ -65,7 +66,7 @@ def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
     path = model_dir / "tokenizer.json"
     config_path = model_dir / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
-    chat = ChatTemplate.from_config(config) if isinstance(config, dict) else None
+    chat = ChatTemplate.load(model_dir, config) if isinstance(config, dict) else None
     if path.is_file():
         try:
             tok = Tokenizer.from_file(str(path))
