@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,17 @@ from dlmc.tokenizer import TextTokenizer
 def default_model_dir() -> Path:
     """The small LLaDA-format model shipped inside the package."""
     return Path(__file__).parent / "data" / "default_model"
+
+
+def is_embedded_model(model_dir: str | Path | None) -> bool:
+    """Whether `model_dir` holds the embedded model (its weights byte for byte): the one model that the
+    toy tasks of dlmc.tasks describe. Other checkpoints differ in size, so they cost one stat."""
+    if model_dir is None:
+        return False
+    ours, theirs = default_model_dir() / "model.safetensors", Path(model_dir) / "model.safetensors"
+    if not theirs.is_file() or theirs.stat().st_size != ours.stat().st_size:
+        return False
+    return theirs.resolve() == ours.resolve() or filecmp.cmp(ours, theirs, shallow=False)
 
 
 def decoder_config(spec: DenoiserSpec, name: str | None, options: dict, defaults: dict | None = None):

@@ -27,7 +27,20 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, adding no special tokens; special-token strings in it (e.g. <|im_start|>)
         become their ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a WordLevel vocabulary without its unknown token cannot spell the rest
+            bad = next((c for c in dict.fromkeys(text) if not self._spells(c)), None)
+            where = f"character {bad!r}" if bad is not None else repr(text[:40])
+            raise DlmcError(f"tokenizer: cannot encode {where}: it is not in the vocabulary, and the vocabulary has "
+                            f"no unknown token to stand for it ({e})") from None
+
+    def _spells(self, text: str) -> bool:
+        try:
+            self._tok.encode(text, add_special_tokens=False)
+        except Exception:
+            return False
+        return True
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The prompt ids of a conversation through the chat template, with the generation prompt.
