@@ -83,7 +83,7 @@ def test_weight_only_structure(weight_only, llada):
     after = sum(t.numel() * t.element_size() for t in state.values())
     assert after < 0.6 * before
     ((report,),) = [reports]
-    assert report["summary"]["layers"] == 14 and report["calibration"]["source"] == "self"  # a fixture: not the embedded model
+    assert report["summary"]["layers"] == 14 and report["calibration"]["source"] == "self"  # not the embedded
     layers = report["layers"]
     assert layers["layers.0.attn.q_proj"]["scheme"] == "W4A16 gptq g32"
     assert "awq_alpha" in layers["layers.0.attn.k_proj"]
