@@ -36,6 +36,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
 )
 """What `dlmc.tokenizer.load_tokenizer` reads, plus the files that describe special tokens."""
 FUSED_OUTPUTS = ("tokens", "confidence", "confidence64")

@@ -123,11 +123,16 @@ def run(
     alg: Annotated[Optional[str], Opt(help="Dream's algorithm.")] = None,
     top_p: Annotated[Optional[float], Opt()] = None,
     top_k: Annotated[Optional[int], Opt()] = None,
+<<<<<<< HEAD
     editing_threshold: Annotated[Optional[float], Opt(help="llada2_edit: token-to-token edit threshold.")] = None,
     max_post_steps: Annotated[Optional[int], Opt(help="llada2_edit: edit-only steps after a block is full.")] = None,
     num_to_transfer: Annotated[Optional[int], Opt(help="llada2_edit: masks committed when none is confident.")] = None,
     minimal_topk: Annotated[Optional[int], Opt(help="llada2: steps capped at gen_length // minimal_topk.")] = None,
     eos_early_stop: Annotated[Optional[bool], Opt("--eos-early-stop/--no-eos-early-stop", help="llada2*")] = None,
+=======
+    stop_at_eos: Annotated[bool, Opt("--stop-at-eos", help="llada / dream: stop a prompt once its first EOS "
+                                     "is settled (the official samplers run every step).")] = False,
+>>>>>>> serve-eos
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
@@ -143,8 +148,12 @@ def run(
         options = _decoder_options(
             gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
+<<<<<<< HEAD
             top_p=top_p, top_k=top_k, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
             num_to_transfer=num_to_transfer, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
+=======
+            top_p=top_p, top_k=top_k, stop_at_eos=stop_at_eos or None,
+>>>>>>> serve-eos
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)
@@ -157,10 +166,18 @@ def run(
         _fail(e, debug)
     for c in completions:
         if as_json:
-            typer.echo(json.dumps({"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text,
-                                   "nfe": c.nfe, "seconds": round(c.seconds, 4)}))
+            typer.echo(json.dumps(_completion_json(c)))
         else:
             typer.echo(c.text if c.text is not None else ",".join(map(str, c.output_ids)))
+
+
+def _completion_json(c) -> dict:
+    """One prompt's JSON line. Its own NFE always; the wall time only as what it measured: the prompt's
+    `seconds` when it was decoded alone, else the `batch_seconds` (and `batch_nfe`) of the batch."""
+    row = {"prompt_ids": c.prompt_ids, "output_ids": c.output_ids, "text": c.text, "nfe": c.nfe}
+    if c.batch_size == 1:
+        return row | {"seconds": round(c.batch_seconds, 4)}
+    return row | {"batch_nfe": c.batch_nfe, "batch_seconds": round(c.batch_seconds, 4), "batch_size": c.batch_size}
 
 
 @app.command("eval")

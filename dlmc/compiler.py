@@ -89,7 +89,7 @@ def compile_model(
         applied.append(resolved)
         return resolved
 
-    with quant_session(model_dir) as quant:  # the quantize pass calibrates with the checkpoint's tokenizer
+    with quant_session(model_dir, model) as quant:  # the quantize pass calibrates with the checkpoint's tokenizer
         program = run_passes(
             program, recipe.passes, on_pass=lambda p: stage(f"pass {p.name}"), resolve=resolve
         )

@@ -46,8 +46,8 @@ def evaluate(
         chunk = examples[start : start + batch_size]
         out = generate(model, spec, tokenizer, [tokenizer.encode(e.prompt) for e in chunk], decoder, config, seed=seed)
         completions += out
-        nfe += out[0].nfe
-        seconds += out[0].seconds
+        nfe += out[0].batch_nfe
+        seconds += out[0].batch_seconds
         if on_batch:
             on_batch(len(completions), len(examples))
     correct: dict[str, list[bool]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dlmc.decoding import DECODERS, config_fields, decode, default_decoder
-from dlmc.decoding.common import CanvasCallback, StepCallback
+from dlmc.decoding.common import CanvasCallback, StepCallback, stop_token_ids
 from dlmc.errors import DlmcError
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
@@ -19,6 +20,17 @@ from dlmc.tokenizer import TextTokenizer
 def default_model_dir() -> Path:
     """The small LLaDA-format model shipped inside the package."""
     return Path(__file__).parent / "data" / "default_model"
+
+
+def is_embedded_model(model_dir: str | Path | None) -> bool:
+    """Whether `model_dir` holds the embedded model (its weights byte for byte): the one model that the
+    toy tasks of dlmc.tasks describe. Other checkpoints differ in size, so they cost one stat."""
+    if model_dir is None:
+        return False
+    ours, theirs = default_model_dir() / "model.safetensors", Path(model_dir) / "model.safetensors"
+    if not theirs.is_file() or theirs.stat().st_size != ours.stat().st_size:
+        return False
+    return theirs.resolve() == ours.resolve() or filecmp.cmp(ours, theirs, shallow=False)
 
 
 def decoder_config(spec: DenoiserSpec, name: str | None, options: dict, defaults: dict | None = None):
@@ -48,11 +60,17 @@ def generation_length(config) -> int:
 
 @dataclass(frozen=True)
 class Completion:
+    """One prompt's result of a batch decoded together: the counts and time of the batch are shared."""
+
     prompt_ids: list[int]
     output_ids: list[int]
     text: str | None
     nfe: int
-    seconds: float
+    """This prompt's own denoiser evaluations (fewer than the batch's when it stopped at EOS)."""
+    batch_nfe: int
+    batch_seconds: float
+    """Wall time of the whole batch: prompts decoded together have no time of their own."""
+    batch_size: int
 
 
 def generate(
@@ -74,12 +92,12 @@ def generate(
     with torch.inference_mode():
         result = decode(model, spec, prompts, decoder, config, seed=seed, on_step=on_step, **canvas)
     seconds = time.perf_counter() - start
-    stops = {i for i in (spec.eos_token_id, spec.eot_token_id) if i is not None}
+    stops = set(stop_token_ids(spec, None))
     completions = []
-    for prompt, output in zip(prompts, result.output_ids):
+    for prompt, output, row_nfe in zip(prompts, result.output_ids, result.row_nfe, strict=True):
         end = next((i for i, t in enumerate(output) if t in stops), len(output))
         text = tokenizer.decode(output[:end]) if tokenizer else None
-        completions.append(Completion(list(prompt), list(output), text, result.nfe, seconds))
+        completions.append(Completion(list(prompt), list(output), text, row_nfe, result.nfe, seconds, len(prompts)))
     return completions
 
 
@@ -90,7 +108,8 @@ def encode_prompts(
     text is one user message rendered by the model's chat template (--prompt-ids are used as given)."""
     prompts = []
     if chat and (tokenizer is None or tokenizer.chat_template is None):
-        raise DlmcError("--chat: this model has no chat template (no chat_template in tokenizer_config.json)")
+        raise DlmcError("--chat: this model has no chat template (no chat_template.jinja, no chat_template in "
+                        "tokenizer_config.json)")
     if texts:
         if tokenizer is None:
             raise DlmcError("this model has no tokenizer files; pass --prompt-ids instead of --prompt")

@@ -1,6 +1,6 @@
 """Tokenizers from a checkpoint directory, with the `tokenizers` library only (no transformers,
 no remote code): tokenizer.json when present, else Qwen-style vocab.json + merges.txt; with the chat
-template of tokenizer_config.json when it has one (see dlmc.chat)."""
+template of chat_template.jinja or tokenizer_config.json when it has one (see dlmc.chat)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,20 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, adding no special tokens; special-token strings in it (e.g. <|im_start|>)
         become their ids."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a WordLevel vocabulary without its unknown token cannot spell the rest
+            bad = next((c for c in dict.fromkeys(text) if not self._spells(c)), None)
+            where = f"character {bad!r}" if bad is not None else repr(text[:40])
+            raise DlmcError(f"tokenizer: cannot encode {where}: it is not in the vocabulary, and the vocabulary has "
+                            f"no unknown token to stand for it ({e})") from None
+
+    def _spells(self, text: str) -> bool:
+        try:
+            self._tok.encode(text, add_special_tokens=False)
+        except Exception:
+            return False
+        return True
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """The prompt ids of a conversation through the chat template, with the generation prompt.
@@ -35,7 +48,8 @@ class TextTokenizer:
         for add_bos_token and the text does not already start with it (as transformers' Llama tokenizer)."""
         template = self.chat_template
         if template is None:
-            raise DlmcError("this model has no chat template (tokenizer_config.json has no chat_template)")
+            raise DlmcError("this model has no chat template (no chat_template.jinja, no chat_template in "
+                            "tokenizer_config.json)")
         text = template.render(messages)
         ids = self.encode(text)
         bos = template.bos_token
@@ -65,7 +79,7 @@ def load_tokenizer(model_dir: str | Path) -> TextTokenizer | None:
     path = model_dir / "tokenizer.json"
     config_path = model_dir / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
-    chat = ChatTemplate.from_config(config) if isinstance(config, dict) else None
+    chat = ChatTemplate.load(model_dir, config) if isinstance(config, dict) else None
     if path.is_file():
         try:
             tok = Tokenizer.from_file(str(path))

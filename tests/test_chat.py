@@ -5,11 +5,15 @@ chat endpoint. Tiny eager checkpoints only."""
 import json
 
 import pytest
+
+import dlmc.runtime
 from fastapi.testclient import TestClient
 
 from dlmc.chat import ChatTemplate
+from dlmc.compiler import compile_model
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
+from dlmc.recipe import parse_recipe
 from dlmc.serve import ServedModel, ServeSettings, create_app
 from dlmc.testing.fixtures import CHAT_TEMPLATES, special_ids, write_checkpoint
 from dlmc.tokenizer import load_tokenizer
@@ -137,7 +141,8 @@ def test_run_chat_without_template(tmp_path):
     result = invoke("run", path, "--chat", "--prompt", "hi", "--gen-length", 4, "--steps", 2)
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
-        "error: --chat: this model has no chat template (no chat_template in tokenizer_config.json)"
+        "error: --chat: this model has no chat template (no chat_template.jinja, no chat_template in "
+        "tokenizer_config.json)"
     ]
 
 
@@ -153,3 +158,22 @@ def test_serve_chat_uses_template(llada):
         bad = client.post("/v1/chat/completions", json=body)
         assert bad.status_code == 400
         assert bad.json()["error"]["message"] == "tokenizer_config.json: chat_template: no system role"
+
+
+def test_chat_template_jinja_file_wins_over_the_config_field(tmp_path):
+    """Newer checkpoints ship chat_template.jinja next to tokenizer_config.json; transformers (>= 4.47)
+    prefers it to the config's field, and so do we. compile copies it into the artifact."""
+    path = write_checkpoint("llada", tmp_path / "jinja", chat_template="{{ 'from the config' }}", **TINY)
+    (path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}", "utf-8")
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.chat_template.render(MANY) == "[Be brief.][hi][hello][2+2?]"
+    assert tokenizer.encode_chat(ONE) == text_ids("[hi]")
+    (path / "chat_template.jinja").write_text("{{ raise_exception('no') }}", "utf-8")
+    with pytest.raises(DlmcError, match="^chat_template.jinja: no$"):
+        load_tokenizer(path).encode_chat(ONE)
+    only_file = write_checkpoint("llada", tmp_path / "only_file", **TINY)
+    (only_file / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!", "utf-8")
+    assert load_tokenizer(only_file).encode_chat(ONE) == text_ids("hi!")
+    artifact = compile_model(only_file, parse_recipe({"lower": {"backend": "eager"}}), tmp_path / "artifact")
+    assert (artifact / "tokenizer" / "chat_template.jinja").is_file()
+    assert dlmc.runtime.load(artifact).tokenizer.encode_chat(ONE) == text_ids("hi!")

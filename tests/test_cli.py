@@ -32,9 +32,30 @@ def test_run_json_every_family(checkpoints, family):
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len(rows) == 2
     assert rows[1]["prompt_ids"] == [5, 6, 7]
-    for row in rows:
-        assert set(row) >= {"prompt_ids", "output_ids", "text", "nfe", "seconds"}
-        assert len(row["output_ids"]) == 8 and row["nfe"] >= 1
+    for row in rows:  # decoded together: the time is the batch's, and says so
+        assert set(row) == {"prompt_ids", "output_ids", "text", "nfe", "batch_nfe", "batch_seconds", "batch_size"}
+        assert len(row["output_ids"]) == 8 and 1 <= row["nfe"] <= row["batch_nfe"] and row["batch_size"] == 2
+
+
+def test_run_json_names_the_seconds_of_a_prompt_decoded_alone(checkpoints):
+    result = invoke("run", checkpoints["llada"], "--prompt-ids", "5,6,7", "--gen-length", 8, "--json")
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)) == {"prompt_ids", "output_ids", "text", "nfe", "seconds"}
+
+
+def test_run_stop_at_eos_on_the_embedded_model():
+    """The embedded model answers in a few tokens, then says EOS: with --stop-at-eos it stops after the
+    block holding it, with the same answer; the default runs every step as the official sampler."""
+    args = ["run", "--prompt", "add 32+96:", "--prompt", "reverse bvzwetopfy:", "--gen-length", 32,
+            "--block-length", 8, "--json"]
+    full, stopped = ([json.loads(line) for line in invoke(*args, *flag).stdout.splitlines()]
+                     for flag in ([], ["--stop-at-eos"]))
+    for a, b in zip(full, stopped, strict=True):
+        assert a["text"] == b["text"] and a["text"]
+        cut = a["output_ids"].index(0) + 1  # the embedded model's EOS is id 0
+        assert a["output_ids"][:cut] == b["output_ids"][:cut]
+        assert a["nfe"] == 32 and b["nfe"] < 32 and b["batch_nfe"] == max(row["nfe"] for row in stopped)
+    assert "does not apply to the block decoder" in invoke(*args, "--stop-at-eos", "--decoder", "block").output
 
 
 def test_run_llada_options(checkpoints):

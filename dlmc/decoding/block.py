@@ -132,6 +132,8 @@ class _Row:
     step: int = 0
     """Steps taken in the open block."""
     done: bool = False
+    nfe: int = 0
+    """Model calls that included this row."""
 
 
 def validate(spec: DenoiserSpec, prompts: Sequence[Sequence[int]], config: BlockConfig) -> None:
@@ -176,13 +178,14 @@ def generate(
         logits = forward_rows(model, [row.tokens for row in active], pad_id, sequences=[id(row) for row in active])
         nfe += 1
         for row, row_logits in zip(active, logits, strict=True):
+            row.nfe += 1
             if row.awaiting_ar:
                 _ar_step(row, row_logits, spec, config, plan)
             else:
                 _denoise_step(row, row_logits, spec, config, plan)
         if on_step is not None:
             on_step(nfe, sum(_decided(row, spec) for row in rows))
-    return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe)
+    return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe, row_nfe=[r.nfe for r in rows])
 
 
 def _plan(spec: DenoiserSpec, config: BlockConfig) -> _Plan:

@@ -42,7 +42,10 @@ class Generation:
     """Generated ids only, one list per prompt, always the requested length. Tokens after an EOS are
     kept as produced; positions a decoder never produced (it stopped at EOS) hold `fill_token_id`."""
     nfe: int
-    """Denoiser evaluations: one per model call, two for a classifier-free-guidance step."""
+    """Denoiser evaluations of the batch: one per model call, two for a classifier-free-guidance step."""
+    row_nfe: list[int]
+    """Each row's own denoiser evaluations: the calls that included it (a row that stopped at EOS left
+    the batch and stops counting), two for a guided step."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +203,19 @@ def stop_token_ids(spec: DenoiserSpec, configured: tuple[int, ...] | None) -> tu
     return tuple(i for i in (spec.eos_token_id, spec.eot_token_id) if i is not None)
 
 
+def settled_stop(generated: torch.Tensor, stop_ids: tuple[int, ...], mask_id: int) -> bool:
+    """True when generated [G] holds a stop token with every position before it decided: nothing up to
+    and including it can change any more, so a decoder that stops at EOS may stop this row."""
+    at = first_stop(generated, stop_ids)
+    return at is not None and not bool((generated[:at] == mask_id).any())
+
+
+def fill_undecided(generated: torch.Tensor, spec: DenoiserSpec) -> list[int]:
+    """generated [..., G] as (nested) id lists, positions a row that stopped early never decided as
+    `fill_token_id`."""
+    return generated.masked_fill(generated == spec.mask_token_id, fill_token_id(spec)).tolist()
+
+
 def first_stop(tokens: torch.Tensor, stop_ids: tuple[int, ...]) -> int | None:
     """Index of the first stop token in tokens [N], or None."""
     if not stop_ids:
@@ -252,6 +268,12 @@ def check_length(spec: DenoiserSpec, longest: int, what: str) -> None:
     """`longest` is the longest sequence the decoder will feed the model; `what` says how it arises."""
     if longest > spec.max_length:
         raise DlmcError(f"{what} = {longest} tokens exceeds spec.max_length={spec.max_length}")
+
+
+def check_stop_ids(spec: DenoiserSpec, flag: str) -> None:
+    """A config option `flag` that stops at EOS needs the spec to name a stop token."""
+    if not stop_token_ids(spec, None):
+        raise DlmcError(f"{flag} needs spec.eos_token_id or spec.eot_token_id, which this model does not set")
 
 
 def check_special_id(spec: DenoiserSpec, field: str, flag: str) -> int:

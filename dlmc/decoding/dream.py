@@ -33,14 +33,18 @@ from dlmc.decoding.common import (
     check_length,
     check_positive,
     check_prompts,
+    check_stop_ids,
     check_sampling,
     check_unit_interval,
+    fill_undecided,
     forward_rows,
     model_device,
     pad_token_id,
     row_generator,
     sample_categorical,
+    settled_stop,
     shift_right,
+    stop_token_ids,
     top_k_filter,
     top_p_filter,
 )
@@ -67,6 +71,10 @@ class DreamConfig:
     top_k: int | None = None
     threshold: float = 0.9
     """alg="confidence_threshold" only."""
+    stop_at_eos: bool = False
+    """Stop a row after the step that leaves its first EOS / end-of-turn (`stop_token_ids` of the spec)
+    and every position before it decided; what it never decided holds `fill_token_id`. The tokens up to
+    that stop are the full decode's. Off (the default) runs every step, as the official sampler."""
 
     def __post_init__(self) -> None:
         check_positive("max_new_tokens", self.max_new_tokens)
@@ -101,10 +109,12 @@ class _Row:
     step: int = 0
     carry: int = 0
     """confidence_threshold: quota earlier steps left unused."""
+    stopped: bool = False
+    """stop_at_eos: a settled stop token ended the row before its last step."""
 
     @property
     def done(self) -> bool:
-        return self.step >= self.steps
+        return self.stopped or self.step >= self.steps
 
 
 def validate(spec: DenoiserSpec, prompts: Sequence[Sequence[int]], config: DreamConfig) -> None:
@@ -112,6 +122,8 @@ def validate(spec: DenoiserSpec, prompts: Sequence[Sequence[int]], config: Dream
     check_prompts(spec, prompts)
     longest = max(len(p) for p in prompts)
     check_length(spec, longest + config.max_new_tokens, f"prompt {longest} + max_new_tokens {config.max_new_tokens}")
+    if config.stop_at_eos:
+        check_stop_ids(spec, "stop_at_eos")
 
 
 @torch.no_grad()
@@ -130,6 +142,7 @@ def generate(
     rows = [_new_row(prompt, spec, config, seed, device) for prompt in prompts]
     timesteps = torch.linspace(1, config.eps, config.steps + 1, device=device)  # [steps + 1] float32
     pad_id = pad_token_id(spec)
+    stop_ids = stop_token_ids(spec, None) if config.stop_at_eos else ()
     nfe = 0
     while active := [row for row in rows if not row.done]:
         logits = forward_rows(model, [row.x for row in active], pad_id, sequences=[id(row) for row in active])
@@ -137,11 +150,14 @@ def generate(
         for row, row_logits in zip(active, logits, strict=True):
             aligned = shift_right(row_logits) if spec.shift_logits else row_logits  # [P + G, V]
             _denoise_step(row, aligned, timesteps, spec, config)
+            # checked every step: Dream has no blocks, and a stop may settle at any step
+            row.stopped = settled_stop(row.x[row.prompt_len :], stop_ids, spec.mask_token_id)
         if on_step is not None:
             on_step(nfe, sum(int((row.x[row.prompt_len :] != spec.mask_token_id).sum()) for row in rows))
         if on_canvas is not None:  # every row generates the same length, so the regions stack
             on_canvas(torch.stack([row.x[row.prompt_len :] for row in rows]))  # [B, G]
-    return Generation(output_ids=[row.x[row.prompt_len :].tolist() for row in rows], nfe=nfe)
+    outputs = [fill_undecided(row.x[row.prompt_len :], spec) for row in rows]
+    return Generation(output_ids=outputs, nfe=nfe, row_nfe=[row.step for row in rows])
 
 
 def _new_row(prompt: list[int], spec: DenoiserSpec, config: DreamConfig, seed: int, device: torch.device) -> _Row:

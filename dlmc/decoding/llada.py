@@ -30,16 +30,20 @@ from dlmc.decoding.common import (
     StepCallback,
     check_length,
     check_positive,
+    check_stop_ids,
     check_prompts,
     check_special_id,
     check_unit_interval,
+    fill_undecided,
     forward_rows,
     gumbel_max_logits,
     model_device,
     num_transfer_tokens,
     pad_token_id,
     row_generator,
+    settled_stop,
     shift_right,
+    stop_token_ids,
     token_probability,
 )
 from dlmc.errors import DlmcError
@@ -74,6 +78,10 @@ class LLaDAConfig:
     """Fast-dLLM v1 threshold rule (commit confidence >= threshold, always the top-1); None = off."""
     factor: float | None = None
     """Fast-dLLM v1 factor rule; None = off. Excludes `threshold`."""
+    stop_at_eos: bool = False
+    """Stop a row at the end of a block once its first EOS / end-of-turn (`stop_token_ids` of the spec)
+    and every position before it are decided; what it never decided holds `fill_token_id`. The tokens
+    up to that stop are the full decode's. Off (the default) runs every step, as the official sampler."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "block_length"):
@@ -126,6 +134,7 @@ class _Row:
     step: int = 0
     """Steps taken inside the current block."""
     done: bool = False
+    nfe: int = 0
 
 
 def validate(spec: DenoiserSpec, prompts: Sequence[Sequence[int]], config: LLaDAConfig) -> None:
@@ -138,6 +147,8 @@ def validate(spec: DenoiserSpec, prompts: Sequence[Sequence[int]], config: LLaDA
     if config.confidence_eos_eot_inf:
         check_special_id(spec, "eos_token_id", "confidence_eos_eot_inf")
         check_special_id(spec, "eot_token_id", "confidence_eos_eot_inf")
+    if config.stop_at_eos:
+        check_stop_ids(spec, "stop_at_eos")
 
 
 @torch.no_grad()
@@ -155,17 +166,21 @@ def generate(
     device = model_device(model)
     rows = [_new_row(prompt, spec, config, seed, device) for prompt in prompts]
     pad_id = pad_token_id(spec)
+    stop_ids = stop_token_ids(spec, None) if config.stop_at_eos else ()
     nfe = 0
     while active := [row for row in rows if not row.done]:
         logits = _denoiser_logits(model, spec, config, active, pad_id)
-        nfe += 2 if config.cfg_scale > 0 else 1
+        cost = 2 if config.cfg_scale > 0 else 1
+        nfe += cost
         for row, row_logits in zip(active, logits, strict=True):
-            _denoise_step(row, row_logits, spec, config)
+            row.nfe += cost
+            _denoise_step(row, row_logits, spec, config, stop_ids)
         if on_step is not None:
             on_step(nfe, sum(int((row.x[row.prompt_len :] != spec.mask_token_id).sum()) for row in rows))
         if on_canvas is not None:  # every row generates the same length, so the regions stack
             on_canvas(torch.stack([row.x[row.prompt_len :] for row in rows]))  # [B, G]
-    return Generation(output_ids=[row.x[row.prompt_len :].tolist() for row in rows], nfe=nfe)
+    outputs = [fill_undecided(row.x[row.prompt_len :], spec) for row in rows]
+    return Generation(output_ids=outputs, nfe=nfe, row_nfe=[row.nfe for row in rows])
 
 
 def _new_row(prompt: list[int], spec: DenoiserSpec, config: LLaDAConfig, seed: int, device: torch.device) -> _Row:
@@ -198,7 +213,9 @@ def _prompt_index(row: _Row) -> torch.Tensor:
     return torch.arange(row.prompt_len, device=row.x.device)  # [P] int64
 
 
-def _denoise_step(row: _Row, logits: torch.Tensor, spec: DenoiserSpec, config: LLaDAConfig) -> None:
+def _denoise_step(
+    row: _Row, logits: torch.Tensor, spec: DenoiserSpec, config: LLaDAConfig, stop_ids: tuple[int, ...]
+) -> None:
     """Pick a token for every position, commit the chosen masked ones of the current block, move on."""
     if config.logits_eos_inf:
         logits = logits.index_fill(-1, _ids(logits, spec.eos_token_id), float("-inf"))  # [L, V]
@@ -211,7 +228,7 @@ def _denoise_step(row: _Row, logits: torch.Tensor, spec: DenoiserSpec, config: L
     confidence = torch.where(eligible, confidence, float("-inf"))  # [L]
     chosen = _choose(confidence, eligible, row, config)  # [K] int64 positions
     row.x[chosen] = x0[chosen]
-    _advance(row, block_end, spec, config)
+    _advance(row, block_end, spec, config, stop_ids)
 
 
 def _confidence(
@@ -272,7 +289,9 @@ def factor_accept_count(ranked: torch.Tensor, factor: float) -> int:
     return n
 
 
-def _advance(row: _Row, block_end: int, spec: DenoiserSpec, config: LLaDAConfig) -> None:
+def _advance(row: _Row, block_end: int, spec: DenoiserSpec, config: LLaDAConfig, stop_ids: tuple[int, ...]) -> None:
+    """Count the step; at the end of a block move to the next, or stop (last block, or a settled stop
+    token when `stop_ids` is set: only at a block's end, where everything before the next block is decided)."""
     row.step += 1
     if config.parallel:
         block_done = not bool((row.x[block_end - config.block_length : block_end] == spec.mask_token_id).any())
@@ -282,4 +301,4 @@ def _advance(row: _Row, block_end: int, spec: DenoiserSpec, config: LLaDAConfig)
         return
     row.block += 1
     row.step = 0
-    row.done = row.block == config.num_blocks
+    row.done = row.block == config.num_blocks or settled_stop(row.x[row.prompt_len :], stop_ids, spec.mask_token_id)

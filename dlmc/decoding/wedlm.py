@@ -84,6 +84,8 @@ class _Row:
     """Window tokens in logical order (the mask id where still masked); slot k sits at len(committed) + k."""
     filled: list[bool] = field(default_factory=list)
     done: bool = False
+    nfe: int = 0
+    """Model calls that included this row."""
 
     @property
     def leading_filled(self) -> int:
@@ -126,6 +128,7 @@ def generate(
         )
         nfe += 1
         for row, row_logits in zip(active, logits, strict=True):
+            row.nfe += 1
             n_filled = sum(row.filled)
             mask_logits = row_logits[len(row.committed) + n_filled :]  # [M, V] the masks, logical order
             _commit(row, stop_ids, config)
@@ -133,7 +136,7 @@ def generate(
                 _fill(row, mask_logits, config)
         if on_step is not None:
             on_step(nfe, sum(len(row.committed) - row.prompt_len for row in rows))
-    return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe)
+    return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe, row_nfe=[r.nfe for r in rows])
 
 
 def _new_row(prompt: list[int], spec: DenoiserSpec, config: WeDLMConfig, seed: int, device: torch.device) -> _Row:

@@ -301,7 +301,10 @@ def _spells_tasks(tokenizer: Any) -> bool:
     if tokenizer is None:
         return False
     probe = tasks.held_out(1)[0].prompt
-    ids = tokenizer.encode(probe)
+    try:
+        ids = tokenizer.encode(probe)
+    except DlmcError:  # a vocabulary without the probe's characters and without an unknown token
+        return False
     return bool(ids) and tokenizer.decode(ids) == probe
 
 

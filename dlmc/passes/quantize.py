@@ -16,6 +16,7 @@ statistics, scales, SQNR of the layer output) for the compiler to write as quant
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -28,9 +29,24 @@ from dlmc.capture import StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, copy_graph, fake_value, input_kinds, rebuild, register
 from dlmc.quant import ops
+<<<<<<< HEAD
 from dlmc.quant.calibration import LayerStats, calibration_inputs, collect_stats, current_session, sequential_stats
 from dlmc.quant.formats import check_group_size
 from dlmc.quant.layer import QuantizedLayer, buffers, quantize_layer, run_layer, transform_input
+=======
+from dlmc.quant.awq import awq
+from dlmc.quant.calibration import (
+    LayerStats,
+    calibration_inputs,
+    calibration_source,
+    collect_stats,
+    current_session,
+    sequential_stats,
+)
+from dlmc.quant.formats import QuantizedWeight, check_group_size, rtn, sqnr_db
+from dlmc.quant.gptq import gptq
+from dlmc.quant.hadamard import kronecker_factors, rotate
+>>>>>>> serve-eos
 from dlmc.quant.scheme import Calibration, Rule, Scheme, scheme_for
 
 log = logging.getLogger(__name__)
@@ -70,8 +86,11 @@ class Quantize(PassConfig):
 def quantize(program: StepProgram, config: Quantize) -> PassResult:
     session = current_session()
     model_dir = session.model_dir if session is not None else None
+    sampler = session.model if session is not None and session.model is not None else program
+    source = calibration_source(config.calibration.source, model_dir, "quantize.calibration.source")
+    config = dataclasses.replace(config, calibration=dataclasses.replace(config.calibration, source=source))
     result, report = quantize_program(program, config, lambda: calibration_inputs(
-        config.calibration, program.spec, model_dir, program.signature.seq[1]))
+        config.calibration, program.spec, model_dir, program.signature.seq[1], model=sampler))
     if report and session is not None:
         session.reports.append(report)
     return result

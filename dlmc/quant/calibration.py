@@ -14,6 +14,7 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -25,8 +26,10 @@ from typing import Any
 
 import torch
 
+from dlmc.capture import STEP_INPUTS
 from dlmc.errors import DlmcError
 from dlmc.quant.scheme import Calibration
+from dlmc.quant.self_samples import self_samples
 from dlmc.spec import DenoiserSpec
 
 LINEAR = torch.ops.aten.linear.default
@@ -43,15 +46,18 @@ OUTLIER_RATIO = 6.0
 class QuantSession:
     model_dir: Path | None = None
     reports: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None
+    """The float model, which `source: self` samples from (else the step the pass receives)."""
 
 
 _SESSION: ContextVar[QuantSession | None] = ContextVar("dlmc_quant_session", default=None)
 
 
 @contextmanager
-def quant_session(model_dir: str | Path | None) -> Iterator[QuantSession]:
-    """While active, the quantize pass reads the tokenizer from `model_dir` and appends its report."""
-    session = QuantSession(Path(model_dir) if model_dir is not None else None)
+def quant_session(model_dir: str | Path | None, model: Any = None) -> Iterator[QuantSession]:
+    """While active, the quantize pass reads the tokenizer from `model_dir`, samples from `model` for
+    `source: self`, and appends its report."""
+    session = QuantSession(Path(model_dir) if model_dir is not None else None, model=model)
     token = _SESSION.set(session)
     try:
         yield session
@@ -69,12 +75,23 @@ def current_session() -> QuantSession | None:
 
 
 def calibration_inputs(
-    config: Calibration, spec: DenoiserSpec, model_dir: Path | None, max_seq: int
+    config: Calibration, spec: DenoiserSpec, model_dir: Path | None, max_seq: int, model: Any = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches of (input_ids, attention_mask, position_ids), each [B, L] with L = seq_len."""
+    """Batches of (input_ids, attention_mask, position_ids), each [B, L] with L = seq_len. `model`
+    (a float model or a plain step) is what `source: self` samples from."""
     seq_len = min(config.seq_len, max_seq)
     rng = random.Random(config.seed)
-    samples = _token_rows(config, spec, model_dir, rng)
+    source = calibration_source(config.source, model_dir, "quantize.calibration.source")
+    if source == "self":
+        if model is None:
+            raise DlmcError("quantize.calibration.source: self samples from the model, and none was given")
+        if not _plain(model):
+            raise DlmcError("quantize.calibration.source: self samples from the model, and this step has cache "
+                            "inputs (run quantize before the caching pass, or use source: file)")
+        pairs = self_samples(model, spec, config.samples, seq_len, config.seed)
+        samples = [(prompt + generated, len(prompt)) for prompt, generated in pairs]
+    else:
+        samples = _token_rows(dataclasses.replace(config, source=source), spec, model_dir, rng)
     rows = [_row(ids, spec, seq_len, rng, masked_from) for ids, masked_from in samples]
     batches = []
     for start in range(0, len(rows), config.batch_size):
@@ -118,6 +135,24 @@ def _token_rows(
     if any(len(ids) == 0 for ids, _ in rows):
         raise DlmcError(f"quantize.calibration: a {config.source} prompt encodes to no tokens")
     return rows
+
+
+def calibration_source(source: str | None, model_dir: Path | None, field: str) -> str:
+    """The calibration source that runs: the given one, else tasks for the embedded model and self for
+    any other. The toy tasks describe the embedded model only; any other checkpoint is refused them."""
+    from dlmc.generation import is_embedded_model
+
+    embedded = is_embedded_model(model_dir)
+    if source == "tasks" and not embedded:
+        raise DlmcError(f"{field}: tasks are the embedded model's toy tasks, not this checkpoint's data; "
+                        "use source: file (your prompts) or source: self (sequences the model writes)")
+    return source or ("tasks" if embedded else "self")
+
+
+def _plain(model: Any) -> bool:
+    """A model the decoders can drive: an eager model, or a step with no inputs beyond the plain three."""
+    signature = getattr(model, "signature", None)
+    return signature is None or tuple(t.name for t in signature.inputs) == STEP_INPUTS
 
 
 def _tokenizer(model_dir: Path | None, source: str) -> Any:

@@ -76,10 +76,11 @@ class Rule:
 class Calibration:
     """The inputs calibration runs the step on."""
 
-    source: Literal["tasks", "file", "random"] = "tasks"
-    """tasks: prompts and answers from dlmc.tasks (the embedded model's tasks), partly masked as in a
-    denoising step; file: one prompt per line of `file`, followed by mask tokens; random: uniform token
-    ids (for random-weight checkpoints without a tokenizer)."""
+    source: Literal["tasks", "file", "self", "random"] | None = None
+    """tasks: prompts and answers from dlmc.tasks, partly masked as in a denoising step (the embedded
+    model's own tasks: refused for any other checkpoint); file: one prompt per line of `file`, followed
+    by mask tokens; self: sequences the model writes itself (dlmc.quant.self_samples), partly masked;
+    random: uniform token ids. None: tasks for the embedded model, self for any other."""
     file: str | None = None
     samples: int = 32
     """Sequences to calibrate on (a file must have at least this many non-empty lines)."""

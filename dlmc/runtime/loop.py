@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dlmc.decoding.common import Generation, num_transfer_tokens, pad_token_id, row_generator
+from dlmc.decoding.common import (
+    Generation,
+    fill_undecided,
+    num_transfer_tokens,
+    pad_token_id,
+    row_generator,
+    stop_token_ids,
+)
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
 from dlmc.runtime import transfer
@@ -84,6 +91,9 @@ def generate(
     vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
     noise_free = _no_noise(vocab, B, bl, device)  # a sampling step's inputs at temperature 0, made once
     nfe = 0
+    row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]
+    stops = torch.tensor(stop_token_ids(spec, None) if config.stop_at_eos else (), dtype=torch.long, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)  # [B]: stop_at_eos ended the row
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     while not bool(done.all()):  # one host sync per step: rows finish blocks when their masks run out
         active = (~done).nonzero().squeeze(1)  # [A]: done rows leave the batch, as in the reference
@@ -92,6 +102,7 @@ def generate(
         extra = _draws(config, generators, batch, active, columns, noise_free)
         tokens, confidence, confidence64 = step(active, lo, extra.step)  # each [A, bl]
         nfe += 1
+        row_nfe[active] += 1
         current = batch.x[active].gather(1, columns)  # [A, bl]
         eligible = current == spec.mask_token_id  # [A, bl]
         score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
@@ -111,12 +122,15 @@ def generate(
             full = steps_in_block[active] == config.steps_per_block
         block[active] += full.long()
         steps_in_block[active] = torch.where(full, 0, steps_in_block[active])
-        done = block == config.num_blocks
+        if config.stop_at_eos:  # at a block's end only; the blocks before it held no stop token
+            block_tokens = batch.x[active].gather(1, columns)  # [A, bl]
+            stopped[active] |= full & torch.isin(block_tokens, stops).any(1)
+        done = (block == config.num_blocks) | stopped
         if on_step is not None:
             on_step(nfe, int((batch.x[:, batch.start :] != spec.mask_token_id).sum()))
         if on_canvas is not None:
             on_canvas(batch.x[:, batch.start :])  # [B, G]: a view; the callback reads it before the next step
-    return Generation(output_ids=batch.x[:, batch.start :].tolist(), nfe=nfe)
+    return Generation(output_ids=fill_undecided(batch.x[:, batch.start :], spec), nfe=nfe, row_nfe=row_nfe.tolist())
 
 
 def _canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int, device) -> _Batch:

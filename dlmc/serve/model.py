@@ -6,11 +6,12 @@ artifact can run), so a batch in the worker never fails because of one bad row.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from dlmc.decoding import CANVAS_DECODERS, block, dream, llada, llada2, wedlm
+from dlmc.decoding import CANVAS_DECODERS, DECODERS, block, default_decoder, dream, llada, llada2, wedlm
 from dlmc.decoding.common import CanvasCallback, check_prompts
 from dlmc.errors import DlmcError
 from dlmc.generation import decoder_config, generate, generation_length
@@ -79,6 +80,7 @@ class ServedModel:
     def decode_key(self, decoder: str | None, options: dict, seed: int, prompts: list[list[int]]) -> DecodeKey:
         """The decoder and its config for these options, after every check the decode would make."""
         try:
+            options = self._stop_at_eos(decoder, options)
             name, config = decoder_config(self.spec, decoder, options, self.defaults)
         except DlmcError as e:
             raise _invalid(e, "decoder") from None
@@ -103,6 +105,15 @@ class ServedModel:
         except DlmcError as e:
             raise _invalid(e, None) from None
         return DecodeKey(name, config, seed)
+
+    def _stop_at_eos(self, decoder: str | None, options: dict) -> dict:
+        """A server stops a row at its first settled EOS (a chat answer ends there) unless the request
+        sets stop_at_eos itself; only for decoders that have the switch (block and wedlm always stop)."""
+        name = decoder or self.defaults.get("decoder") or default_decoder(self.spec)
+        config_type = DECODERS[name][0] if name in DECODERS else None  # unknown: decoder_config says so
+        if config_type is None or "stop_at_eos" not in {f.name for f in dataclasses.fields(config_type)}:
+            return options
+        return {"stop_at_eos": True} | options
 
     def streams(self, key: DecodeKey) -> bool:
         """Whether this decoder shows its canvas every step; else a stream gets the text at the end."""

@@ -43,6 +43,7 @@ class DecoderFields(BaseModel):
     threshold: float | None = None
     factor: float | None = None
     remasking: str | None = None
+    stop_at_eos: bool | None = None  # None: the server's default, on
 
 
 class _Request(DecoderFields):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -5,7 +7,10 @@ from dlmc.decoding.common import top_k_filter, top_p_filter
 from dlmc.decoding.dream import DreamConfig, generate
 from dlmc.errors import DlmcError
 from tests.decoding.conftest import (
+    EOS,
+    EOT,
     MASK,
+    PAD,
     PROMPTS,
     ScriptedModel,
     TinyDenoiser,
@@ -199,6 +204,44 @@ def test_nfe_counts_model_calls():
     out = generate(model, SPEC, PROMPTS, DreamConfig(max_new_tokens=6, steps=3, alg="entropy"))
     assert out.nfe == model.calls == 3
     assert all(len(ids) == 6 and MASK not in ids for ids in out.output_ids)
+
+
+# --- stop at EOS -------------------------------------------------------------------------------
+
+
+def test_stop_at_eos_ends_the_row_once_everything_up_to_the_stop_is_decided():
+    # gen positions 2..7 read rows 1..6; quota 1 per step. Step 1 commits the EOS at position 3 (0.99),
+    # which does not stop the row: position 2 is still masked. Step 2 commits it (0.95): stop.
+    rows = {1: peaked(3, 0.95), 2: peaked(EOS, 0.99), 3: peaked(5, 0.5), 4: peaked(6, 0.5)}
+    config = DreamConfig(max_new_tokens=6, steps=6, alg="confidence_threshold")
+    model = by_position(rows)
+    out = generate(model, SPEC, [[1, 2]], dataclasses.replace(config, stop_at_eos=True))
+    assert decided_per_call(model, 2) == [set(), {3}]
+    assert (out.nfe, out.row_nfe) == (2, [2])
+    assert out.output_ids == [[3, EOS, PAD, PAD, PAD, PAD]]
+    full = generate(by_position(rows), SPEC, [[1, 2]], config)
+    assert full.nfe == 6 and full.output_ids[0][:2] == [3, EOS]
+
+
+@pytest.mark.parametrize(
+    ("alg", "temperature"), [("maskgit_plus", 0.0), ("origin", 0.8), ("confidence_threshold", 0.0)]
+)
+def test_stop_at_eos_keeps_the_full_decode_up_to_the_stop_and_batch_equals_single(alg, temperature):
+    model = TinyDenoiser(SPEC, seed=0)  # its rows say a stop token early, each at a different step
+    config = DreamConfig(max_new_tokens=16, steps=16, alg=alg, temperature=temperature)
+    full = generate(model, SPEC, PROMPTS, config, seed=7)
+    out = assert_batch_equals_single(generate, model, SPEC, dataclasses.replace(config, stop_at_eos=True), seed=7)
+    assert out.nfe <= full.nfe and len(set(out.row_nfe)) > 1  # rows left the batch at different steps
+    assert sum(out.row_nfe) < sum(full.row_nfe)
+    for stopped, full_row in zip(out.output_ids, full.output_ids, strict=True):
+        cut = next((i for i, t in enumerate(full_row) if t in (EOS, EOT)), len(full_row) - 1)
+        assert stopped[: cut + 1] == full_row[: cut + 1]
+
+
+def test_stop_at_eos_needs_a_stop_token():
+    with pytest.raises(DlmcError, match="stop_at_eos needs spec.eos_token_id or spec.eot_token_id"):
+        spec = toy_spec(shift_logits=True, eos_token_id=None, eot_token_id=None)
+        generate(TinyDenoiser(SPEC), spec, [[1, 2]], DreamConfig(max_new_tokens=4, steps=4, stop_at_eos=True))
 
 
 # --- errors ------------------------------------------------------------------------------------

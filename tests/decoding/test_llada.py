@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from tests.decoding.conftest import (
     EOS,
     EOT,
     MASK,
+    PAD,
     PROMPTS,
     ScriptedModel,
     TinyDenoiser,
@@ -201,6 +204,48 @@ def test_nfe_and_on_step():
     assert guided.nfe == 8
 
 
+# --- stop at EOS -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop", [EOS, EOT])
+def test_stop_at_eos_ends_the_row_at_the_end_of_the_block_that_settles_it(stop):
+    # gen positions 2..7 in blocks of 2; the stop token at 3 is the most confident, so it is committed
+    # first, but the row stops only once its block (position 2 too) is full: 2 steps instead of 6
+    rows = {2: peaked(3, 0.6), 3: peaked(stop, 0.99), 4: peaked(5, 0.7), 5: peaked(6, 0.8)}
+    config = LLaDAConfig(gen_length=6, block_length=2, steps=6, stop_at_eos=True)
+    model = by_position(rows)
+    out = generate(model, SPEC, [[1, 2]], config)
+    assert committed_after_each_call(model, 2) == [set(), {3}]
+    assert (out.nfe, out.row_nfe) == (2, [2])
+    full = generate(by_position(rows), SPEC, [[1, 2]], LLaDAConfig(gen_length=6, block_length=2, steps=6))
+    assert full.nfe == 6 and full.output_ids[0][:2] == [3, stop]
+    assert out.output_ids == [[3, stop, PAD, PAD, PAD, PAD]]  # never decided: the fill id
+
+
+def test_stop_at_eos_runs_every_block_up_to_the_one_holding_the_stop():
+    # the stop token sits in block 1 (position 4): blocks 0 and 1 run, block 2 is skipped
+    rows = {2: peaked(3, 0.6), 3: peaked(4, 0.9), 4: peaked(EOS, 0.99), 5: peaked(6, 0.8)}
+    out = generate(by_position(rows), SPEC, [[1, 2]], LLaDAConfig(gen_length=6, block_length=2, stop_at_eos=True))
+    assert out.nfe == 4 and out.output_ids == [[3, 4, EOS, 6, PAD, PAD]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_stop_at_eos_keeps_the_full_decode_up_to_the_stop_and_batch_equals_single(temperature, threshold):
+    model = TinyDenoiser(SPEC, seed=0)  # its rows stop after 2, 3 and 1 of 4 blocks: they leave the batch apart
+    config = LLaDAConfig(gen_length=16, block_length=4, temperature=temperature, threshold=threshold)
+    stopping = dataclasses.replace(config, stop_at_eos=True)
+    full = generate(model, SPEC, PROMPTS, config, seed=7)
+    out = assert_batch_equals_single(generate, model, SPEC, stopping, seed=7)
+    assert out.row_nfe != full.row_nfe and out.nfe < full.nfe
+    for row, stopped, full_row, nfe, full_nfe in zip(PROMPTS, out.output_ids, full.output_ids, out.row_nfe,
+                                                     full.row_nfe, strict=True):
+        cut = next((i for i, t in enumerate(full_row) if t in (EOS, EOT)), None)
+        assert cut is not None, row  # every row of this model says a stop token in 16 tokens
+        assert stopped[: cut + 1] == full_row[: cut + 1]
+        assert nfe <= full_nfe
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -236,6 +281,8 @@ def test_config_rejects_impossible_settings(fields, message):
             "eot_token_id",
         ),
         (toy_spec(pad_token_id=MASK), LLaDAConfig(gen_length=4, block_length=4, steps=4), "pad_token_id"),
+        (toy_spec(eos_token_id=None, eot_token_id=None), LLaDAConfig(gen_length=4, stop_at_eos=True),
+         "stop_at_eos needs spec.eos_token_id or spec.eot_token_id"),
     ],
 )
 def test_generate_rejects_settings_the_model_cannot_meet(spec, config, message):

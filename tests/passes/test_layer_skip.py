@@ -239,3 +239,19 @@ def test_compiles_with_inductor_and_records_the_calibration(four_layers, tmp_pat
     inputs = padded_batch([5, 9], 9)
     with torch.no_grad():
         torch.testing.assert_close(engine(*inputs), without_layers(model, (skipped,))(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_a_word_level_vocabulary_without_an_unknown_token_falls_back_to_random_canvases(four_layers, tmp_path):
+    """The task probe used to stop layer_skip with tokenizers' "WordLevel error: Missing [UNK] token":
+    a WordLevel vocabulary whose unk token is not in it cannot encode characters it lacks."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    digits = Tokenizer(models.WordLevel(vocab={str(d): d for d in range(10)}))  # unk "<unk>": not in it
+    digits.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    digits.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer(tmp_path)
+    with pytest.raises(DlmcError, match=r"^tokenizer: cannot encode character 'a': it is not in the vocabulary"):
+        tokenizer.encode("1a2")
+    model = load_model(four_layers)
+    batches = calibration_batches(model.spec, tokenizer, LayerSkip(budget=1, examples=4, gen_length=8), batch_size=4)
+    assert batches[0][0].shape[0] == 4

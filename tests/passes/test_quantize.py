@@ -54,7 +54,7 @@ def weight_only(llada):
 @pytest.fixture(scope="module")
 def w8a8(llada):
     path, model, step = llada
-    batches = calibration_inputs(W8A8_SCHEMES.calibration, model.spec, path, 256)
+    batches = calibration_inputs(W8A8_SCHEMES.calibration, model.spec, path, 256, model=model)
     return quantize_program(step, W8A8_SCHEMES, batches)
 
 
@@ -83,7 +83,7 @@ def test_weight_only_structure(weight_only, llada):
     after = sum(t.numel() * t.element_size() for t in state.values())
     assert after < 0.6 * before
     ((report,),) = [reports]
-    assert report["summary"]["layers"] == 14 and report["calibration"]["source"] == "tasks"
+    assert report["summary"]["layers"] == 14 and report["calibration"]["source"] == "self"  # not the embedded
     layers = report["layers"]
     assert layers["layers.0.attn.q_proj"]["scheme"] == "W4A16 gptq g32"
     assert "awq_alpha" in layers["layers.0.attn.k_proj"]
@@ -178,7 +178,7 @@ def test_sequential_rtn_equals_all_at_once(llada):
     path, model, step = llada
     config = Quantize(scheme=Scheme(weights="int4", group_size=32), rules=(Rule(match="lm_head", scheme=None),),
                       calibration=Calibration(samples=8, seq_len=24))
-    batches = calibration_inputs(config.calibration, model.spec, path, 256)
+    batches = calibration_inputs(config.calibration, model.spec, path, 256, model=model)
     together = quantize_program(step, config, batches)[0].program
     sequential = quantize_program(step, _sequential(config), batches)[0].program
     for key, value in together.exported.state_dict.items():
@@ -191,7 +191,7 @@ def test_sequential_gptq_calibrates_each_layer_on_the_quantized_layers_before_it
     path, model, step = llada
     gptq = Scheme(weights="int4", group_size=32, method="gptq")
     calibration = Calibration(samples=8, seq_len=24, sequential=True)
-    batches = calibration_inputs(calibration, model.spec, path, 256)
+    batches = calibration_inputs(calibration, model.spec, path, 256, model=model)
     first = Quantize(scheme=None, rules=(Rule(match="layers.0.*", scheme=gptq),), calibration=calibration)
     then = Quantize(scheme=None, rules=(Rule(match="layers.1.attn.q_proj", scheme=gptq),), calibration=calibration)
     both = Quantize(scheme=None, rules=(*first.rules, *then.rules), calibration=calibration)
@@ -231,7 +231,7 @@ def test_non_finite_activations_are_one_clear_line(llada):
     embed = next(key for kind, key in kinds.values() if kind == "PARAMETER" and "embed" in key)
     state[embed] = torch.nn.Parameter(torch.full_like(state[embed], float("nan")), requires_grad=False)
     broken = rebuild(step, copy_graph(step), state_dict=state)
-    batches = calibration_inputs(Calibration(samples=4), model.spec, path, 256)
+    batches = calibration_inputs(Calibration(samples=4), model.spec, path, 256, model=model)
     message = r"^quantize.calibration: non-finite activations \(NaN/inf\) at the input of layers.0.attn.q_proj"
     with pytest.raises(DlmcError, match=message):
         quantize_program(broken, Quantize(), batches)
@@ -303,14 +303,14 @@ def test_compile_and_run_a_quantized_artifact_from_the_cli(checkpoints, tmp_path
         "passes:\n  - fold_constants: {}\n  - quantize:\n"
         "      scheme: {weights: int4, group_size: 32, method: gptq}\n"
         "      rules: [{match: lm_head, scheme: null}]\n"
-        "      calibration: {source: tasks, samples: 8, seq_len: 24}\n"
+        "      calibration: {source: self, samples: 8, seq_len: 24}\n"
         "lower: {backend: eager}\n"
     )
     runner = CliRunner()
     out = tmp_path / "out"
     result = runner.invoke(app, ["compile", str(checkpoints["llada"]), "--recipe", str(recipe), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "quantized 14 linear layers (W4A16 gptq g32) on 8 tasks samples x 24 tokens" in result.stdout
+    assert "quantized 14 linear layers (W4A16 gptq g32) on 8 self samples x 24 tokens" in result.stdout
     assert "layer output SQNR: median" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert "quant_report.json" in manifest["files"] and manifest["exact"] is False

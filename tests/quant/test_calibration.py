@@ -38,9 +38,28 @@ def test_file_calibration_and_its_errors(spec, tmp_path):
 
 def test_tasks_need_a_tokenizer_random_does_not(spec, tmp_path):
     with pytest.raises(DlmcError, match="needs the checkpoint's tokenizer"):
-        calibration_inputs(Calibration(samples=4), spec, tmp_path, 256)
+        calibration_inputs(Calibration(samples=4, source="file", file=__file__), spec, tmp_path, 256)
     batches = calibration_inputs(Calibration(source="random", samples=4, seq_len=16), spec, tmp_path, 256)
     assert batches[0][0].shape == (4, 16) and batches[0][0].max() < spec.vocab_size
+
+
+def test_tasks_are_the_embedded_models_only(checkpoints):
+    """Any other checkpoint is refused the toy tasks, in one line naming the way out; its default is
+    self, sequences the model writes (seeded: the same set each time), partly masked after the prompt."""
+    model = load_model(checkpoints["llada"])
+    message = r"^quantize.calibration.source: tasks are the embedded model's .* use source: file .* or source: self"
+    with pytest.raises(DlmcError, match=message):
+        calibration_inputs(Calibration(source="tasks", samples=4), model.spec, checkpoints["llada"], 256, model=model)
+    config = Calibration(samples=4, seq_len=16, batch_size=2)
+    batches = calibration_inputs(config, model.spec, checkpoints["llada"], 256, model=model)
+    again = calibration_inputs(config, model.spec, checkpoints["llada"], 256, model=model)
+    assert all(torch.equal(x, y) for b, c in zip(batches, again, strict=True) for x, y in zip(b, c, strict=True))
+    ids = torch.cat([b[0] for b in batches])  # [4, 16]
+    assert ids.shape == (4, 16) and not (ids[:, :4] == model.spec.mask_token_id).any()
+    assert (ids[:, 4:] == model.spec.mask_token_id).any() and (ids[:, 4:] != model.spec.mask_token_id).any()
+    with pytest.raises(DlmcError, match="self samples from the model, and none was given"):
+        calibration_inputs(config, model.spec, checkpoints["llada"], 256)
+    assert calibration_inputs(Calibration(samples=4), model.spec, default_model_dir(), 256)  # tasks, by default
 
 
 def test_outlier_statistics():

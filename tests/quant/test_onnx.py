@@ -35,7 +35,8 @@ W8A8 = Quantize(
 def llada(checkpoints):
     model = load_model(checkpoints["llada"])
     step = capture(model, CaptureConfig(max_batch=4))
-    return step, calibration_inputs(Calibration(samples=4, seq_len=16), model.spec, checkpoints["llada"], 256)
+    calibration = Calibration(samples=4, seq_len=16)
+    return step, calibration_inputs(calibration, model.spec, checkpoints["llada"], 256, model=model)
 
 
 def _lower(program, **settings):

@@ -2,6 +2,8 @@
 the llada decoder, every commit rule, batch 1 and a batch of different lengths, temperature 0 and > 0,
 on eager, AOTInductor and ONNX Runtime; with a dual cache it gives what the unfused artifact gives."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -93,3 +95,39 @@ def test_on_canvas_shows_every_step_and_changes_nothing(checkpoints, tmp_path):
     actual = engine.generate(PROMPTS, config=config, seed=3, on_canvas=lambda g: canvases.append(g.tolist()))
     assert actual == engine.generate(PROMPTS, config=config, seed=3)
     assert len(canvases) == actual.nfe and canvases[-1] == actual.output_ids
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_stop_at_eos_gives_the_reference_tokens(checkpoints, tmp_path, cache):
+    """Rows that stop at EOS leave the fused batch as they leave the reference's, after the same block.
+    With the (approximate) dual cache the reference is the decoder on the unfused cached step."""
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=cache)
+    model = load_model(checkpoints["llada"])
+    reference = model
+    if cache:
+        reference = compile_fused(checkpoints["llada"], tmp_path / "unfused", "eager", cache=True, fuse=False)
+    for name, config in CONFIGS.items():
+        full = reference_generate(reference, model.spec, config)
+        # a random fixture says no EOS: make the first token row 0 says its stop token, so row 0 stops
+        # after block 0 and row 1 wherever that token settles (if ever)
+        spec = dataclasses.replace(model.spec, eos_token_id=full.output_ids[0][0], eot_token_id=None)
+        engine.spec = spec  # what the loop reads
+        stopping = dataclasses.replace(config, stop_at_eos=True)
+        expected = reference_generate(reference, spec, stopping)
+        actual = engine.generate(PROMPTS, config=stopping, seed=3)
+        assert (actual.output_ids, actual.nfe, actual.row_nfe) == (expected.output_ids, expected.nfe, expected.row_nfe)
+        assert expected.row_nfe[0] < full.row_nfe[0], name
+        assert expected.output_ids[0][: config.block_length] == full.output_ids[0][: config.block_length], name
+
+
+def reference_generate(reference, spec, config):
+    """The llada decoder on the eager model (its decisions checked for margins at temperature 0), or on
+    an unfused artifact's step."""
+    if hasattr(reference, "decode"):
+        reference.spec = spec
+        return reference.generate(PROMPTS, "llada", config, seed=3)
+    recorder = MarginRecorder(reference, config.gen_length, config.block_length)
+    out = generate(recorder, spec, PROMPTS, config, seed=3)
+    if config.temperature == 0 and config.remasking != "random":
+        recorder.assert_clear(reduction=96)
+    return out
