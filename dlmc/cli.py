@@ -123,16 +123,13 @@ def run(
     alg: Annotated[Optional[str], Opt(help="Dream's algorithm.")] = None,
     top_p: Annotated[Optional[float], Opt()] = None,
     top_k: Annotated[Optional[int], Opt()] = None,
-<<<<<<< HEAD
     editing_threshold: Annotated[Optional[float], Opt(help="llada2_edit: token-to-token edit threshold.")] = None,
     max_post_steps: Annotated[Optional[int], Opt(help="llada2_edit: edit-only steps after a block is full.")] = None,
     num_to_transfer: Annotated[Optional[int], Opt(help="llada2_edit: masks committed when none is confident.")] = None,
     minimal_topk: Annotated[Optional[int], Opt(help="llada2: steps capped at gen_length // minimal_topk.")] = None,
     eos_early_stop: Annotated[Optional[bool], Opt("--eos-early-stop/--no-eos-early-stop", help="llada2*")] = None,
-=======
     stop_at_eos: Annotated[bool, Opt("--stop-at-eos", help="llada / dream: stop a prompt once its first EOS "
                                      "is settled (the official samplers run every step).")] = False,
->>>>>>> serve-eos
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
@@ -148,12 +145,9 @@ def run(
         options = _decoder_options(
             gen_length=gen_length, steps=steps, block_length=block_length, temperature=temperature,
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
-<<<<<<< HEAD
             top_p=top_p, top_k=top_k, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
             num_to_transfer=num_to_transfer, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
-=======
-            top_p=top_p, top_k=top_k, stop_at_eos=stop_at_eos or None,
->>>>>>> serve-eos
+            stop_at_eos=stop_at_eos or None,
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)

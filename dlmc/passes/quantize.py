@@ -29,12 +29,6 @@ from dlmc.capture import StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, copy_graph, fake_value, input_kinds, rebuild, register
 from dlmc.quant import ops
-<<<<<<< HEAD
-from dlmc.quant.calibration import LayerStats, calibration_inputs, collect_stats, current_session, sequential_stats
-from dlmc.quant.formats import check_group_size
-from dlmc.quant.layer import QuantizedLayer, buffers, quantize_layer, run_layer, transform_input
-=======
-from dlmc.quant.awq import awq
 from dlmc.quant.calibration import (
     LayerStats,
     calibration_inputs,
@@ -43,10 +37,8 @@ from dlmc.quant.calibration import (
     current_session,
     sequential_stats,
 )
-from dlmc.quant.formats import QuantizedWeight, check_group_size, rtn, sqnr_db
-from dlmc.quant.gptq import gptq
-from dlmc.quant.hadamard import kronecker_factors, rotate
->>>>>>> serve-eos
+from dlmc.quant.formats import check_group_size
+from dlmc.quant.layer import QuantizedLayer, buffers, quantize_layer, run_layer, transform_input
 from dlmc.quant.scheme import Calibration, Rule, Scheme, scheme_for
 
 log = logging.getLogger(__name__)
