@@ -138,6 +138,8 @@ class _Row:
     """Steps taken in the open block (2.0: the index into the quota schedule)."""
     post_steps: int = 0
     """2.1: steps of the open block that started without masks."""
+    nfe: int = 0
+    """Forwards that included this row."""
     done: bool = False
 
 
@@ -186,10 +188,11 @@ def _drive(
         logits = forward_rows(model, [row.tokens for row in active], pad_id, sequences=[id(row) for row in active])
         nfe += 1
         for row, row_logits in zip(active, logits, strict=True):
+            row.nfe += 1
             step(row, row_logits[row.block_start :])  # [block_length, V]
         if on_step is not None:
             on_step(nfe, sum(_decided(row, spec) for row in rows))
-    return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe)
+    return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe, row_nfe=[r.nfe for r in rows])
 
 
 @torch.no_grad()
