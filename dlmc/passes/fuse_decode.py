@@ -137,7 +137,9 @@ def pick_dream(
         tokens = torch.where(temperature > 0, sampled, tokens)
     probability = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, K]
     top2 = probs.topk(2, dim=-1).values  # [B, K, 2]
-    neg_entropy = (probs * torch.log(probs + 1e-10)).sum(dim=-1)  # [B, K]
+    terms = probs * torch.log(probs + 1e-10)  # [B, K, V]
+    # a filtered-out token (p = 0) adds -0.0 in the reference; ONNX Runtime gave NaN there: add 0 instead
+    neg_entropy = torch.where(probs > 0, terms, 0.0).sum(dim=-1)  # [B, K]
     return tokens, probability, top2[..., 0] - top2[..., 1], neg_entropy
 
 
