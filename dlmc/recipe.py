@@ -233,7 +233,8 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
                             "(only the llada rule runs with a cache)")
     allowed = ("llada", "dream") if fused == "auto" else (fused,)
     if decode.decoder not in (None, *allowed):
-        problems.append(f"decode.decoder: fuse_decode fuses the {' or '.join(allowed)} decoder's rule, not {decode.decoder}'s")
+        rule = " or ".join(allowed)
+        problems.append(f"decode.decoder: fuse_decode fuses the {rule} decoder's rule, not {decode.decoder}'s")
     return problems
 
 

@@ -108,8 +108,8 @@ def pick_dream(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dream's `_sample_tokens` on [B, K, V]: (tokens, probability, margin, neg_entropy) [B, K].
 
-    The runtime turns a filter off with top_p = inf and a top_k beyond the vocabulary, and greedy decoding with temperature
-    0 (then `exponential` is unused)."""
+    The runtime turns a filter off with top_p = inf and a top_k beyond the vocabulary, and greedy
+    decoding with temperature 0 (then `exponential` is unused)."""
     dtype = logits.dtype
     if temperature is not None:
         # the reference divides by a Python float: computed in the op-math type, the scalar rounded to it
@@ -152,7 +152,8 @@ def _llada_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec
 def _dream_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
     inputs = []
     if config.gumbel:
-        inputs += [TensorSpec("exponential", dtype, ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
+        inputs += [TensorSpec("exponential", dtype, ("batch", "rows", vocab)),
+                   TensorSpec("temperature", "float64", (1,))]
     if config.filters:
         inputs += [TensorSpec("top_p", "float64", (1,)), TensorSpec("top_k", "int64", (1,))]
     return inputs

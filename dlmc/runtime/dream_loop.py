@@ -86,8 +86,8 @@ def generate(
         if config.alg == "origin":
             commit = flips
         elif config.alg == "confidence_threshold":
-            commit, carry_now = _threshold(torch.where(valid, probability, float("-inf")), quota[active] + carry[active],
-                                           config.threshold)
+            score = torch.where(valid, probability, float("-inf"))  # [A, K]
+            commit, carry_now = _threshold(score, quota[active] + carry[active], config.threshold)
             extend = (carry_now > 0) & last  # the planned steps are used up: one more, on the carry alone
             carry[active], quota[active] = carry_now, torch.where(extend, 0, quota[active])
             steps[active] += extend.long()
