@@ -39,8 +39,12 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 """What `dlmc.tokenizer.load_tokenizer` reads, plus the files that describe special tokens."""
-FUSED_OUTPUTS = ("tokens", "confidence", "confidence64")
-"""The first outputs of a step with the decoding rule fused onto it (the fuse_decode pass)."""
+FUSED_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "llada": ("tokens", "confidence", "confidence64"),
+    "dream": ("tokens", "probability", "margin", "neg_entropy"),
+}
+"""Closed registry: decoder -> the first outputs of a step with that decoder's per-row rule fused onto
+it (the fuse_decode pass); the outputs say which rule a fused step carries."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +99,13 @@ class StepSignature:
     def fused(self) -> bool:
         """The step returns decoded tokens and confidences of the rows it is given (fuse_decode), not
         logits of the whole canvas."""
-        return [t.name for t in self.outputs[:3]] == list(FUSED_OUTPUTS)
+        return self.fused_decoder is not None
+
+    @property
+    def fused_decoder(self) -> str | None:
+        """The decoder whose per-row rule the step returns the results of (fuse_decode), else None."""
+        names = tuple(t.name for t in self.outputs)
+        return next((d for d, outs in FUSED_OUTPUTS.items() if names[: len(outs)] == outs), None)
 
     @property
     def names(self) -> list[str]:

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from dlmc.artifact import check_writable, write_artifact
+from dlmc.artifact import FUSED_OUTPUTS, check_writable, write_artifact
 from dlmc.capture import StepProgram, capture, example_inputs
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
 from dlmc.models import default_dtype, load_model, quantization, read_model_config
 from dlmc.passes import PassConfig, layer_skip
+from dlmc.passes.fuse_decode import FuseDecode
 from dlmc.pipeline import run_passes
 from dlmc.quant import ops as _quant_ops  # noqa: F401  (registers torch.ops.dlmc)
 from dlmc.quant.calibration import quant_session
@@ -81,6 +82,8 @@ def compile_model(
     applied, calibrations, tokenizer = [], {}, load_tokenizer(model_dir)
 
     def resolve(program: StepProgram, config: PassConfig) -> PassConfig:
+        if isinstance(config, FuseDecode):  # decoder: auto -> the model's own sampler, as the manifest records
+            config = config.resolved(program.spec)
         resolved, calibration = layer_skip.resolve(program, config, tokenizer)
         if calibration is not None:  # the measurement behind the choice, for the progress log and the manifest
             calibrations[len(applied)] = calibration.to_dict()
@@ -159,15 +162,22 @@ def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.T
     device = inputs[0].device
     inputs += empty_cache(sig, batch, device) if sig.cache else ()
     inputs += (torch.arange(length, device=device).expand(batch, length).contiguous(),)  # head_rows [B, L]
-    if "uniform" in sig.names:
-        vocab = sig.inputs[sig.names.index("uniform")].shape[-1]
-        uniform = torch.rand(batch, length, vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        inputs += (uniform.to(device), torch.tensor([0.7], dtype=torch.float64, device=device))
+    generator = torch.Generator().manual_seed(0)
+    for spec in sig.inputs[sig.names.index("head_rows") + 1 :]:  # the rule's draws and settings
+        shape = (batch, length, *spec.shape[2:]) if len(spec.shape) == 3 else spec.shape  # [B, L, V] or [1]
+        dtype = getattr(torch, spec.dtype)
+        example = {"uniform": lambda: torch.rand(shape, dtype=dtype, generator=generator),
+                   "exponential": lambda: torch.empty(shape, dtype=dtype).exponential_(1, generator=generator),
+                   "temperature": lambda: torch.tensor([0.7], dtype=dtype),
+                   "top_p": lambda: torch.tensor([0.9], dtype=dtype),
+                   "top_k": lambda: torch.tensor([5], dtype=dtype)}[spec.name]
+        inputs += (example().to(device),)
     with torch.no_grad():
         expected = _outputs(program(*inputs))
         actual = _outputs(step(*inputs))
+    names = FUSED_OUTPUTS[sig.fused_decoder]
     limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes | {expected[1].dtype})
-    for name, a, e in zip(("confidence", "confidence64"), actual[1:3], expected[1:3]):
+    for name, a, e in zip(names[1:], actual[1 : len(names)], expected[1 : len(names)]):
         _compare(f" ({name})", a, e, limit)
     agree = (actual[0].to(expected[0].device) == expected[0]).float().mean().item()
     if agree < 0.95:  # arg-max flips only at near ties of the logits
@@ -207,8 +217,8 @@ def _manifest(recipe: Recipe, program: StepProgram, stored: str, model_dir: Path
         "exact": recipe.exact,
         "device": device,
         "signature": program.signature.to_dict(),
-        # a fused step runs the llada decoder's rule whatever the family's own sampler is
-        "decode": {"decoder": recipe.decode.decoder or ("llada" if program.signature.fused else None),
+        # a fused step runs the decoder whose rule it carries, whatever the family's own sampler is
+        "decode": {"decoder": recipe.decode.decoder or program.signature.fused_decoder,
                    "config": recipe.decode.config},
     }
 

@@ -219,16 +219,22 @@ def _pass_checks(
 
 
 def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
-    """fuse_decode replaces the logits with decoded rows, so nothing may follow it, and the runtime's
-    fused loop runs the llada decoder, uncached or with the dual cache."""
+    """fuse_decode replaces the logits with decoded rows, so nothing may follow it; the runtime's fused
+    loops run the llada decoder uncached or with the dual cache, the dream decoder uncached."""
     problems = []
     if passes[-1].name != "fuse_decode":
         problems.append("passes: fuse_decode must be the last pass (it replaces the step's logits)")
+    fused = next(p.decoder for p in passes if p.name == "fuse_decode")
     for p in passes:
         if p.kv_cache and p.policy().name != "dual":
             problems.append(f"passes: fuse_decode runs uncached or after block_cache {{mode: dual}}, not after {p.name}")
-    if decode.decoder not in (None, "llada"):
-        problems.append(f"decode.decoder: fuse_decode fuses the llada decoder's rule, not {decode.decoder}'s")
+        elif p.kv_cache and fused != "llada":
+            problems.append(f"passes: fuse_decode {{decoder: {fused}}} runs uncached, not after {p.name} "
+                            "(only the llada rule runs with a cache)")
+    allowed = ("llada", "dream") if fused == "auto" else (fused,)
+    if decode.decoder not in (None, *allowed):
+        rule = " or ".join(allowed)
+        problems.append(f"decode.decoder: fuse_decode fuses the {rule} decoder's rule, not {decode.decoder}'s")
     return problems
 
 

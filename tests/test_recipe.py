@@ -7,6 +7,7 @@ import yaml
 import dlmc.runtime
 from dlmc.capture import CaptureConfig
 from dlmc.compiler import compile_model
+from dlmc.decoding.dream import DreamConfig
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.errors import DlmcError
 from dlmc.lower.eager import EagerSettings
@@ -179,6 +180,13 @@ def test_generic_bf16_recipes_fit_any_llada_or_dream_checkpoint(checkpoints, tmp
     engine = dlmc.runtime.load(compile_model(checkpoints[family], dataclasses.replace(recipe, lower=EagerSettings()),
                                              tmp_path / "out"))
     prompts = [[5, 6, 7, 8, 9, 10]]
+    # cpu-bf16 fuses the family's own sampler (fuse_decode {decoder: auto}); the dual cache needs llada's
+    assert engine.signature.fused_decoder == (family if name == "cpu-bf16.yaml" else "llada")
+    if engine.signature.fused_decoder == "dream":
+        assert engine.generate(prompts, "dream", DreamConfig(max_new_tokens=32, steps=8)).nfe == 8
+        with pytest.raises(DlmcError, match="fuses the dream decoder's rule, not llada's"):
+            engine.generate(prompts, "llada")
+        return
     # The dual cache runs under the llada decoder at its block length, which handles Dream's shifted logits too.
     result = engine.generate(prompts, "llada", LLaDAConfig(gen_length=32, steps=8, block_length=32))
     assert len(result.output_ids[0]) == 32 and result.nfe == 8

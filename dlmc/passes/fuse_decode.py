@@ -1,32 +1,45 @@
-"""fuse_decode: the per-row math of LLaDA-style decoding fused onto the step (exact).
+"""fuse_decode: the per-row math of a reference decoder fused onto the step (exact).
 
 A reference decoder reads the [B, L, V] logits of the whole canvas every step and reduces them in
-Python: an arg-max and a softmax over the full vocabulary of every row, though only the rows of the
-current block can be committed. After this pass the step takes `head_rows` [B, K], the canvas rows
-(of the rows it computes) that can be committed this step, runs the output head on those rows only,
-and returns what the decoder reads from them:
+Python, though only some rows can be committed. After this pass the step takes `head_rows` [B, K],
+the canvas rows (of the rows it computes) that can be committed this step, runs the output head on
+those rows only, and returns what the decoder reads from them. Which decoder's math is fused is the
+pass's `decoder` (a closed registry, `RULES`; `auto` takes the model's own sampler):
 
+llada (LLaDA, Fast-dLLM v1; the rows of the current block):
     tokens [B, K] int64         arg-max of the logits, or of float64 Gumbel-perturbed scores
     confidence [B, K]           softmax(logits)[token] in the logits dtype (LLaDA's low_confidence)
     confidence64 [B, K] float64 the same in float64 (Fast-dLLM's threshold and factor rules)
+  With `gumbel: true` it also takes `uniform` [B, K, V] float64 and `temperature` [1] float64.
 
-followed by the step's other outputs (the K/V of a cached step). With `gumbel: true` it also takes
-`uniform` [B, K, V] float64 and `temperature` [1] float64: the runtime draws the uniforms from the
-reference decoder's per-row generators, so sampling stays token-identical to it at any temperature.
-The choice of which tokens to commit (a top-k schedule, a threshold, a factor) reads only [B, K]
-tensors and stays in the runtime loop (`dlmc.runtime.loop`). It must be the recipe's last pass.
+dream (Dream's `_sample_tokens`, every alg; the masked rows of the generation region):
+    tokens [B, K] int64         arg-max of the filtered softmax, or a sample from it
+    probability, margin, neg_entropy [B, K] in the logits dtype: the token's probability, top1 - top2
+                                and sum p log(p + 1e-10), the scores of the algs
+  With `gumbel: true` it also takes `exponential` [B, K, V] (logits dtype) and `temperature` [1]
+  float64: torch.multinomial draws one sample as argmax(p / q), q ~ Exp(1) drawn with
+  `exponential_` into p's shape, so the runtime draws q from the reference's generators. With
+  `filters: true` it takes `top_p` [1] float64 and `top_k` [1] int64 (a sort of every head row).
+
+Then the step's other outputs (the K/V of a cached step). The runtime draws the random inputs from the
+reference decoder's per-row generators, so sampling stays token-identical at any temperature. The
+choice of which tokens to commit reads only [B, K] tensors and stays in the runtime loop
+(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`). It must be the recipe's last pass.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from dlmc.artifact import StepSignature, TensorSpec
+from dlmc.artifact import FUSED_OUTPUTS
 from dlmc.capture import StepProgram
+from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
 
@@ -38,9 +51,30 @@ class FuseDecode(PassConfig):
 
     name: ClassVar[str] = "fuse_decode"
     exact: ClassVar[bool] = True
+    decoder: str = "llada"
+    """Whose per-row rule: a name in RULES, or "auto" for the model's own sampler (resolved at compile
+    time from the spec, so one recipe serves LLaDA and Dream checkpoints)."""
     gumbel: bool = False
-    """Take Gumbel-max uniforms and a temperature (sampling at temperature > 0); without it the
+    """Take the random draws and a temperature (sampling at temperature > 0); without it the
     artifact decodes at temperature 0 only."""
+    filters: bool = False
+    """dream only: take top_p and top_k (a sort of every head row's vocabulary each step)."""
+
+    def __post_init__(self) -> None:
+        if self.decoder not in ("auto", *RULES):
+            raise DlmcError(f"fuse_decode.decoder: unknown decoder '{self.decoder}' (known: auto, {', '.join(RULES)})")
+        if self.filters and self.decoder == "llada":
+            raise DlmcError("fuse_decode.filters: the llada rule has no top_p / top_k; use decoder: dream")
+
+    def resolved(self, spec) -> FuseDecode:
+        """This config with `auto` replaced by the model's own sampler."""
+        if self.decoder != "auto":
+            return self
+        decoder = default_decoder(spec)
+        if decoder not in RULES:
+            raise DlmcError(f"fuse_decode.decoder: auto picks this model's sampler, {decoder}, which has no fused rule "
+                            f"(known: {', '.join(RULES)})")
+        return replace(self, decoder=decoder)
 
 
 def gather_rows(hidden: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
@@ -65,21 +99,108 @@ def pick_tokens(
     return tokens, confidence, confidence64
 
 
+def pick_dream(
+    logits: torch.Tensor,
+    exponential: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dream's `_sample_tokens` on [B, K, V]: (tokens, probability, margin, neg_entropy) [B, K].
+
+    The runtime turns a filter off with top_p = inf and a top_k beyond the vocabulary, and greedy
+    decoding with temperature 0 (then `exponential` is unused)."""
+    dtype = logits.dtype
+    if temperature is not None:
+        # the reference divides by a Python float: computed in the op-math type, the scalar rounded to it
+        opmath = torch.float64 if dtype == torch.float64 else torch.float32
+        tempered = (logits.to(opmath) / temperature.to(opmath)).to(dtype)  # [B, K, V]
+        logits = torch.where(temperature > 0, tempered, logits)
+    fill = torch.finfo(dtype).min
+    if top_p is not None:
+        ranked, order = torch.sort(logits, dim=-1, descending=True)  # [B, K, V] each
+        cumulative = torch.softmax(ranked, dim=-1).cumsum(dim=-1)  # [B, K, V]
+        beyond = cumulative > top_p.to(dtype)  # the reference compares with the scalar in the tensor's dtype
+        # shifted right: the token that crosses p stays, and the best always stays
+        drop = torch.cat([torch.zeros_like(beyond[..., :1]), beyond[..., :-1]], dim=-1)  # [B, K, V] sorted
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), fill)
+    if top_k is not None:
+        ranked = torch.sort(logits, dim=-1, descending=True).values  # [B, K, V]
+        kth = torch.clamp(top_k - 1, max=logits.shape[-1] - 1)  # [1]: min(k, V) - 1, as the reference
+        index = kth.reshape(1, 1, 1).expand(*logits.shape[:-1], 1)  # [B, K, 1]
+        logits = logits.masked_fill(logits < ranked.gather(-1, index), fill)  # ties with the k-th stay
+    probs = torch.softmax(logits, dim=-1)  # [B, K, V] logits dtype
+    tokens = probs.argmax(-1)  # [B, K]
+    if exponential is not None:
+        normalized = probs / probs.sum(-1, keepdim=True)  # as sample_categorical renormalises
+        sampled = (normalized / exponential).argmax(-1)  # [B, K]: torch.multinomial's one-sample draw
+        tokens = torch.where(temperature > 0, sampled, tokens)
+    probability = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, K]
+    top2 = probs.topk(2, dim=-1).values  # [B, K, 2]
+    terms = probs * torch.log(probs + 1e-10)  # [B, K, V]
+    # a filtered-out token (p = 0) adds -0.0 in the reference; ONNX Runtime gave NaN there: add 0 instead
+    neg_entropy = torch.where(probs > 0, terms, 0.0).sum(dim=-1)  # [B, K]
+    return tokens, probability, top2[..., 0] - top2[..., 1], neg_entropy
+
+
+def _llada_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
+    if not config.gumbel:
+        return []
+    return [TensorSpec("uniform", "float64", ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
+
+
+def _dream_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
+    inputs = []
+    if config.gumbel:
+        inputs += [TensorSpec("exponential", dtype, ("batch", "rows", vocab)),
+                   TensorSpec("temperature", "float64", (1,))]
+    if config.filters:
+        inputs += [TensorSpec("top_p", "float64", (1,)), TensorSpec("top_k", "int64", (1,))]
+    return inputs
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One decoder's per-row math: the step inputs it adds after head_rows (from the config, the vocab
+    size and the logits dtype), the function computing its outputs (FUSED_OUTPUTS[decoder]) from the
+    head rows' logits and those inputs, and which of its outputs are float64 (the rest after the
+    tokens are in the logits dtype)."""
+
+    inputs: Callable[[FuseDecode, int, str], list[TensorSpec]]
+    pick: Callable[..., tuple[torch.Tensor, ...]]
+    float64: tuple[str, ...] = ()
+
+
+RULES: dict[str, Rule] = {
+    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64",)),
+    "dream": Rule(_dream_inputs, pick_dream),
+}
+"""Closed registry: decoder name -> its fused rule."""
+
+
 @register(FuseDecode)
 def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
     sig = program.signature
+    config = config.resolved(program.spec)
+    rule = RULES[config.decoder]
     if sig.fused:
         raise DlmcError("fuse_decode: the step is already fused; use the pass once")
     if sig.seq_buckets:
         raise DlmcError("fuse_decode: needs a dynamic sequence length; remove capture.seq_buckets")
+    if sig.cache is not None and config.decoder != "llada":
+        raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule runs uncached (its decoder cannot run "
+                        f"under a {sig.cache['policy']} cache); drop the caching pass")
     gm = program.exported.module()  # unlifted: new inputs are plain placeholders
     graph = gm.graph
     final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
     if not final_norm:
         raise DlmcError("fuse_decode: found no final norm (module 'norm') in front of the output head")
     hidden = final_norm[-1]
+    vocab = sig.outputs[0].shape[-1]
+    logits_dtype = sig.outputs[0].dtype
+    extra = rule.inputs(config, vocab, logits_dtype)
+    new_names = ("head_rows", *(t.name for t in extra))
     placeholders = list(graph.find_nodes(op="placeholder"))
-    new_names = ("head_rows", "uniform", "temperature") if config.gumbel else ("head_rows",)
     with graph.inserting_after(placeholders[-1]):
         new = {name: graph.placeholder(name) for name in reversed(new_names)}  # inserting_after reverses
     with graph.inserting_after(hidden):
@@ -88,28 +209,20 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 
     output = graph.output_node()
     logits, *rest = output.args[0]
-    extra = (new["uniform"], new["temperature"]) if config.gumbel else ()
+    names = FUSED_OUTPUTS[config.decoder]
     with graph.inserting_before(output):
-        picked = graph.call_function(pick_tokens, (logits, *extra))
-        outs = [graph.call_function(operator.getitem, (picked, i)) for i in range(3)]
+        picked = graph.call_function(rule.pick, (logits,), {t.name: new[t.name] for t in extra})
+        outs = [graph.call_function(operator.getitem, (picked, i)) for i in range(len(names))]
     output.args = ((*outs, *rest),)
     graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, a tuple out
     graph.eliminate_dead_code()
     module = torch.fx.GraphModule(gm, graph)
 
-    vocab = sig.outputs[0].shape[-1]
-    logits_dtype = sig.outputs[0].dtype
-    inputs = [*sig.inputs, TensorSpec("head_rows", "int64", ("batch", "rows"))]
-    if config.gumbel:
-        inputs += [TensorSpec("uniform", "float64", ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
-    outputs = [
-        TensorSpec("tokens", "int64", ("batch", "rows")),
-        TensorSpec("confidence", logits_dtype, ("batch", "rows")),
-        TensorSpec("confidence64", "float64", ("batch", "rows")),
-        *sig.outputs[1:],
-    ]
+    inputs = [*sig.inputs, TensorSpec("head_rows", "int64", ("batch", "rows")), *extra]
+    outputs = [TensorSpec(names[0], "int64", ("batch", "rows"))]
+    outputs += [TensorSpec(n, "float64" if n in rule.float64 else logits_dtype, ("batch", "rows")) for n in names[1:]]
     signature = StepSignature(
-        inputs=tuple(inputs), outputs=tuple(outputs), batch=sig.batch, seq=sig.seq, cache=sig.cache
+        inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache
     )
     return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
 

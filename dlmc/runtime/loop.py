@@ -54,7 +54,7 @@ def check_supported(signature, decoder: str, config) -> None:
 
 
 @dataclass
-class _Batch:
+class Batch:
     """The canvas of every row, left-padded: prompt, then gen_length masks."""
 
     x: torch.Tensor  # [B, L] int64
@@ -76,7 +76,7 @@ def generate(
     spec, sig, device = engine.spec, engine.signature, engine.device
     check_supported(sig, "llada", config)
     validate(spec, prompts, config)
-    batch = _canvas(prompts, spec.mask_token_id, pad_token_id(spec), config.gen_length, device)
+    batch = canvas(prompts, spec.mask_token_id, pad_token_id(spec), config.gen_length, device)
     B, L = batch.x.shape
     bl, shift = config.block_length, int(spec.shift_logits)
     generators = [row_generator(seed, device) for _ in prompts]
@@ -133,7 +133,7 @@ def generate(
     return Generation(output_ids=fill_undecided(batch.x[:, batch.start :], spec), nfe=nfe, row_nfe=row_nfe.tolist())
 
 
-def _canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int, device) -> _Batch:
+def canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int, device) -> Batch:
     longest = max(len(p) for p in prompts)
     L = longest + gen_length
     x = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)  # [B, L]
@@ -143,7 +143,7 @@ def _canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int
         real[b, longest - len(prompt) :] = True
     x[:, longest:] = mask_id
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    return _Batch(x, real, positions, [len(p) + gen_length for p in prompts], longest)
+    return Batch(x, real, positions, [len(p) + gen_length for p in prompts], longest)
 
 
 @dataclass
@@ -152,7 +152,7 @@ class _Draws:
     random: torch.Tensor | None  # [A, bl] random-remasking scores
 
 
-def _draws(config: LLaDAConfig, generators, batch: _Batch, active: torch.Tensor, columns: torch.Tensor, noise_free):
+def _draws(config: LLaDAConfig, generators, batch: Batch, active: torch.Tensor, columns: torch.Tensor, noise_free):
     """Each active row's draws, in the reference's order and shapes (over its whole unpadded canvas),
     cut to the block's columns."""
     plain = tuple(t[: len(active)] if t.dim() == 3 else t for t in noise_free)  # [A, bl, V] and [1]
@@ -185,7 +185,7 @@ def _no_noise(vocab: int | None, batch: int, block_length: int, device) -> tuple
 class _Uncached:
     """The step over every column of the active rows' canvases; the head on the block's rows."""
 
-    def __init__(self, engine, batch: _Batch, block_length: int, shift: int):
+    def __init__(self, engine, batch: Batch, block_length: int, shift: int):
         self.engine, self.batch, self.shift = engine, batch, shift
         self.offsets = torch.arange(block_length, device=batch.x.device)  # [bl]
 
@@ -199,7 +199,7 @@ class _Uncached:
 class _DualCache:
     """Per row: the K/V of every column outside its block's span, from the row's last full step."""
 
-    def __init__(self, engine, batch: _Batch, block_length: int, shift: int, refresh: int | None):
+    def __init__(self, engine, batch: Batch, block_length: int, shift: int, refresh: int | None):
         self.engine, self.batch, self.refresh = engine, batch, refresh
         self.block_length, self.shift = block_length, shift
         self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before

@@ -97,9 +97,9 @@ class ServedModel:
             VALIDATE[name](self.spec, prompts, config)
             if hasattr(self.model, "signature"):  # what this artifact's step was compiled for
                 if self.model.signature.fused:
-                    from dlmc.runtime.loop import check_supported
+                    from dlmc.runtime.engine import FUSED_LOOPS
 
-                    check_supported(self.model.signature, name, config)
+                    FUSED_LOOPS[self.model.signature.fused_decoder].check_supported(self.model.signature, name, config)
                 else:
                     self.model.model_for(name, config)
         except DlmcError as e:

@@ -1,10 +1,13 @@
 """fuse_decode: the fused step's tokens and confidences are the reference decoders' math on its logits."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from dlmc.capture import CaptureConfig, capture
 from dlmc.decoding.common import gumbel_max_logits, token_probability
+from dlmc.decoding.dream import DreamConfig, _sample_tokens
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.passes.block_cache import BlockCache, block_cache
@@ -101,3 +104,92 @@ def test_recipe_checks():
     assert "not after block_cache" in problems([{"block_cache": {"mode": "prefix"}}, {"fuse_decode": {}}])
     assert "not dream's" in problems([{"fuse_decode": {}}], {"decoder": "dream"})
     parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, {"fuse_decode": {"gumbel": True}}]})
+
+
+def dream_reference(logits: torch.Tensor, rows: torch.Tensor, config: DreamConfig, seed: int = 0):
+    """Dream's `_sample_tokens` on the head rows, every metric, one generator per batch row."""
+    picked = logits.gather(1, rows[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, V]
+    out = {metric: [] for metric in ("maskgit_plus", "topk_margin", "entropy")}
+    for b in range(len(picked)):
+        for metric in out:
+            out[metric].append(_sample_tokens(picked[b], config, torch.Generator().manual_seed(seed + b), metric))
+    tokens = torch.stack([t for _, t in out["maskgit_plus"]])  # [B, K]
+    scores = [torch.stack([s for s, _ in out[m]]) for m in out]  # 3 x [B, K]
+    return tokens, *scores
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_dream_rule_is_sample_tokens(steps, sampled):
+    """The dream rule returns `_sample_tokens`'s token and its three scores; sampled, it draws the
+    token from the Exp(1) variates torch.multinomial would draw from the same generator."""
+    step = steps["dream"]
+    fused = fuse_decode(step, FuseDecode(decoder="dream", gumbel=True, filters=True)).program
+    check_program(fused)
+    assert [t.name for t in fused.signature.outputs] == ["tokens", "probability", "margin", "neg_entropy"]
+    assert fused.signature.names[-5:] == ["head_rows", "exponential", "temperature", "top_p", "top_k"]
+    inputs = padded_batch([9, 6], 9)
+    logits = step(*inputs)  # [B, L, V]
+    V = logits.shape[-1]
+    configs = [DreamConfig(), DreamConfig(top_p=0.5), DreamConfig(top_k=3), DreamConfig(top_p=0.9, top_k=40)]
+    if sampled:
+        configs = [dataclasses.replace(c, temperature=0.8) for c in configs]
+    for config in configs:
+        exponential = torch.ones(2, 3, V)  # [B, K, V]: what the runtime draws for each row
+        for b in range(2):
+            if sampled:
+                exponential[b] = torch.empty(3, V).exponential_(1, generator=torch.Generator().manual_seed(b))
+        settings = (torch.tensor([config.temperature], dtype=torch.float64),
+                    torch.tensor([config.top_p or float("inf")], dtype=torch.float64),
+                    torch.tensor([config.top_k or 2**31 - 1]))
+        actual = fused(*inputs, ROWS, exponential, *settings)
+        expected = dream_reference(logits, ROWS, config)
+        assert torch.equal(actual[0], expected[0]), config  # eager, the same kernels on the same rows
+        tol = rounding_tolerance(torch.float32, 96, float(logits.abs().max()))
+        for a, e in zip(actual[1:], expected[1:]):
+            torch.testing.assert_close(a, e, atol=tol, rtol=0)
+
+
+def test_dream_rule_without_inputs_is_greedy(steps):
+    step = steps["dream"]
+    fused = fuse_decode(step, FuseDecode(decoder="dream")).program
+    assert fused.signature.names[-1] == "head_rows"
+    inputs = padded_batch([9, 6], 9)
+    expected = dream_reference(step(*inputs), ROWS, DreamConfig())
+    actual = fused(*inputs, ROWS)
+    assert torch.equal(actual[0], expected[0])
+    for a, e in zip(actual[1:], expected[1:]):
+        torch.testing.assert_close(a, e)
+
+
+def test_auto_takes_the_models_sampler(steps):
+    assert FuseDecode(decoder="auto").resolved(steps["dream"].spec).decoder == "dream"
+    assert FuseDecode(decoder="auto").resolved(steps["llada"].spec).decoder == "llada"
+    fused = fuse_decode(steps["dream"], FuseDecode(decoder="auto")).program
+    assert fused.signature.fused_decoder == "dream"
+    with pytest.raises(DlmcError, match="auto picks this model's sampler, wedlm, which has no fused rule"):
+        fuse_decode(steps["wedlm"], FuseDecode(decoder="auto"))
+    with pytest.raises(DlmcError, match="fuse_decode.filters: the llada rule has no top_p"):
+        FuseDecode(decoder="auto", filters=True).resolved(steps["llada"].spec)
+    with pytest.raises(DlmcError, match="fuse_decode.decoder: unknown decoder 'block'"):
+        FuseDecode(decoder="block")
+
+
+def test_dream_rule_runs_uncached(steps):
+    cached = block_cache(steps["dream"], BlockCache(mode="dual", block_length=4)).program
+    with pytest.raises(DlmcError, match="the dream rule runs uncached"):
+        fuse_decode(cached, FuseDecode(decoder="dream"))
+
+
+def test_dream_recipe_checks():
+    def problems(passes, decode=None):
+        with pytest.raises(DlmcError) as e:
+            parse_recipe({"passes": passes, **({"decode": decode} if decode else {})})
+        return str(e.value)
+
+    assert "fuses the dream decoder's rule, not llada's" in problems([{"fuse_decode": {"decoder": "dream"}}],
+                                                                      {"decoder": "llada"})
+    assert "fuses the llada or dream decoder's rule, not block's" in problems([{"fuse_decode": {"decoder": "auto"}}],
+                                                                               {"decoder": "block"})
+    dual = {"block_cache": {"mode": "dual"}}
+    assert "fuse_decode {decoder: dream} runs uncached" in problems([dual, {"fuse_decode": {"decoder": "dream"}}])
+    parse_recipe({"passes": [{"fuse_decode": {"decoder": "auto"}}], "decode": {"decoder": "dream"}})
