@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from dlmc.decoding.common import Generation, pad_token_id, row_generator
+from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.dream import DreamConfig, validate
 from dlmc.errors import DlmcError
 from dlmc.runtime.loop import Batch, canvas
@@ -65,8 +65,11 @@ def generate(
     quota = torch.full((B,), config.max_new_tokens // config.steps, dtype=torch.long, device=device)  # [B]
     carry = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     settings = _settings(sig, config, device)
+    stops = torch.tensor(stop_token_ids(spec, None) if config.stop_at_eos else (), dtype=torch.long, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)  # [B]: stop_at_eos ended the row
+    row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     step = nfe = 0  # every active row is at the same step: all start together and step every call
-    while bool((active_mask := step < steps).any()):  # one host sync per step (and one for K below)
+    while bool((active_mask := (step < steps) & ~stopped).any()):  # one host sync per step (and one for K below)
         active = active_mask.nonzero().squeeze(1)  # [A]: done rows leave the batch, as in the reference
         region = batch.x[active, batch.start :]  # [A, G]
         masked = region == mask_id  # [A, G]
@@ -82,6 +85,7 @@ def generate(
             batch.x[active], batch.real[active], batch.positions[active], columns - shift, *noise, *settings
         )[:4]  # each [A, K]
         nfe += 1
+        row_nfe[active] += 1
         scores = {"probability": probability, "margin": margin, "neg_entropy": neg_entropy}
         if config.alg == "origin":
             commit = flips
@@ -102,12 +106,22 @@ def generate(
         commit &= valid
         current = batch.x[active].gather(1, columns)  # [A, K]
         batch.x[active] = batch.x[active].scatter(1, columns, torch.where(commit, tokens, current))
+        if config.stop_at_eos:  # every step, as the reference: Dream has no blocks
+            stopped[active] = _settled_stop(batch.x[active, batch.start :], stops, mask_id)
         step += 1
         if on_step is not None:
             on_step(nfe, int((batch.x[:, batch.start :] != mask_id).sum()))
         if on_canvas is not None:
             on_canvas(batch.x[:, batch.start :])  # [B, G]: a view; the callback reads it before the next step
-    return Generation(output_ids=batch.x[:, batch.start :].tolist(), nfe=nfe)
+    return Generation(output_ids=fill_undecided(batch.x[:, batch.start :], spec), nfe=nfe, row_nfe=row_nfe.tolist())
+
+
+def _settled_stop(region: torch.Tensor, stops: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """[A] bool: the row's generated region [A, G] holds a stop token with no mask before the first."""
+    is_stop = torch.isin(region, stops)  # [A, G]
+    first = torch.where(is_stop.any(1), is_stop.int().argmax(1), region.shape[1])  # [A]
+    before = torch.arange(region.shape[1], device=region.device) < first[:, None]  # [A, G]
+    return is_stop.any(1) & ~((region == mask_id) & before).any(1)
 
 
 def _settings(sig, config: DreamConfig, device) -> tuple[torch.Tensor, ...]:

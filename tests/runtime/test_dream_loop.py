@@ -106,6 +106,24 @@ def test_threshold_rows_finish_apart(checkpoints, tmp_path):
     assert True in finished, "no threshold made rows finish apart: pick others"
 
 
+def test_stop_at_eos_gives_the_reference_tokens(checkpoints, tmp_path):
+    """Rows that stop at EOS leave the fused batch after the same step as they leave the reference's."""
+    engine = compile_dream(checkpoints["dream"], tmp_path / "fused", "eager")
+    model = load_model(checkpoints["dream"])
+    stopped_early = False
+    for name, config in (GREEDY | SAMPLED).items():
+        full = generate(model, model.spec, PROMPTS, config, seed=3)
+        # a random fixture says no EOS: make the token row 0 commits first its stop token
+        spec = dataclasses.replace(model.spec, eos_token_id=full.output_ids[0][0], eot_token_id=None)
+        stopping = dataclasses.replace(config, stop_at_eos=True)
+        expected = generate(model, spec, PROMPTS, stopping, seed=3)
+        engine.spec = spec  # what the loop reads
+        actual = engine.generate(PROMPTS, config=stopping, seed=3)
+        assert (actual.output_ids, actual.nfe, actual.row_nfe) == (expected.output_ids, expected.nfe, expected.row_nfe), name
+        stopped_early |= expected.row_nfe[0] < full.row_nfe[0]
+    assert stopped_early, "no config made row 0 stop early: pick other prompts"
+
+
 def test_multinomial_is_argmax_over_exponential_draws():
     """What the fused sampling rests on: torch.multinomial with one sample (and without replacement)
     is argmax (topk) of p / q, q drawn by exponential_ into p's shape, consuming the generator alike."""
