@@ -119,8 +119,7 @@ def test_stop_at_eos_gives_the_reference_tokens(checkpoints, tmp_path):
         expected = generate(model, spec, PROMPTS, stopping, seed=3)
         engine.spec = spec  # what the loop reads
         actual = engine.generate(PROMPTS, config=stopping, seed=3)
-        got, want = (actual.output_ids, actual.nfe, actual.row_nfe), (expected.output_ids, expected.nfe, expected.row_nfe)
-        assert got == want, name
+        assert actual == expected, name  # tokens, nfe and each row's nfe
         stopped_early |= expected.row_nfe[0] < full.row_nfe[0]
     assert stopped_early, "no config made row 0 stop early: pick other prompts"
 
