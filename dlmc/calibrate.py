@@ -19,5 +19,5 @@ def calibrate_checkpoint(
     """The per-layer similarities of the captured step and the layers `config.budget` drops."""
     model = load_model(model_dir, device=device, dtype=dtype)
     program = capture(model, CaptureConfig())
-    resolved, calibration = resolve(program, config, load_tokenizer(model_dir))
+    resolved, calibration = resolve(program, config, load_tokenizer(model_dir), model_dir, model)
     return calibration, resolved.layers

@@ -220,8 +220,11 @@ def calibrate(
     path: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the embedded model).")] = None,
     budget: Annotated[int, Opt(help="Layers to drop.")] = 1,
     criterion: Annotated[str, Opt(help="similarity (cos of block in/out) | logits (arg-max kept)")] = "similarity",
-    prompt: Annotated[list[str], Opt("--prompt", help="Calibration prompt (repeatable; default: task prompts).")] = [],
-    examples: Annotated[int, Opt(help="Task canvases when no --prompt is given.")] = 32,
+    source: Annotated[Optional[str], Opt(help="tasks (embedded model only) | file | self | random; default: "
+                                              "file with --prompt/--file, else tasks or self")] = None,
+    prompt: Annotated[list[str], Opt("--prompt", help="Calibration prompt (repeatable).")] = [],
+    file: Annotated[Optional[Path], Opt(help="Calibration prompts, one per line.")] = None,
+    examples: Annotated[int, Opt(help="Canvases of sources tasks, self and random.")] = 32,
     gen_length: Annotated[int, Opt(help="Generation region of each canvas.")] = 64,
     dtype: Annotated[Optional[str], Opt()] = None,
     as_json: Annotated[bool, Opt("--json")] = False,
@@ -236,8 +239,10 @@ def calibrate(
         try:
             if criterion not in ("similarity", "logits"):
                 raise ValueError(f"criterion: '{criterion}' is not one of similarity, logits")
-            config = LayerSkip(budget=budget, criterion=criterion, prompts=tuple(prompt), examples=examples,
-                               gen_length=gen_length)
+            if source not in (None, "tasks", "file", "self", "random"):
+                raise ValueError(f"source: '{source}' is not one of tasks, file, self, random")
+            config = LayerSkip(budget=budget, criterion=criterion, source=source, prompts=tuple(prompt),
+                               file=str(file) if file else None, examples=examples, gen_length=gen_length)
         except ValueError as e:
             raise DlmcError("--" + str(e).replace("_", "-", str(e).find(":"))) from None
         calibration, layers = calibrate_checkpoint(path or default_model_dir(), config, dtype=_torch_dtype(dtype))

@@ -84,7 +84,7 @@ def compile_model(
     def resolve(program: StepProgram, config: PassConfig) -> PassConfig:
         if isinstance(config, FuseDecode):  # decoder: auto -> the model's own sampler, as the manifest records
             config = config.resolved(program.spec)
-        resolved, calibration = layer_skip.resolve(program, config, tokenizer)
+        resolved, calibration = layer_skip.resolve(program, config, tokenizer, model_dir, model)
         if calibration is not None:  # the measurement behind the choice, for the progress log and the manifest
             calibrations[len(applied)] = calibration.to_dict()
             stage(f"calibrate {config.name}: {calibration.canvases} canvases, cos(in, out) per layer "

@@ -41,7 +41,7 @@ def test_json_matches_the_library_on_the_same_canvases(checkpoints):
     report = json.loads(result.output)
     model = load_model(checkpoints["dream"])
     config = LayerSkip(budget=1, examples=4, gen_length=8)
-    batches = calibration_batches(model.spec, load_tokenizer(checkpoints["dream"]), config)
+    batches = calibration_batches(model.spec, load_tokenizer(checkpoints["dream"]), config, model=model)  # self
     expected = calibrate(capture(model, CaptureConfig()), batches)
     assert report["similarity"] == expected.to_dict()["similarity"]
     assert report["layers"] == list(choose_layers(expected.similarity, 1)) == [1]  # 2 layers: never the first
@@ -53,6 +53,7 @@ def test_bad_options_are_one_line():
         (("--budget", 0), "error: --budget: must be >= 1, got 0"),
         (("--gen-length", 0), "error: --gen-length: must be >= 1, got 0"),
         (("--criterion", "cosine"), "error: --criterion: 'cosine' is not one of similarity, logits"),
+        (("--source", "web"), "error: --source: 'web' is not one of tasks, file, self, random"),
         ((default_model_dir() / "nope",), "nope"),
     ]:
         result = invoke("calibrate", *args)

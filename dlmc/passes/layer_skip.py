@@ -26,6 +26,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -35,6 +36,8 @@ from dlmc.capture import STEP_INPUTS, StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, copy_graph, input_kinds, rebuild, register
 from dlmc.passes.blocks import find_blocks, outside_layers
+from dlmc.quant.calibration import calibration_source
+from dlmc.quant.self_samples import PROMPT_TOKENS, self_samples
 from dlmc.spec import DenoiserSpec
 
 log = logging.getLogger(__name__)
@@ -57,11 +60,19 @@ class LayerSkip(PassConfig):
     out (the paper's measure; one calibration run). logits: greedily, the block whose removal (on
     top of those already chosen) keeps the step's arg-max token at the most masked positions of the
     calibration canvases (budget x layers calibration runs; measures what decoding sees)."""
+    source: Literal["tasks", "file", "self", "random"] | None = None
+    """What the calibration canvases hold. tasks: `examples` task prompts with their answers, from the
+    training distribution of dlmc.tasks (never the held-out set): the embedded model's own toy tasks,
+    refused for any other checkpoint; file: your prompts (`prompts`, and one per line of `file`) with
+    a fully masked generation region; self: `examples` sequences the model writes itself
+    (dlmc.quant.self_samples); random: uniform token ids. None: file when prompts are given, else
+    tasks for the embedded model and self for any other."""
     prompts: tuple[str, ...] = ()
-    """Calibration prompts (text, fully masked generation region). Empty: `examples` task prompts
-    with their answers, drawn from the training distribution of dlmc.tasks (never the held-out set)."""
+    """Calibration prompts (text), for source file."""
+    file: str | None = None
+    """A text file of calibration prompts, one per line, for source file."""
     examples: int = 32
-    """Calibration canvases built from the task prompts (when `prompts` is empty)."""
+    """Calibration canvases of sources tasks, self and random."""
     gen_length: int = 64
     """Generation region of each calibration canvas."""
     seed: int = 0
@@ -76,6 +87,10 @@ class LayerSkip(PassConfig):
                 raise ValueError(f"layers: an index is listed twice in {list(self.layers)}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget: must be >= 1, got {self.budget}")
+        if self.source not in (None, "file") and (self.prompts or self.file):
+            raise ValueError(f"source: {self.source} does not read prompts; give source: file or leave it out")
+        if self.source == "file" and not (self.prompts or self.file):
+            raise ValueError("source: file needs `prompts` or a `file` of prompts, one per line")
         if self.examples < 1:
             raise ValueError(f"examples: must be >= 1, got {self.examples}")
         if self.gen_length < 1:
@@ -247,31 +262,23 @@ class _Recorder(torch.fx.Interpreter):
 
 
 def calibration_batches(
-    spec: DenoiserSpec, tokenizer: Any, config: LayerSkip, *, batch_size: int = 8, max_length: int | None = None
+    spec: DenoiserSpec, tokenizer: Any, config: LayerSkip, *, batch_size: int = 8, max_length: int | None = None,
+    model_dir: str | Path | None = None, model: Any = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Step inputs that look like the middle of denoising: [prompt | generation region], left-padded.
 
-    Task canvases carry the answer followed by end-of-sequence tokens, each position masked with a
-    probability that runs from near 0 to near 1 across the canvases (early to late in the decode).
-    User prompts, whose answers are unknown, get a fully masked region (the first step). Without a
-    tokenizer that spells the tasks, prompts are random token ids."""
+    Canvases with an answer (a task's, or the model's own for source self) carry it followed by
+    end-of-sequence tokens, each position masked with a probability that runs from near 0 to near 1
+    across the canvases (early to late in the decode). User prompts, whose answers are unknown, get a
+    fully masked region (the first step). `model_dir` says whether the checkpoint is the embedded model
+    (the only one the tasks describe); `model` (a float model or a plain step) is what source self
+    samples from."""
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     fill = spec.eos_token_id if spec.eos_token_id is not None else spec.mask_token_id
-    if config.prompts:
-        if tokenizer is None:
-            raise DlmcError("layer_skip.prompts: the model has no tokenizer to encode them")
-        pairs = [(tokenizer.encode(p), None) for p in config.prompts]
-    elif _spells_tasks(tokenizer):
-        examples = _training_examples(rng, config.examples)
-        pairs = [(tokenizer.encode(e.prompt), tokenizer.encode(e.answer)) for e in examples]
-    else:
-        special = {spec.mask_token_id, spec.eos_token_id, spec.pad_token_id, spec.eot_token_id}
-        pool = [i for i in range(min(spec.vocab_size, 1000)) if i not in special]
-        pairs = [([rng.choice(pool) for _ in range(16)], [rng.choice(pool) for _ in range(config.gen_length)])
-                 for _ in range(config.examples)]
-    longest = max(len(p) for p, _ in pairs)
     max_length = max_length or spec.max_length
+    pairs = _pairs(spec, tokenizer, config, rng, max_length, model_dir, model)
+    longest = max(len(p) for p, _ in pairs)
     gen_length = min(config.gen_length, max_length - longest)
     if gen_length < 1:
         raise DlmcError(f"layer_skip.prompts: a prompt of {longest} tokens leaves no room in the step's {max_length}")
@@ -297,15 +304,48 @@ def calibration_batches(
     return batches
 
 
-def _spells_tasks(tokenizer: Any) -> bool:
+def _pairs(
+    spec: DenoiserSpec, tokenizer: Any, config: LayerSkip, rng: random.Random, max_length: int,
+    model_dir: str | Path | None, model: Any,
+) -> list[tuple[list[int], list[int] | None]]:
+    """(prompt ids, answer ids or None) of every calibration canvas, from the config's source."""
+    given = "file" if config.prompts or config.file else config.source
+    source = calibration_source(given, Path(model_dir) if model_dir is not None else None, "layer_skip.source")
+    if source == "file":
+        return [(ids, None) for ids in _user_prompts(tokenizer, config)]
+    if source == "tasks":
+        if tokenizer is None:
+            raise DlmcError("layer_skip.source: tasks needs the checkpoint's tokenizer, and there is none")
+        examples = _training_examples(rng, config.examples)
+        return [(tokenizer.encode(e.prompt), tokenizer.encode(e.answer)) for e in examples]
+    if source == "self":
+        if model is None:
+            raise DlmcError("layer_skip.source: self samples from the model, and none was given")
+        length = min(PROMPT_TOKENS + config.gen_length, max_length)
+        return [(p, g) for p, g in self_samples(model, spec, config.examples, length, config.seed)]
+    special = {spec.mask_token_id, spec.eos_token_id, spec.pad_token_id, spec.eot_token_id}
+    pool = [i for i in range(min(spec.vocab_size, 1000)) if i not in special]
+    return [([rng.choice(pool) for _ in range(16)], [rng.choice(pool) for _ in range(config.gen_length)])
+            for _ in range(config.examples)]
+
+
+def _user_prompts(tokenizer: Any, config: LayerSkip) -> list[list[int]]:
+    """The token ids of `prompts` and of every non-empty line of `file`."""
     if tokenizer is None:
-        return False
-    probe = tasks.held_out(1)[0].prompt
-    try:
-        ids = tokenizer.encode(probe)
-    except DlmcError:  # a vocabulary without the probe's characters and without an unknown token
-        return False
-    return bool(ids) and tokenizer.decode(ids) == probe
+        raise DlmcError("layer_skip.prompts: the model has no tokenizer to encode them")
+    texts = list(config.prompts)
+    if config.file is not None:
+        path = Path(config.file)
+        if not path.is_file():
+            raise DlmcError(f"layer_skip.file: {path}: file not found")
+        try:
+            texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise DlmcError(f"layer_skip.file: {path}: not a text file") from None
+    ids = [tokenizer.encode(text) for text in texts]
+    if not ids or not all(ids):
+        raise DlmcError("layer_skip.prompts: no prompts, or a prompt that encodes to no tokens")
+    return ids
 
 
 def _training_examples(rng: random.Random, count: int) -> list[tasks.Example]:
@@ -318,9 +358,13 @@ def _training_examples(rng: random.Random, count: int) -> list[tasks.Example]:
     return out
 
 
-def resolve(program: StepProgram, config: PassConfig, tokenizer: Any) -> tuple[PassConfig, Calibration | None]:
+def resolve(
+    program: StepProgram, config: PassConfig, tokenizer: Any, model_dir: str | Path | None = None, model: Any = None
+) -> tuple[PassConfig, Calibration | None]:
     """A layer_skip with a budget becomes one with explicit layers, chosen by calibrating `program`
-    (the step as the passes before this one left it). Any other config comes back unchanged."""
+    (the step as the passes before this one left it). Any other config comes back unchanged.
+    `model_dir` is the checkpoint's (None: not the embedded model); source self samples from `model`,
+    else from `program`."""
     if not isinstance(config, LayerSkip) or config.budget is None:
         return config, None
     check_plain_step(program)
@@ -330,7 +374,8 @@ def resolve(program: StepProgram, config: PassConfig, tokenizer: Any) -> tuple[P
                         f"and keeps the first), got {config.budget}")
     sig = program.signature
     batches = calibration_batches(
-        program.spec, tokenizer, config, batch_size=min(8, sig.batch[1]), max_length=sig.seq[1]
+        program.spec, tokenizer, config, batch_size=min(8, sig.batch[1]), max_length=sig.seq[1],
+        model_dir=model_dir, model=model if model is not None else program,
     )
     calibration = calibrate(program, batches)
     if config.criterion == "similarity":

@@ -16,6 +16,8 @@ from dlmc.passes.blocks import find_blocks, layer_of
 from dlmc.passes.layer_skip import LayerSkip, calibration_batches, choose_layers, layer_skip, resolve
 from dlmc.pipeline import check_program, run_passes
 from dlmc.recipe import Recipe, RecipeError, parse_recipe
+from dlmc.generation import default_model_dir
+from dlmc.quant.self_samples import PROMPT_TOKENS, self_samples
 from dlmc.tasks import held_out
 from dlmc.testing.fixtures import FAMILIES, write_checkpoint
 from dlmc.tokenizer import load_tokenizer
@@ -153,16 +155,56 @@ def test_choice_spreads_out_before_taking_neighbours():
     assert choose_layers(similarity, 5) == (2, 4, 3, 1, 5)
 
 
-def test_task_canvases_are_partly_masked_and_never_the_held_out_prompts(four_layers):
-    model = load_model(four_layers)
-    tokenizer = load_tokenizer(four_layers)
-    batches = calibration_batches(model.spec, tokenizer, LayerSkip(budget=1, examples=10, gen_length=12), batch_size=4)
+def test_task_canvases_are_partly_masked_and_never_the_held_out_prompts():
+    spec, tokenizer = load_model(default_model_dir()).spec, load_tokenizer(default_model_dir())
+    config = LayerSkip(budget=1, examples=10, gen_length=12)  # the embedded model: tasks by default
+    batches = calibration_batches(spec, tokenizer, config, batch_size=4, model_dir=default_model_dir())
     assert [b[0].shape[0] for b in batches] == [4, 4, 2]
     rows = [row[mask] for ids, mask, _ in batches for row, mask in zip(ids, mask)]
-    masked = [int((row[-12:] == model.spec.mask_token_id).sum()) for row in rows]
+    masked = [int((row[-12:] == spec.mask_token_id).sum()) for row in rows]
     assert masked[0] < masked[-1] and 0 < sum(masked) < 12 * len(rows)  # early to late denoising states
     prompts = {tokenizer.decode(row[:-12].tolist()) for row in rows}
-    assert not prompts & {e.prompt for e in held_out()}
+    assert prompts and not prompts & {e.prompt for e in held_out()}
+    assert prompts <= {e.prompt for e in _tasks_training(10)}
+
+
+def _tasks_training(count):
+    import random
+
+    from dlmc.passes.layer_skip import _training_examples
+
+    return _training_examples(random.Random(0), count)
+
+
+def test_another_checkpoint_is_refused_the_tasks_and_calibrates_on_its_own_samples(four_layers):
+    model, tokenizer = load_model(four_layers), load_tokenizer(four_layers)
+    with pytest.raises(DlmcError, match=r"^layer_skip.source: tasks are the embedded model's toy tasks.*"
+                                        r"use source: file .* or source: self"):
+        calibration_batches(model.spec, tokenizer, LayerSkip(budget=1, source="tasks"), model_dir=four_layers)
+    config = LayerSkip(budget=1, examples=4, gen_length=8, seed=5)
+    batches = calibration_batches(model.spec, tokenizer, config, model_dir=four_layers, model=model)
+    expected = self_samples(model, model.spec, 4, PROMPT_TOKENS + 8, seed=5)
+    (input_ids, mask, _), = batches
+    assert input_ids.shape == (4, PROMPT_TOKENS + 8) and bool(mask.all())
+    for row, (prompt, generated) in zip(input_ids.tolist(), expected):
+        assert row[:PROMPT_TOKENS] == prompt
+        assert all(t in (g, model.spec.mask_token_id) for t, g in zip(row[PROMPT_TOKENS:], generated))
+    explicit = LayerSkip(budget=1, examples=4, gen_length=8, seed=5, source="self")
+    no_tokenizer = calibration_batches(model.spec, None, explicit, model=model)  # self needs none
+    assert torch.equal(no_tokenizer[0][0], input_ids)
+
+
+def test_user_prompts_from_the_config_and_a_file(four_layers, tmp_path):
+    model, tokenizer = load_model(four_layers), load_tokenizer(four_layers)
+    (tmp_path / "prompts.txt").write_text("count 12:\n\nshift ab:\n")
+    config = LayerSkip(budget=1, prompts=("add 1 2:",), file=str(tmp_path / "prompts.txt"), gen_length=6)
+    (input_ids, mask, _), = calibration_batches(model.spec, tokenizer, config, model_dir=four_layers)
+    assert [tokenizer.decode(row[m][:-6].tolist()) for row, m in zip(input_ids, mask)] == [
+        "add 1 2:", "count 12:", "shift ab:"]
+    assert bool((input_ids[:, -6:] == model.spec.mask_token_id).all())  # the first step: nothing decided
+    missing = LayerSkip(budget=1, file=str(tmp_path / "none.txt"))
+    with pytest.raises(DlmcError, match=r"^layer_skip.file: .*none.txt: file not found$"):
+        calibration_batches(model.spec, tokenizer, missing)
 
 
 def test_empty_list_is_a_no_op(model_and_step):
@@ -181,6 +223,9 @@ def test_empty_list_is_a_no_op(model_and_step):
         ({"layers": [2, 2]}, "passes[0].layer_skip.layers: an index is listed twice"),
         ({"layers": "2"}, "passes[0].layer_skip.layers"),
         ({"budget": 1, "criterion": "cosine"}, "passes[0].layer_skip.criterion: 'cosine' is not one of"),
+        ({"budget": 1, "source": "web"}, "passes[0].layer_skip.source: 'web' is not one of"),
+        ({"budget": 1, "source": "self", "prompts": ["a"]}, "passes[0].layer_skip.source: self does not read"),
+        ({"budget": 1, "source": "file"}, "passes[0].layer_skip.source: file needs `prompts` or a `file`"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(options, message):
@@ -239,19 +284,3 @@ def test_compiles_with_inductor_and_records_the_calibration(four_layers, tmp_pat
     inputs = padded_batch([5, 9], 9)
     with torch.no_grad():
         torch.testing.assert_close(engine(*inputs), without_layers(model, (skipped,))(*inputs), rtol=1e-4, atol=1e-4)
-
-
-def test_a_word_level_vocabulary_without_an_unknown_token_falls_back_to_random_canvases(four_layers, tmp_path):
-    """The task probe used to stop layer_skip with tokenizers' "WordLevel error: Missing [UNK] token":
-    a WordLevel vocabulary whose unk token is not in it cannot encode characters it lacks."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    digits = Tokenizer(models.WordLevel(vocab={str(d): d for d in range(10)}))  # unk "<unk>": not in it
-    digits.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    digits.save(str(tmp_path / "tokenizer.json"))
-    tokenizer = load_tokenizer(tmp_path)
-    with pytest.raises(DlmcError, match=r"^tokenizer: cannot encode character 'a': it is not in the vocabulary"):
-        tokenizer.encode("1a2")
-    model = load_model(four_layers)
-    batches = calibration_batches(model.spec, tokenizer, LayerSkip(budget=1, examples=4, gen_length=8), batch_size=4)
-    assert batches[0][0].shape[0] == 4
