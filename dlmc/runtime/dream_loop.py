@@ -21,7 +21,7 @@ import torch
 from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.dream import DreamConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime.loop import Batch, canvas
+from dlmc.runtime.canvas import Batch, canvas
 
 NO_TOP_K = 2**31 - 1
 """The top_k input that keeps every token."""

@@ -17,18 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from dlmc.decoding.common import (
-    Generation,
-    fill_undecided,
-    num_transfer_tokens,
-    pad_token_id,
-    row_generator,
-    stop_token_ids,
-)
+from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
 from dlmc.runtime import transfer
-from dlmc.runtime.cache import empty_cache
+from dlmc.runtime.canvas import Rows
+from dlmc.runtime.fused_step import DualCache, Uncached
 from dlmc.runtime.policies import policy_from_dict
 
 FUSED_DECODERS = ("llada",)
@@ -53,15 +47,168 @@ def check_supported(signature, decoder: str, config) -> None:
         raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; fuse_decode runs with dual")
 
 
-@dataclass
-class Batch:
-    """The canvas of every row, left-padded: prompt, then gen_length masks."""
+def share_key(config: LLaDAConfig) -> tuple:
+    """What rows of one running batch must share: the settings of the step call itself (its head rows
+    [B, bl] and its one temperature) and of the commit rule. Rows may differ in prompt, gen_length,
+    steps, stop_at_eos and seed: the loop keeps those per row."""
+    return (config.block_length, config.temperature, config.remasking, config.threshold, config.factor,
+            config.cfg_scale, config.logits_eos_inf, config.confidence_eos_eot_inf)
 
-    x: torch.Tensor  # [B, L] int64
-    real: torch.Tensor  # [B, L] bool: not padding
-    positions: torch.Tensor  # [B, L] int64: logical positions (padding does not move a token)
-    lengths: list[int]  # each row's unpadded canvas length, for its random draws
-    start: int  # first generated column (the same for every row)
+
+@dataclass(frozen=True)
+class Finished:
+    """A row that left the batch: its last block done, or stop_at_eos."""
+
+    handle: int
+    generated: torch.Tensor  # [G] int64: the generation region, masks where it never decided
+    nfe: int  # the steps it took part in
+
+
+class Decoding:
+    """The fused LLaDA loop as a stepping object: rows join (`add`, taking effect at the next `step`),
+    every `step` is one denoising iteration of every row, each at its own step of its own block, and a
+    row leaves the batch the step it finishes (returned by `step`) or when `drop`ped.
+
+    A row's tokens are those it gets alone (and the reference decoder's), up to rounding: it draws from
+    its own generator, its canvas is left-padded with logical positions, its commit count is its own.
+    Uncached, a row joins at any step. With the dual cache too: its buffer is empty, so its first step
+    is a full one (the cache keeps one buffer per row, filled at the row's own block starts)."""
+
+    def __init__(self, engine):
+        self.engine, spec, sig = engine, engine.spec, engine.signature
+        self.device = engine.device
+        self.mask_id, self.shift = spec.mask_token_id, int(spec.shift_logits)
+        self.rows = Rows(self.mask_id, pad_token_id(spec), self.device)
+        self.stops = torch.tensor(stop_token_ids(spec, None), dtype=torch.long, device=self.device)
+        self.vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the head
+        self.config: LLaDAConfig | None = None  # the rows' shared settings (share_key), None when empty
+        self.nfe = 0
+        self._pending: list[tuple[int, list[int], LLaDAConfig, int]] = []
+        self._next = 0
+        self.handles: list[int] = []  # per row
+        self.generators: list[torch.Generator] = []
+        zero = torch.empty(0, dtype=torch.long, device=self.device)
+        self.block, self.steps_in_block, self.row_nfe = zero, zero, zero  # [B] each
+        self.num_blocks, self.steps_per_block, self.stop_at_eos = zero, zero, zero.bool()  # [B] each
+        self.step_fn = None  # made with the first row: its block length sizes the step's head rows
+        self.noise_free: tuple[torch.Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        """Rows running or waiting for the next step."""
+        return len(self.handles) + len(self._pending)
+
+    def accepts(self, config: LLaDAConfig) -> bool:
+        """Whether a row with this config can join the rows decoding now."""
+        return self.config is None or share_key(config) == share_key(self.config)
+
+    def add(self, prompt: list[int], config: LLaDAConfig, seed: int = 0) -> int:
+        """Queue a row for the next step; returns its handle."""
+        check_supported(self.engine.signature, "llada", config)
+        validate(self.engine.spec, [prompt], config)
+        if not self.accepts(config):
+            raise DlmcError(f"block_length, temperature, remasking, threshold and factor: a row joining this batch "
+                            f"must share them ({share_key(self.config)[:5]}, got {share_key(config)[:5]})")
+        self.config = self.config or config
+        handle, self._next = self._next, self._next + 1
+        self._pending.append((handle, list(prompt), config, seed))
+        return handle
+
+    def drop(self, handle: int) -> None:
+        """Remove a row, waiting or running; its result is never produced."""
+        self._pending = [p for p in self._pending if p[0] != handle]
+        if handle in self.handles:
+            self._leave([h != handle for h in self.handles])
+
+    def step(self) -> list[Finished]:
+        """One denoising iteration of every row; the rows that finished, which have left the batch."""
+        self._admit()
+        if not self.handles:
+            return []
+        config, rows, bl = self.config, self.rows, self.config.block_length
+        lo = rows.start + self.block * bl  # [B]: first column of each row's block
+        columns = lo[:, None] + torch.arange(bl, device=self.device)  # [B, bl]: the block's columns
+        extra = _draws(config, self.generators, rows, columns, self.noise_free)
+        tokens, confidence, confidence64 = self.step_fn(lo, self.block, extra.step)  # each [B, bl]
+        self.nfe += 1
+        self.row_nfe += 1
+        current = rows.x.gather(1, columns)  # [B, bl]
+        eligible = current == self.mask_id  # [B, bl]
+        score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
+        score = torch.where(eligible, score, float("-inf"))  # [B, bl]
+        if config.threshold is not None:
+            commit = transfer.above_threshold(score, config.threshold)
+        elif config.factor is not None:
+            commit = transfer.factor_prefix(score, config.factor)
+        else:  # each row's own schedule: num_transfer_tokens(bl, steps_per_block)[steps_in_block]
+            per_step, extra_one = bl // self.steps_per_block, bl % self.steps_per_block  # [B] each
+            commit = transfer.top_k_rows(score, per_step + (self.steps_in_block < extra_one).long())
+        commit &= eligible
+        block_tokens = torch.where(commit, tokens, current)  # [B, bl]
+        rows.x.scatter_(1, columns, block_tokens)
+        self.steps_in_block += 1
+        if config.parallel:
+            full = ~((block_tokens == self.mask_id).any(1))  # [B]
+        else:
+            full = self.steps_in_block == self.steps_per_block
+        self.block += full.long()
+        self.steps_in_block = torch.where(full, 0, self.steps_in_block)
+        # stop_at_eos: at a block's end only; the blocks before it held no stop token
+        stopped = self.stop_at_eos & full & torch.isin(block_tokens, self.stops).any(1)  # [B]
+        done = ((self.block == self.num_blocks) | stopped).tolist()  # one host sync per step
+        if not any(done):
+            return []
+        finished = [Finished(h, g.clone(), n) for h, g, n, d in zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
+                    if d]
+        self._leave([not d for d in done])
+        return finished
+
+    def generated(self) -> list[torch.Tensor]:
+        """Each running row's generation region [G_b] (views: read them before the next step)."""
+        width = self.rows.width
+        return [self.rows.x[b, width - g :] for b, g in enumerate(self.rows.gen.tolist())]
+
+    def _admit(self) -> None:
+        if not self._pending:
+            return
+        handles, prompts, configs, seeds = zip(*self._pending)
+        self._pending = []
+        if self.step_fn is None:
+            self._make_step(configs[0])
+        grown = self.rows.append(list(prompts), [c.gen_length for c in configs])
+        self.step_fn.append(len(prompts), grown)
+        self.handles += handles
+        self.generators += [row_generator(seed, self.device) for seed in seeds]
+
+        def column(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        n = len(configs)
+        self.block = torch.cat([self.block, column([0] * n)])
+        self.steps_in_block = torch.cat([self.steps_in_block, column([0] * n)])
+        self.row_nfe = torch.cat([self.row_nfe, column([0] * n)])
+        self.num_blocks = torch.cat([self.num_blocks, column([c.num_blocks for c in configs])])
+        self.steps_per_block = torch.cat([self.steps_per_block, column([c.steps_per_block for c in configs])])
+        self.stop_at_eos = torch.cat([self.stop_at_eos, column([c.stop_at_eos for c in configs], torch.bool)])
+        if len(self.handles) > len(self.noise_free[0] if self.noise_free else ()):
+            self.noise_free = _no_noise(self.vocab, len(self.handles), self.config.block_length, self.device)
+
+    def _make_step(self, config: LLaDAConfig) -> None:
+        sig, bl = self.engine.signature, config.block_length
+        if sig.cache is None:
+            self.step_fn = Uncached(self.engine, self.rows, bl, self.shift)
+        else:
+            self.step_fn = DualCache(self.engine, self.rows, bl, self.shift, policy_from_dict(sig.cache).refresh)
+
+    def _leave(self, keep: list[bool]) -> None:
+        cut = self.rows.keep(keep)
+        rows = torch.tensor(keep, dtype=torch.bool, device=self.device)  # [B]
+        self.step_fn.keep(rows, cut)
+        self.handles = [h for h, k in zip(self.handles, keep) if k]
+        self.generators = [g for g, k in zip(self.generators, keep) if k]
+        for name in ("block", "steps_in_block", "row_nfe", "num_blocks", "steps_per_block", "stop_at_eos"):
+            setattr(self, name, getattr(self, name)[rows])
+        if not len(self):  # empty: the next rows bring their own settings (and block length)
+            self.config, self.step_fn, self.noise_free = None, None, ()
 
 
 def generate(
@@ -72,96 +219,43 @@ def generate(
     on_step: Callable | None = None,
     on_canvas: Callable | None = None,
 ) -> Generation:
-    """`on_step` and `on_canvas` as the reference decoder calls them (`dlmc.decoding.common`)."""
-    spec, sig, device = engine.spec, engine.signature, engine.device
-    check_supported(sig, "llada", config)
-    validate(spec, prompts, config)
-    batch = canvas(prompts, spec.mask_token_id, pad_token_id(spec), config.gen_length, device)
-    B, L = batch.x.shape
-    bl, shift = config.block_length, int(spec.shift_logits)
-    generators = [row_generator(seed, device) for _ in prompts]
-    block = torch.zeros(B, dtype=torch.long, device=device)  # [B]: each row's current block
-    steps_in_block = torch.zeros(B, dtype=torch.long, device=device)  # [B]
-    schedule = num_transfer_tokens(bl, config.steps_per_block)
-    if sig.cache is None:
-        step = _Uncached(engine, batch, bl, shift)
-    else:
-        step = _DualCache(engine, batch, bl, shift, policy_from_dict(sig.cache).refresh)
-    offsets = torch.arange(bl, device=device)  # [bl]
-    vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
-    noise_free = _no_noise(vocab, B, bl, device)  # a sampling step's inputs at temperature 0, made once
-    nfe = 0
-    row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]
-    stops = torch.tensor(stop_token_ids(spec, None) if config.stop_at_eos else (), dtype=torch.long, device=device)
-    stopped = torch.zeros(B, dtype=torch.bool, device=device)  # [B]: stop_at_eos ended the row
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
-    while not bool(done.all()):  # one host sync per step: rows finish blocks when their masks run out
-        active = (~done).nonzero().squeeze(1)  # [A]: done rows leave the batch, as in the reference
-        lo = batch.start + block[active] * bl  # [A]: first column of each row's block
-        columns = lo[:, None] + offsets  # [A, bl]: the block's columns
-        extra = _draws(config, generators, batch, active, columns, noise_free)
-        tokens, confidence, confidence64 = step(active, lo, extra.step)  # each [A, bl]
-        nfe += 1
-        row_nfe[active] += 1
-        current = batch.x[active].gather(1, columns)  # [A, bl]
-        eligible = current == spec.mask_token_id  # [A, bl]
-        score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
-        score = torch.where(eligible, score, float("-inf"))  # [A, bl]
-        if config.threshold is not None:
-            commit = transfer.above_threshold(score, config.threshold)
-        elif config.factor is not None:
-            commit = transfer.factor_prefix(score, config.factor)
-        else:  # every row is at the same step of its block: one k for the batch
-            commit = transfer.top_k(score, schedule[int(steps_in_block[active[0]])])
-        commit &= eligible
-        batch.x[active] = batch.x[active].scatter(1, columns, torch.where(commit, tokens, current))
-        steps_in_block[active] += 1
-        if config.parallel:
-            full = ~((batch.x[active].gather(1, columns) == spec.mask_token_id).any(1))  # [A]
-        else:
-            full = steps_in_block[active] == config.steps_per_block
-        block[active] += full.long()
-        steps_in_block[active] = torch.where(full, 0, steps_in_block[active])
-        if config.stop_at_eos:  # at a block's end only; the blocks before it held no stop token
-            block_tokens = batch.x[active].gather(1, columns)  # [A, bl]
-            stopped[active] |= full & torch.isin(block_tokens, stops).any(1)
-        done = (block == config.num_blocks) | stopped
+    """Decode prompts as one batch: every row joins at the first step and leaves when it finishes.
+    `on_step` and `on_canvas` as the reference decoder calls them (`dlmc.decoding.common`)."""
+    decoding = Decoding(engine)
+    for prompt in prompts:  # handles 0..B-1: a fresh Decoding numbers its rows in order
+        decoding.add(prompt, config, seed)
+    generated = torch.full((len(prompts), config.gen_length), engine.spec.mask_token_id, dtype=torch.long,
+                           device=engine.device)  # [B, G]: every row's region, a finished row's as it left
+    row_nfe = [0] * len(prompts)
+    while len(decoding):
+        for row in decoding.step():
+            generated[row.handle], row_nfe[row.handle] = row.generated, row.nfe
+        if on_step is None and on_canvas is None:
+            continue
+        if decoding.handles:  # every row generates gen_length: the running rows' last G columns
+            generated[decoding.handles] = decoding.rows.x[:, -config.gen_length :]
         if on_step is not None:
-            on_step(nfe, int((batch.x[:, batch.start :] != spec.mask_token_id).sum()))
+            on_step(decoding.nfe, int((generated != engine.spec.mask_token_id).sum()))
         if on_canvas is not None:
-            on_canvas(batch.x[:, batch.start :])  # [B, G]: a view; the callback reads it before the next step
-    return Generation(output_ids=fill_undecided(batch.x[:, batch.start :], spec), nfe=nfe, row_nfe=row_nfe.tolist())
-
-
-def canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int, device) -> Batch:
-    longest = max(len(p) for p in prompts)
-    L = longest + gen_length
-    x = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)  # [B, L]
-    real = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)  # [B, L]
-    for b, prompt in enumerate(prompts):
-        x[b, longest - len(prompt) : longest] = torch.tensor(prompt, dtype=torch.long, device=device)
-        real[b, longest - len(prompt) :] = True
-    x[:, longest:] = mask_id
-    positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    return Batch(x, real, positions, [len(p) + gen_length for p in prompts], longest)
+            on_canvas(generated)  # [B, G]: the callback reads it before the next step
+    return Generation(output_ids=fill_undecided(generated, engine.spec), nfe=decoding.nfe, row_nfe=row_nfe)
 
 
 @dataclass
 class _Draws:
-    step: tuple[torch.Tensor, ...]  # the fused step's uniform [A, bl, V] and temperature [1], if it samples
-    random: torch.Tensor | None  # [A, bl] random-remasking scores
+    step: tuple[torch.Tensor, ...]  # the fused step's uniform [B, bl, V] and temperature [1], if it samples
+    random: torch.Tensor | None  # [B, bl] random-remasking scores
 
 
-def _draws(config: LLaDAConfig, generators, batch: Batch, active: torch.Tensor, columns: torch.Tensor, noise_free):
-    """Each active row's draws, in the reference's order and shapes (over its whole unpadded canvas),
-    cut to the block's columns."""
-    plain = tuple(t[: len(active)] if t.dim() == 3 else t for t in noise_free)  # [A, bl, V] and [1]
+def _draws(config: LLaDAConfig, generators, rows: Rows, columns: torch.Tensor, noise_free) -> _Draws:
+    """Each row's draws, in the reference's order and shapes (over its whole unpadded canvas), cut to the
+    block's columns."""
+    plain = tuple(t[: len(generators)] if t.dim() == 3 else t for t in noise_free)  # [B, bl, V] and [1]
     if config.temperature == 0 and config.remasking != "random":
         return _Draws(plain, None)
     uniforms, randoms = [], []
-    for a, b in enumerate(active.tolist()):
-        g, length = generators[b], batch.lengths[b]
-        own = columns[a] - (batch.x.shape[1] - length)  # [bl]: the block in the row's own coordinates
+    for b, (g, length) in enumerate(zip(generators, rows.lengths)):
+        own = columns[b] - (rows.width - length)  # [bl]: the block in the row's own coordinates
         if config.temperature > 0:
             vocab = noise_free[0].shape[-1]
             uniform = torch.rand(length, vocab, dtype=torch.float64, generator=g, device=g.device)  # [Lb, V]
@@ -180,88 +274,3 @@ def _no_noise(vocab: int | None, batch: int, block_length: int, device) -> tuple
         return ()
     uniform = torch.ones(batch, block_length, vocab, dtype=torch.float64, device=device)  # [B, bl, V]
     return uniform, torch.zeros(1, dtype=torch.float64, device=device)
-
-
-class _Uncached:
-    """The step over every column of the active rows' canvases; the head on the block's rows."""
-
-    def __init__(self, engine, batch: Batch, block_length: int, shift: int):
-        self.engine, self.batch, self.shift = engine, batch, shift
-        self.offsets = torch.arange(block_length, device=batch.x.device)  # [bl]
-
-    def __call__(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
-        """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
-        rows = (lo[:, None] + self.offsets - self.shift).clamp(min=0)  # [A, bl]: rows predicting the block
-        b = self.batch
-        return self.engine.run_step(b.x[active], b.real[active], b.positions[active], rows, *draws)[:3]
-
-
-class _DualCache:
-    """Per row: the K/V of every column outside its block's span, from the row's last full step."""
-
-    def __init__(self, engine, batch: Batch, block_length: int, shift: int, refresh: int | None):
-        self.engine, self.batch, self.refresh = engine, batch, refresh
-        self.block_length, self.shift = block_length, shift
-        self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before
-        B, L = batch.x.shape
-        device = batch.x.device
-        self.block = torch.full((B,), -1, dtype=torch.long, device=device)  # [B]: block the buffer holds
-        self.since = torch.zeros(B, dtype=torch.long, device=device)  # [B]: steps since the last full step
-        self.index = torch.zeros(B, L - self.span, dtype=torch.long, device=device)  # [B, C]: cached columns
-        self.keys: torch.Tensor | None = None  # [layers, B, kv_heads, C, head_dim], allocated once
-        self.values: torch.Tensor | None = None
-
-    def __call__(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
-        """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
-        block = (lo - self.batch.start) // self.block_length  # [A]
-        stale = self.block[active] != block  # [A]: a new block (or a refresh) needs the whole canvas
-        if self.refresh is not None:
-            stale |= self.since[active] >= self.refresh
-        first = lo - self.shift  # [A]: first row computed
-        if bool(stale.all()):
-            out = self._full(active, first, block, draws)
-        elif not bool(stale.any()):
-            out = self._cached(active, first, draws)
-        else:  # rows at different points of their blocks (the parallel rules): one call for each kind
-            full, cached = stale.nonzero().squeeze(1), (~stale).nonzero().squeeze(1)  # into active
-            a = self._full(active[full], first[full], block[full], _rows(draws, full))
-            b = self._cached(active[cached], first[cached], _rows(draws, cached))
-            out = tuple(torch.cat([x, y])[torch.cat([full, cached]).argsort()] for x, y in zip(a, b))
-        self.since[active] += 1
-        return out
-
-    def _full(self, rows: torch.Tensor, first: torch.Tensor, block: torch.Tensor, draws):
-        """The whole canvas, nothing cached; keep the K/V of every column outside the block's span."""
-        b = self.batch
-        head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
-        inputs = (b.x[rows], b.real[rows], b.positions[rows], *empty_cache(self.engine.signature, len(rows), b.x.device))
-        tokens, confidence, confidence64, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
-        columns = torch.arange(self.index.shape[1], device=first.device)  # [C]
-        index = columns + (columns >= first[:, None]) * self.span  # [n, C]: every column but the span's
-        layers, _, heads, _, dim = keys.shape
-        if self.keys is None:
-            self.keys = keys.new_zeros(layers, len(b.x), heads, len(columns), dim)
-            self.values = torch.zeros_like(self.keys)
-        gather = index[None, :, None, :, None].expand(layers, -1, heads, -1, dim)  # [layers, n, H, C, D]
-        self.keys[:, rows] = keys.gather(3, gather)
-        self.values[:, rows] = values.gather(3, gather)
-        self.index[rows], self.block[rows], self.since[rows] = index, block, 0
-        return tokens, confidence, confidence64
-
-    def _cached(self, rows: torch.Tensor, first: torch.Tensor, draws):
-        """Only the span's rows, attending to the buffer."""
-        b = self.batch
-        span = first[:, None] + torch.arange(self.span, device=first.device)  # [n, span]
-        head_rows = torch.arange(self.block_length, device=first.device).expand(len(rows), -1)  # [n, bl]
-        index = self.index[rows]  # [n, C]
-        x, real, positions = b.x[rows], b.real[rows], b.positions[rows]
-        # every row: the buffers as they are (indexing would copy the whole cache every step)
-        keys, values = (self.keys, self.values) if len(rows) == len(b.x) else (self.keys[:, rows], self.values[:, rows])
-        inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
-                  real.gather(1, index), positions.gather(1, index), keys, values)
-        return self.engine.run_step(*inputs, head_rows, *draws)[:3]
-
-
-def _rows(draws: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The draws of some rows: the uniforms [A, bl, V] are per row, the temperature [1] is shared."""
-    return tuple(d[rows] if d.dim() == 3 else d for d in draws)

@@ -17,6 +17,15 @@ def top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(confidence, dtype=torch.bool).scatter_(-1, chosen, True)
 
 
+def top_k_rows(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """LLaDA's schedule with each row's own count: the k[b] most confident eligible rows of row b (rows
+    at different steps of their blocks). confidence [B, K], k [B] -> [B, K] bool"""
+    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices  # [B, K]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(confidence.shape[-1], device=order.device)
+                                            .expand_as(order))  # [B, K]: each entry's place in its row
+    return rank < k[:, None]
+
+
 def above_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
     """Fast-dLLM v1 threshold: every eligible row at or above the threshold, and always the most
     confident one. [B, K] -> [B, K] bool"""
