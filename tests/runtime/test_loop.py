@@ -9,10 +9,12 @@ import torch
 
 import dlmc.runtime
 from dlmc.compiler import compile_model
+from dlmc.decoding.common import fill_undecided
 from dlmc.decoding.llada import LLaDAConfig, generate
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.recipe import parse_recipe
+from dlmc.runtime.loop import Decoding
 from tests.helpers import MarginRecorder
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
@@ -131,3 +133,65 @@ def reference_generate(reference, spec, config):
     if config.temperature == 0 and config.remasking != "random":
         recorder.assert_clear(reduction=96)
     return out
+
+
+JOINING = {
+    "schedule": (LLaDAConfig(gen_length=12, block_length=4, steps=12), LLaDAConfig(gen_length=4, block_length=4, steps=2)),
+    "threshold": (LLaDAConfig(gen_length=12, block_length=4, threshold=0.9),
+                  LLaDAConfig(gen_length=4, block_length=4, threshold=0.9, stop_at_eos=True)),
+    "sampled": (LLaDAConfig(gen_length=12, block_length=4, steps=12, temperature=0.7),
+                LLaDAConfig(gen_length=8, block_length=4, steps=4, temperature=0.7)),
+}
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("name", list(JOINING))
+def test_a_row_joins_a_running_batch_and_leaves_first(checkpoints, tmp_path, cache, name):
+    """A row added after two steps of another joins at the next step (its canvas, with a longer prompt,
+    re-pads the running row's), finishes first and leaves while the other continues; each gets the
+    tokens and evaluations of its solo run, which are the reference decoder's."""
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=cache)
+    model = load_model(checkpoints["llada"])
+    (long, short), first = JOINING[name], PROMPTS[0]
+    second = PROMPTS[1] + list(range(20, 28))  # 13 + 4 (or 8) columns: wider than the running 3 + 12
+    decoding = Decoding(engine)
+    a = decoding.add(first, long, seed=1)
+    decoding.step(), decoding.step()
+    assert decoding.accepts(short) and not decoding.accepts(dataclasses.replace(short, block_length=2, steps=short.gen_length))
+    b = decoding.add(second, short, seed=2)
+    left, widths = {}, []
+    while len(decoding):
+        for row in decoding.step():
+            left[row.handle] = (decoding.nfe, row)
+        widths.append(decoding.rows.width)
+    assert left[b][0] < left[a][0]  # b left at an earlier step, a went on alone
+    both, alone = len(second) + short.gen_length, len(first) + long.gen_length  # 17 > 15: a was re-padded
+    assert widths == [both] * (left[b][0] - 3) + [alone] * (left[a][0] - left[b][0]) + [0]  # after each step
+    assert left[b][1].nfe == left[b][0] - 2  # b took part from the step after it was added
+    for (prompt, config, seed), handle in (((first, long, 1), a), ((second, short, 2), b)):
+        solo = engine.generate([prompt], config=config, seed=seed)
+        if not cache:  # the reference's decisions clear rounding, so a batch cannot flip them
+            recorder = MarginRecorder(model, config.gen_length, config.block_length)
+            reference = generate(recorder, model.spec, [prompt], config, seed=seed)
+            if config.temperature == 0:
+                recorder.assert_clear(reduction=96)
+            assert (reference.output_ids, reference.row_nfe) == (solo.output_ids, solo.row_nfe)
+        row = left[handle][1]
+        assert (fill_undecided(row.generated, model.spec), row.nfe) == (solo.output_ids[0], solo.row_nfe[0]), name
+
+
+def test_a_dropped_row_leaves_and_the_others_continue(checkpoints, tmp_path):
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=True)
+    config = CONFIGS["schedule"]
+    decoding = Decoding(engine)
+    kept, dropped, never = (decoding.add(p, config, seed=3) for p in (*PROMPTS, [9, 9]))
+    decoding.drop(never)  # before it ran
+    decoding.step()
+    assert decoding.handles == [kept, dropped]
+    decoding.drop(dropped)
+    assert decoding.handles == [kept] and decoding.rows.width == len(PROMPTS[0]) + config.gen_length
+    rows = [row for _ in range(config.steps) for row in decoding.step()]
+    assert [row.handle for row in rows] == [kept] and not len(decoding)
+    assert fill_undecided(rows[0].generated, engine.spec) == engine.generate(PROMPTS[:1], config=config, seed=3).output_ids[0]
+    with pytest.raises(DlmcError, match="a row joining this batch must share them"):
+        decoding.add([5], config), decoding.add([5], dataclasses.replace(config, block_length=2, steps=8))
