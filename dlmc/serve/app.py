@@ -136,8 +136,8 @@ async def _results(request: Request, jobs: list[Job]) -> list[Output] | None:
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not finished.done():
-        for job in jobs:  # a queued job is dropped; a running one finishes and is discarded
-            job.future.cancel()
+        for job in jobs:  # a queued job is dropped; a running one leaves its batch (or is discarded)
+            job.cancel()
         finished.cancel()
         return None
     gone.cancel()
@@ -212,10 +212,10 @@ class _Reply:
                          else oa.completion_response(self.id, self.served.name, [], use))
                 yield _sse(chunk)
             yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnects: queued jobs are dropped, running ones discarded
+        finally:  # also when the client disconnects: queued jobs are dropped, running ones leave
             for job in jobs:
                 job.on_settled = None
-                job.future.cancel()
+                job.cancel()
 
 
 def _sse(obj: dict) -> str:

@@ -124,12 +124,27 @@ class ServedModel:
         on_canvas = on_canvas if self.streams(key) else None
         completions = generate(self.model, self.spec, self.tokenizer, prompts, key.decoder, key.config,
                                seed=key.seed, on_canvas=on_canvas)
-        outputs = []
-        for c in completions:
-            end = next((i for i, t in enumerate(c.output_ids) if t in self.stops), len(c.output_ids))
-            finish = "stop" if end < len(c.output_ids) else "length"
-            outputs.append(Output(c.text or "", end, finish, c.nfe))
-        return outputs
+        return [self.output(c.output_ids, c.nfe) for c in completions]
+
+    def output(self, output_ids: list[int], nfe: int) -> Output:
+        """One prompt's answer from its generated ids: the text up to the first stop token."""
+        end = next((i for i, t in enumerate(output_ids) if t in self.stops), len(output_ids))
+        finish = "stop" if end < len(output_ids) else "length"
+        return Output(self.tokenizer.decode(output_ids[:end]), end, finish, nfe)
+
+    @property
+    def steps_rows(self) -> bool:
+        """Whether requests join and leave a running batch at each denoising step: a compiled artifact
+        whose step carries LLaDA's decoding rule (`dlmc.runtime.loop.Decoding`). Any other model
+        (an eager checkpoint, an unfused artifact, a fused Dream step) batches at generation boundaries."""
+        signature = getattr(self.model, "signature", None)
+        return signature is not None and signature.fused and signature.fused_decoder == "llada"
+
+    def decoding(self):
+        """A new stepping batch of the fused loop (only when `steps_rows`)."""
+        from dlmc.runtime.loop import Decoding
+
+        return Decoding(self.model)
 
 
 def _invalid(e: DlmcError, param: str | None) -> ApiError:

@@ -3,10 +3,15 @@ draining on close, and a failing batch that does not stop the worker."""
 
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import pytest
 
-from dlmc.serve.model import DecodeKey, Output
+import dlmc.runtime
+from dlmc.compiler import compile_model
+from dlmc.generation import default_model_dir
+from dlmc.recipe import parse_recipe
+from dlmc.serve.model import DecodeKey, Output, ServedModel
 from dlmc.serve.worker import Closed, Job, QueueFull, Worker
 
 A, B = DecodeKey("llada", "config a", 0), DecodeKey("llada", "config b", 0)
@@ -19,6 +24,7 @@ class Stub:
         mask_token_id = 3
 
     stops = frozenset({0})
+    steps_rows = False  # batches at generation boundaries
 
     def __init__(self, max_batch=8, fail=False):
         self.max_batch, self.fail = max_batch, fail
@@ -96,3 +102,92 @@ def test_a_failing_batch_fails_its_jobs_only():
         first.future.result(10)
     assert later.future.result(10).text == "[1]"
     worker.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# step-level batching: a fused LLaDA artifact
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifact") / "fused"
+    recipe = parse_recipe({"capture": {"max_batch": 4}, "passes": [{"fold_constants": {}}, {"fuse_decode": {}}],
+                           "lower": {"backend": "eager"}})
+    compile_model(default_model_dir(), recipe, out)
+    return dlmc.runtime.load(out)
+
+
+class Steps:
+    """A ServedModel over the engine whose Decoding logs the rows of every step; `hooks[n]` runs just
+    before step n (1-based), from the worker thread."""
+
+    def __init__(self, engine, hooks):
+        self.served = ServedModel(engine, engine.spec, engine.tokenizer, {}, "fused")
+        self.rows: list[int] = []
+        make = self.served.decoding
+
+        def decoding():
+            d = make()
+            step = d.step
+
+            def logged():
+                if len(self.rows) + 1 in hooks:
+                    hooks[len(self.rows) + 1]()
+                self.rows.append(len(d))
+                return step()
+
+            d.step = logged
+            return d
+
+        self.served.decoding = decoding
+
+    def job(self, prompt: str, **options) -> Job:
+        ids = self.served.tokenizer.encode(prompt)
+        return Job(ids, self.served.decode_key(None, options, options.pop("seed", 0), [ids]))
+
+    def solo(self, job: Job) -> Output:
+        return self.served.run([job.prompt], job.key)[0]
+
+
+def test_a_request_joins_the_running_batch_and_a_short_one_leaves_first(engine):
+    entered, joined = threading.Event(), threading.Event()
+    steps = Steps(engine, {3: lambda: (entered.set(), joined.wait(10))})  # step 3 waits for the next requests
+    long = steps.job("count 417:", gen_length=32, block_length=8, stop_at_eos=False)  # 32 steps
+    short = steps.job("shift abc:", gen_length=8, seed=5)  # its block length is its gen_length: 8
+    waiting = steps.job("count 12:", gen_length=8, block_length=4)  # another block length: waits
+    assert steps.served.steps_rows
+    worker = Worker(steps.served, max_queue=8)
+    worker.start()
+    worker.submit([long])
+    assert entered.wait(30)
+    worker.submit([short, waiting])
+    joined.set()
+    outputs = [job.future.result(60) for job in (long, short, waiting)]
+    worker.close()
+    assert outputs == [steps.solo(job) for job in (long, short, waiting)]  # each its solo answer
+    assert outputs[0].nfe == 32 and outputs[1].nfe <= 8
+    # long ran alone for 3 steps, short joined at step 4, left after its own steps while long went on;
+    # waiting ran only once the batch was empty
+    assert steps.rows == [1, 1, 1] + [2] * outputs[1].nfe + [1] * (29 - outputs[1].nfe) + [1] * outputs[2].nfe
+    assert worker.batch_sizes == {1: len(steps.rows) - outputs[1].nfe, 2: outputs[1].nfe}
+
+
+def test_a_cancelled_row_leaves_and_streaming_sends_the_settled_prefix(engine):
+    steps_hooks = {}
+    steps = Steps(engine, steps_hooks)
+    first, second = steps.job("count 417:", gen_length=16), steps.job("shift abc:", gen_length=16)
+    steps_hooks[6] = second.cancel  # its client goes away after 5 steps
+    sent: list[list[int]] = []
+    first.on_settled = sent.append
+    worker = Worker(steps.served, max_queue=8)
+    worker.start()
+    worker.submit([first, second])
+    answer = first.future.result(60)
+    worker.close()
+    with pytest.raises(CancelledError):
+        second.future.result(0)
+    assert steps.rows == [2] * 6 + [1] * 10  # dropped before step 7
+    assert answer == steps.solo(first)
+    assert sent and all(a == b[: len(a)] for a, b in zip(sent, sent[1:])) and len(set(map(len, sent))) == len(sent)
+    assert steps.served.tokenizer.decode(sent[-1]) == answer.text[: len(steps.served.tokenizer.decode(sent[-1]))]
