@@ -7,9 +7,10 @@ Starts `dlmc serve` on 127.0.0.1 (the embedded model, or the checkpoint / artifa
 distinct prompt alone first (its solo answer), then for each client count runs that many client
 threads, each sending streaming completions one after another until `--requests` are done or
 `--duration` seconds have passed. Prints throughput (requests/s, answer tokens/s, canvas tokens/s:
-every request decodes all max_tokens positions), the mean batch the worker ran, p50/p99 latency and p50/p99 time to the first
-streamed text, and checks that nothing is lost: every request answered, every streamed answer equal
-to its solo answer. Exits 1 if anything was lost. Stops the server with SIGTERM at the end.
+every request decodes all max_tokens positions), the mean batch the worker ran (rows per batch; for a
+fused LLaDA artifact, which batches at every denoising step, rows per step), p50/p99 latency and
+p50/p99 time to the first streamed text, and checks that nothing is lost: every request answered,
+every streamed answer equal to its solo answer. Exits 1 if anything was lost. Stops the server with SIGTERM at the end.
 """
 
 from __future__ import annotations

@@ -5,9 +5,15 @@ step reduces the committable rows itself and hands back tokens and confidences [
 The whole batch is one left-padded canvas [B, L] that the loop edits in place; a row's random draws
 come from its own generator with the shapes the reference draws, so sampling replays it exactly.
 
+The loop is a stepping object, `Decoding`: rows join before any step and leave the step they finish,
+each at its own step of its own block with its own gen_length, steps, stop_at_eos and seed (per-row
+counters, per-row top-k through a rank mask). `generate` (the batch API) adds every prompt and steps
+until all have left; `dlmc serve` keeps one `Decoding` running across requests.
+
 With a dual K/V cache (Fast-dLLM v1, `block_cache {mode: dual}`) a row's step at the start of its
 block (or every `refresh` steps) runs the whole canvas and keeps the K/V of every column outside the
-block in a buffer; the block's other steps run only the block's rows against that buffer.
+block in a buffer; the block's other steps run only the block's rows against that buffer
+(`dlmc.runtime.fused_step`).
 """
 
 from __future__ import annotations
@@ -157,8 +163,8 @@ class Decoding:
         done = ((self.block == self.num_blocks) | stopped).tolist()  # one host sync per step
         if not any(done):
             return []
-        finished = [Finished(h, g.clone(), n) for h, g, n, d in zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
-                    if d]
+        rows = zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
+        finished = [Finished(h, g.clone(), n) for h, g, n, d in rows if d]
         self._leave([not d for d in done])
         return finished
 

@@ -136,7 +136,8 @@ def reference_generate(reference, spec, config):
 
 
 JOINING = {
-    "schedule": (LLaDAConfig(gen_length=12, block_length=4, steps=12), LLaDAConfig(gen_length=4, block_length=4, steps=2)),
+    "schedule": (LLaDAConfig(gen_length=12, block_length=4, steps=12),
+                 LLaDAConfig(gen_length=4, block_length=4, steps=2)),
     "threshold": (LLaDAConfig(gen_length=12, block_length=4, threshold=0.9),
                   LLaDAConfig(gen_length=4, block_length=4, threshold=0.9, stop_at_eos=True)),
     "sampled": (LLaDAConfig(gen_length=12, block_length=4, steps=12, temperature=0.7),
@@ -157,7 +158,8 @@ def test_a_row_joins_a_running_batch_and_leaves_first(checkpoints, tmp_path, cac
     decoding = Decoding(engine)
     a = decoding.add(first, long, seed=1)
     decoding.step(), decoding.step()
-    assert decoding.accepts(short) and not decoding.accepts(dataclasses.replace(short, block_length=2, steps=short.gen_length))
+    assert decoding.accepts(short)
+    assert not decoding.accepts(dataclasses.replace(short, block_length=2, steps=short.gen_length))
     b = decoding.add(second, short, seed=2)
     left, widths = {}, []
     while len(decoding):
@@ -192,6 +194,7 @@ def test_a_dropped_row_leaves_and_the_others_continue(checkpoints, tmp_path):
     assert decoding.handles == [kept] and decoding.rows.width == len(PROMPTS[0]) + config.gen_length
     rows = [row for _ in range(config.steps) for row in decoding.step()]
     assert [row.handle for row in rows] == [kept] and not len(decoding)
-    assert fill_undecided(rows[0].generated, engine.spec) == engine.generate(PROMPTS[:1], config=config, seed=3).output_ids[0]
+    solo = engine.generate(PROMPTS[:1], config=config, seed=3)
+    assert fill_undecided(rows[0].generated, engine.spec) == solo.output_ids[0]
     with pytest.raises(DlmcError, match="a row joining this batch must share them"):
         decoding.add([5], config), decoding.add([5], dataclasses.replace(config, block_length=2, steps=8))
