@@ -11,12 +11,6 @@ from __future__ import annotations
 import torch
 
 
-def top_k(confidence: torch.Tensor, k: int) -> torch.Tensor:
-    """LLaDA's schedule: the k most confident eligible rows. confidence [B, K] -> [B, K] bool"""
-    chosen = torch.topk(confidence, k, dim=-1).indices  # [B, k]
-    return torch.zeros_like(confidence, dtype=torch.bool).scatter_(-1, chosen, True)
-
-
 def top_k_rows(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """LLaDA's schedule with each row's own count: the k[b] most confident eligible rows of row b (rows
     at different steps of their blocks). confidence [B, K], k [B] -> [B, K] bool"""

@@ -48,6 +48,7 @@ def test_factor_accepts_everything_on_a_failure_at_the_last_candidate():
 @pytest.mark.parametrize("k", [1, 3])
 def test_top_k_takes_the_most_confident(k):
     conf = confidences(0)
-    commit = transfer.top_k(conf, k)
-    for row, mask in zip(conf, commit):
-        assert chosen(mask) == set(torch.topk(row, k).indices.tolist())
+    counts = torch.arange(len(conf)) % k + 1  # each row its own count, as rows at different steps
+    commit = transfer.top_k_rows(conf, counts)
+    for row, mask, n in zip(conf, commit, counts.tolist()):
+        assert chosen(mask) == set(torch.topk(row, n).indices.tolist())
