@@ -79,6 +79,9 @@ class StepSignature:
     cache: dict[str, Any] | None = None
     """For a step with K/V cache inputs: the cache policy the runtime drives it with (the caching
     pass's resolved config, e.g. {"policy": "dual", "block_length": 32}); None for a plain step."""
+    decoder: str | None = None
+    """For a fused step (fuse_decode): the decoder whose per-row rule it computes; None reads "llada"
+    (artifacts written before block decoders were fused)."""
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq"):
@@ -108,6 +111,7 @@ class StepSignature:
             "seq": list(self.seq),
             "seq_buckets": list(self.seq_buckets),
             "cache": self.cache,
+            **({"decoder": self.decoder} if self.decoder else {}),  # absent for unfused steps, as before
         }
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dlmc.artifact import check_writable, write_artifact
+from dlmc.artifact import TensorSpec, check_writable, write_artifact
 from dlmc.capture import StepProgram, capture, example_inputs
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
@@ -159,10 +159,8 @@ def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.T
     device = inputs[0].device
     inputs += empty_cache(sig, batch, device) if sig.cache else ()
     inputs += (torch.arange(length, device=device).expand(batch, length).contiguous(),)  # head_rows [B, L]
-    if "uniform" in sig.names:
-        vocab = sig.inputs[sig.names.index("uniform")].shape[-1]
-        uniform = torch.rand(batch, length, vocab, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        inputs += (uniform.to(device), torch.tensor([0.7], dtype=torch.float64, device=device))
+    sampling = sig.inputs[sig.names.index("head_rows") + 1 :]
+    inputs += tuple(_sampling_input(t, batch, length, device) for t in sampling)
     with torch.no_grad():
         expected = _outputs(program(*inputs))
         actual = _outputs(step(*inputs))
@@ -172,6 +170,18 @@ def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.T
     agree = (actual[0].to(expected[0].device) == expected[0]).float().mean().item()
     if agree < 0.95:  # arg-max flips only at near ties of the logits
         raise DlmcError(f"verify: the lowered step's tokens agree with the fused program's on {agree:.0%} of rows")
+
+
+def _sampling_input(spec: TensorSpec, batch: int, length: int, device) -> torch.Tensor:
+    """A fused step's sampling input, drawn as the runtime draws it, at temperature 0.7."""
+    generator = torch.Generator().manual_seed(0)
+    if spec.name in ("uniform", "noise"):  # llada's Gumbel uniforms; the block sampler's exponential race
+        shape = (batch, length, spec.shape[-1])
+        draw = torch.rand(shape, dtype=torch.float64, generator=generator)
+        draw = draw if spec.name == "uniform" else -torch.log(draw)  # Exp(1)
+        return draw.to(device, getattr(torch, spec.dtype))
+    values = {"temperature": 0.7, "top_k": 50, "top_p": 0.9}
+    return torch.tensor([values[spec.name]], dtype=getattr(torch, spec.dtype), device=device)
 
 
 def _outputs(result: Any) -> tuple[torch.Tensor, ...]:
@@ -207,10 +217,14 @@ def _manifest(recipe: Recipe, program: StepProgram, stored: str, model_dir: Path
         "exact": recipe.exact,
         "device": device,
         "signature": program.signature.to_dict(),
-        # a fused step runs the llada decoder's rule whatever the family's own sampler is
-        "decode": {"decoder": recipe.decode.decoder or ("llada" if program.signature.fused else None),
+        # a fused step runs its fused decoder's rule whatever the family's own sampler is
+        "decode": {"decoder": recipe.decode.decoder or _fused_decoder(program.signature),
                    "config": recipe.decode.config},
     }
+
+
+def _fused_decoder(signature) -> str | None:
+    return (signature.decoder or "llada") if signature.fused else None
 
 
 def _version(package: str) -> str:

@@ -220,15 +220,18 @@ def _pass_checks(
 
 def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     """fuse_decode replaces the logits with decoded rows, so nothing may follow it, and the runtime's
-    fused loop runs the llada decoder, uncached or with the dual cache."""
+    fused loops run the llada decoder uncached or with the dual cache, the block decoder uncached or
+    with the exact (causal_cache) one."""
     problems = []
     if passes[-1].name != "fuse_decode":
         problems.append("passes: fuse_decode must be the last pass (it replaces the step's logits)")
+    fused = next(p for p in passes if p.name == "fuse_decode").decoder
+    cache, owner = {"llada": ("dual", "block_cache {mode: dual}"), "block": ("exact", "causal_cache")}[fused]
     for p in passes:
-        if p.kv_cache and p.policy().name != "dual":
-            problems.append(f"passes: fuse_decode runs uncached or after block_cache {{mode: dual}}, not after {p.name}")
-    if decode.decoder not in (None, "llada"):
-        problems.append(f"decode.decoder: fuse_decode fuses the llada decoder's rule, not {decode.decoder}'s")
+        if p.kv_cache and p.policy().name != cache:
+            problems.append(f"passes: fuse_decode {{decoder: {fused}}} runs uncached or after {owner}, not after {p.name}")
+    if decode.decoder not in (None, fused):
+        problems.append(f"decode.decoder: fuse_decode fuses the {fused} decoder's rule, not {decode.decoder}'s")
     return problems
 
 

@@ -15,6 +15,9 @@ followed by the step's other outputs (the K/V of a cached step). With `gumbel: t
 reference decoder's per-row generators, so sampling stays token-identical to it at any temperature.
 The choice of which tokens to commit (a top-k schedule, a threshold, a factor) reads only [B, K]
 tensors and stays in the runtime loop (`dlmc.runtime.loop`). It must be the recipe's last pass.
+
+`decoder: block` fuses the block decoders' sampler instead (Fast-dLLM v2, SDAR: `dlmc.passes.block_pick`,
+run by `dlmc.runtime.block_loop`); its `gumbel: true` takes exponential noise, temperature, top_k and top_p.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dlmc.artifact import StepSignature, TensorSpec
 from dlmc.capture import StepProgram
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
-
+from dlmc.passes.block_pick import pick_block, sampling_inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +44,16 @@ class FuseDecode(PassConfig):
     gumbel: bool = False
     """Take Gumbel-max uniforms and a temperature (sampling at temperature > 0); without it the
     artifact decodes at temperature 0 only."""
+    decoder: str = "llada"
+    """Whose per-row rule the step computes: "llada" (LLaDA's sampler, Fast-dLLM v1's rules) or "block"
+    (Fast-dLLM v2's and SDAR's samplers, for block-causal models)."""
+
+    def __post_init__(self) -> None:
+        if self.decoder not in FUSED_DECODERS:
+            raise DlmcError(f"fuse_decode.decoder: {self.decoder!r} is not one of {', '.join(FUSED_DECODERS)}")
+
+
+FUSED_DECODERS = ("llada", "block")
 
 
 def gather_rows(hidden: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
@@ -72,6 +85,19 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         raise DlmcError("fuse_decode: the step is already fused; use the pass once")
     if sig.seq_buckets:
         raise DlmcError("fuse_decode: needs a dynamic sequence length; remove capture.seq_buckets")
+    if config.decoder == "block" and program.spec.attention != "block_causal":
+        raise DlmcError(
+            f"fuse_decode.decoder: block needs a block-causal model, not {program.spec.attention} attention"
+        )
+    vocab = sig.outputs[0].shape[-1]
+    logits_dtype = sig.outputs[0].dtype
+    if config.decoder == "block":
+        pick, sampling = pick_block, sampling_inputs(vocab, logits_dtype)
+    else:
+        pick = pick_tokens
+        uniform = TensorSpec("uniform", "float64", ("batch", "rows", vocab))
+        sampling = [uniform, TensorSpec("temperature", "float64", (1,))]
+    sampling = sampling if config.gumbel else []
     gm = program.exported.module()  # unlifted: new inputs are plain placeholders
     graph = gm.graph
     final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
@@ -79,7 +105,7 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         raise DlmcError("fuse_decode: found no final norm (module 'norm') in front of the output head")
     hidden = final_norm[-1]
     placeholders = list(graph.find_nodes(op="placeholder"))
-    new_names = ("head_rows", "uniform", "temperature") if config.gumbel else ("head_rows",)
+    new_names = ("head_rows", *(t.name for t in sampling))
     with graph.inserting_after(placeholders[-1]):
         new = {name: graph.placeholder(name) for name in reversed(new_names)}  # inserting_after reverses
     with graph.inserting_after(hidden):
@@ -88,20 +114,16 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 
     output = graph.output_node()
     logits, *rest = output.args[0]
-    extra = (new["uniform"], new["temperature"]) if config.gumbel else ()
+    extra = tuple(new[t.name] for t in sampling)
     with graph.inserting_before(output):
-        picked = graph.call_function(pick_tokens, (logits, *extra))
+        picked = graph.call_function(pick, (logits, *extra))
         outs = [graph.call_function(operator.getitem, (picked, i)) for i in range(3)]
     output.args = ((*outs, *rest),)
     graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, a tuple out
     graph.eliminate_dead_code()
     module = torch.fx.GraphModule(gm, graph)
 
-    vocab = sig.outputs[0].shape[-1]
-    logits_dtype = sig.outputs[0].dtype
-    inputs = [*sig.inputs, TensorSpec("head_rows", "int64", ("batch", "rows"))]
-    if config.gumbel:
-        inputs += [TensorSpec("uniform", "float64", ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
+    inputs = [*sig.inputs, TensorSpec("head_rows", "int64", ("batch", "rows")), *sampling]
     outputs = [
         TensorSpec("tokens", "int64", ("batch", "rows")),
         TensorSpec("confidence", logits_dtype, ("batch", "rows")),
@@ -109,7 +131,8 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         *sig.outputs[1:],
     ]
     signature = StepSignature(
-        inputs=tuple(inputs), outputs=tuple(outputs), batch=sig.batch, seq=sig.seq, cache=sig.cache
+        inputs=tuple(inputs), outputs=tuple(outputs), batch=sig.batch, seq=sig.seq, cache=sig.cache,
+        decoder=config.decoder,
     )
     return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
 

@@ -18,7 +18,7 @@ from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
-from dlmc.runtime import loop
+from dlmc.runtime import block_loop, loop
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
@@ -27,7 +27,11 @@ from dlmc.tokenizer import TextTokenizer
 
 KNOWN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 CACHE_INPUTS = ("cache_mask", "cache_positions", "cache_keys", "cache_values")
-FUSED_INPUTS = (("head_rows",), ("head_rows", "uniform", "temperature"))
+FUSED_INPUTS = (
+    ("head_rows",),
+    ("head_rows", "uniform", "temperature"),
+    ("head_rows", "noise", "temperature", "top_k", "top_p"),
+)
 """Step inputs this runtime knows how to feed: the plain step, optionally with a K/V cache, optionally
 fused with the decoding rule; an artifact asking for others needs a newer runtime."""
 
@@ -125,8 +129,9 @@ class Engine:
         `on_canvas` is passed on only when given: not every decoder takes it (CANVAS_DECODERS)."""
         canvas = {} if on_canvas is None else {"on_canvas": on_canvas}
         if self.signature.fused:
-            loop.check_supported(self.signature, decoder, config)
-            return loop.generate(self, prompts, config, seed=seed, on_step=on_step, **canvas)
+            fused = block_loop if self.signature.decoder == "block" else loop
+            fused.check_supported(self.signature, decoder, config)
+            return fused.generate(self, prompts, config, seed=seed, on_step=on_step, **canvas)
         _, generate = DECODERS[decoder]
         model = self.model_for(decoder, config)
         return generate(model, self.spec, prompts, config, seed=seed, on_step=on_step, **canvas)
@@ -153,7 +158,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     names = [t.name for t in signature.inputs]
     unknown = [name for name in names if name not in KNOWN_INPUTS + CACHE_INPUTS]
     plain = [list(KNOWN_INPUTS), list(KNOWN_INPUTS + CACHE_INPUTS)]
-    unknown = [name for name in unknown if name not in FUSED_INPUTS[1]]
+    unknown = [name for name in unknown if not any(name in fused for fused in FUSED_INPUTS)]
     if names not in plain + [p + list(fused) for p in plain for fused in FUSED_INPUTS]:
         raise DlmcError(f"{root}: the compiled step takes inputs this runtime cannot feed ({', '.join(unknown)})")
     device = torch.device(device if device is not None else entry.get("device", "cpu"))

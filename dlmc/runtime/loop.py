@@ -20,7 +20,7 @@ import torch
 from dlmc.decoding.common import Generation, num_transfer_tokens, pad_token_id, row_generator
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime import transfer
+from dlmc.runtime import block_loop, transfer
 from dlmc.runtime.cache import empty_cache
 from dlmc.runtime.policies import policy_from_dict
 
@@ -29,6 +29,8 @@ FUSED_DECODERS = ("llada",)
 
 def check_supported(signature, decoder: str, config) -> None:
     """One line naming the first decoder setting this fused step cannot run."""
+    if signature.decoder == "block":  # the block decoders' fused step has its own loop
+        return block_loop.check_supported(signature, decoder, config)
     if decoder not in FUSED_DECODERS:
         raise DlmcError(f"decoder: this artifact fuses the {', '.join(FUSED_DECODERS)} decoder's rule, not {decoder}'s")
     for name in ("cfg_scale", "logits_eos_inf", "confidence_eos_eot_inf"):
