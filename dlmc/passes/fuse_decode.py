@@ -50,7 +50,7 @@ class FuseDecode(PassConfig):
 
     def __post_init__(self) -> None:
         if self.decoder not in FUSED_DECODERS:
-            raise DlmcError(f"fuse_decode.decoder: {self.decoder!r} is not one of {', '.join(FUSED_DECODERS)}")
+            raise DlmcError(f"decoder={self.decoder!r} is not one of {', '.join(FUSED_DECODERS)}")
 
 
 FUSED_DECODERS = ("llada", "block")
