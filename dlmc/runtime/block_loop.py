@@ -12,8 +12,10 @@ With the exact K/V cache (`causal_cache`), a block's K/V are final once a step's
 it or before it (block-causal attention: a column sees its own block and earlier ones). They are
 written in place into a buffer [layers, B, H, W + 1, D] (column W takes the writes that are not
 final) and never computed again; a step then runs the open block only, plus the block just completed
-for SDAR (its final tokens were never computed) and the prompt at the first step. Uncached, every step
-runs each row's whole canvas. Rows leave the batch when they finish (length or stop token).
+for SDAR (its final tokens were never computed) and the prompt at the first step; for shifted logits
+also the last cached column, whose row predicts the block's first position. Uncached, every step runs
+each row's whole canvas. Rows leave the batch when they finish (length or stop token), and their cache
+slots with them. The loop reads back the active rows and the widest query once per step.
 """
 
 from __future__ import annotations
