@@ -229,7 +229,9 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     cache, owner = {"llada": ("dual", "block_cache {mode: dual}"), "block": ("exact", "causal_cache")}[fused]
     for p in passes:
         if p.kv_cache and p.policy().name != cache:
-            problems.append(f"passes: fuse_decode {{decoder: {fused}}} runs uncached or after {owner}, not after {p.name}")
+            problems.append(
+                f"passes: fuse_decode {{decoder: {fused}}} runs uncached or after {owner}, not after {p.name}"
+            )
     if decode.decoder not in (None, fused):
         problems.append(f"decode.decoder: fuse_decode fuses the {fused} decoder's rule, not {decode.decoder}'s")
     return problems
