@@ -21,10 +21,16 @@ dream (Dream's `_sample_tokens`, every alg; the masked rows of the generation re
   `exponential_` into p's shape, so the runtime draws q from the reference's generators. With
   `filters: true` it takes `top_p` [1] float64 and `top_k` [1] int64 (a sort of every head row).
 
+block (Fast-dLLM v2's and SDAR's samplers, block-causal models; the open block's rows):
+    tokens, confidence, confidence64 as llada's: the token drawn (or the arg-max) and its probability
+  With `gumbel: true` it also takes `noise` [B, K, V] (Exp(1), logits dtype), `temperature`, `top_k`
+  and `top_p` (`dlmc.passes.block_pick`).
+
 Then the step's other outputs (the K/V of a cached step). The runtime draws the random inputs from the
 reference decoder's per-row generators, so sampling stays token-identical at any temperature. The
 choice of which tokens to commit reads only [B, K] tensors and stays in the runtime loop
-(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`). It must be the recipe's last pass.
+(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`). It must be the recipe's
+last pass. The step's signature records the decoder, so the runtime knows which loop drives it.
 """
 
 from __future__ import annotations
@@ -36,14 +42,12 @@ from typing import ClassVar
 
 import torch
 
-from dlmc.artifact import StepSignature, TensorSpec
-from dlmc.artifact import FUSED_OUTPUTS
+from dlmc.artifact import FUSED_OUTPUTS, StepSignature, TensorSpec
 from dlmc.capture import StepProgram
 from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
-
-
+from dlmc.passes.block_pick import pick_block, sampling_inputs
 
 @dataclass(frozen=True, kw_only=True)
 class FuseDecode(PassConfig):
@@ -63,8 +67,9 @@ class FuseDecode(PassConfig):
     def __post_init__(self) -> None:
         if self.decoder not in ("auto", *RULES):
             raise DlmcError(f"fuse_decode.decoder: unknown decoder '{self.decoder}' (known: auto, {', '.join(RULES)})")
-        if self.filters and self.decoder == "llada":
-            raise DlmcError("fuse_decode.filters: the llada rule has no top_p / top_k; use decoder: dream")
+        if self.filters and self.decoder != "dream":
+            raise DlmcError("fuse_decode.filters: only the dream rule takes them as an option (llada has no "
+                            "top_p / top_k; block's gumbel: true includes them)")
 
     def resolved(self, spec) -> FuseDecode:
         """This config with `auto` replaced by the model's own sampler."""
@@ -149,6 +154,10 @@ def _llada_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec
     return [TensorSpec("uniform", "float64", ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
 
 
+def _block_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
+    return sampling_inputs(vocab, dtype) if config.gumbel else []
+
+
 def _dream_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
     inputs = []
     if config.gumbel:
@@ -169,11 +178,14 @@ class Rule:
     inputs: Callable[[FuseDecode, int, str], list[TensorSpec]]
     pick: Callable[..., tuple[torch.Tensor, ...]]
     float64: tuple[str, ...] = ()
+    caches: tuple[str, ...] = ()
+    """The cache policies its runtime loop drives (uncached always)."""
 
 
 RULES: dict[str, Rule] = {
-    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64",)),
+    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64",), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
+    "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 
@@ -187,9 +199,13 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         raise DlmcError("fuse_decode: the step is already fused; use the pass once")
     if sig.seq_buckets:
         raise DlmcError("fuse_decode: needs a dynamic sequence length; remove capture.seq_buckets")
-    if sig.cache is not None and config.decoder != "llada":
-        raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule runs uncached (its decoder cannot run "
-                        f"under a {sig.cache['policy']} cache); drop the caching pass")
+    if sig.cache is not None and sig.cache["policy"] not in rule.caches:
+        runs = " or ".join(("uncached", *rule.caches))
+        raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule's loop runs {runs}, not under a "
+                        f"{sig.cache['policy']} cache")
+    if config.decoder == "block" and program.spec.attention != "block_causal":
+        raise DlmcError(f"fuse_decode.decoder: block needs a block-causal model, not {program.spec.attention} "
+                        "attention")
     gm = program.exported.module()  # unlifted: new inputs are plain placeholders
     graph = gm.graph
     final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
@@ -222,7 +238,8 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
     outputs = [TensorSpec(names[0], "int64", ("batch", "rows"))]
     outputs += [TensorSpec(n, "float64" if n in rule.float64 else logits_dtype, ("batch", "rows")) for n in names[1:]]
     signature = StepSignature(
-        inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache
+        inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache,
+        decoder=config.decoder,
     )
     return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
 
