@@ -100,8 +100,8 @@ def test_refusals(steps, checkpoints):
     llada = capture(load_model(checkpoints["llada"]), CaptureConfig(max_batch=2))
     with pytest.raises(DlmcError, match="fuse_decode.decoder: block needs a block-causal model, not bidirectional"):
         fuse_decode(llada, FuseDecode(decoder="block"))
-    with pytest.raises(DlmcError, match=r"passes\[0\].fuse_decode.decoder='dream' is not one of llada, block"):
-        parse_recipe({"passes": [{"fuse_decode": {"decoder": "dream"}}]})
+    with pytest.raises(DlmcError, match=r"fuse_decode.decoder: unknown decoder 'wedlm' \(known: auto, llada, dream, block\)"):
+        parse_recipe({"passes": [{"fuse_decode": {"decoder": "wedlm"}}]})
 
     def problems(passes, decode=None):
         with pytest.raises(DlmcError) as e:
