@@ -27,23 +27,29 @@ def special_ids(family: str) -> dict[str, int]:
 
 def write_moe_checkpoint(
     family: str, out: Path, *, hidden, layers, heads, kv_heads, intermediate, vocab, max_length, block_size,
-    dtype, shards, seed, tokenizer, chat_template,
+    dtype, shards, seed, tokenizer, chat_template, experts: int = EXPERTS, top_k: int | None = None,
+    first_dense: int = 1, expert_size: int | None = None,
 ) -> Path:
+    """`experts`, `top_k` (None: the family's fixture default), `expert_size` (None: intermediate // 3) and
+    LLaDA2's `first_dense` layers size the MoE part (benchmarks/moe_step.py builds bigger ones)."""
     ids = special_ids(family)
     hd = hidden // heads
-    expert = intermediate // 3
+    expert = expert_size or intermediate // 3
     if family == "llada_moe":
         config = _llada_moe_config(hidden, layers, heads, kv_heads, intermediate, expert, vocab, max_length, ids)
-        tensors = _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, qk_norm=True)
+        tensors = _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, experts)
     elif family == "llada2":
         config = _llada2_config(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, max_length, ids)
-        tensors = _llada2_tensors(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab)
+        config["first_k_dense_replace"] = first_dense
+        tensors = _llada2_tensors(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, experts, first_dense)
     elif family == "sdar_moe":
         config = _sdar_moe_config(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, max_length,
                                   block_size, ids)
-        tensors = _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, qk_norm=True)
+        tensors = _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, experts)
     else:
         raise ValueError(f"unknown family {family}")
+    config["num_experts"] = experts
+    config["num_experts_per_tok"] = top_k or config["num_experts_per_tok"]
     generator = torch.Generator().manual_seed(seed)
     weights = {name: fixtures._init(name, shape, generator).to(dtype) for name, shape in tensors.items()}
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -210,9 +216,9 @@ def _sdar_moe_config(hidden, layers, heads, kv_heads, hd, intermediate, expert, 
     }
 
 
-def _experts(p: str, hidden: int, expert: int) -> dict[str, tuple[int, ...]]:
-    t = {p + "mlp.gate.weight": (EXPERTS, hidden)}
-    for e in range(EXPERTS):
+def _experts(p: str, hidden: int, expert: int, experts: int) -> dict[str, tuple[int, ...]]:
+    t = {p + "mlp.gate.weight": (experts, hidden)}
+    for e in range(experts):
         t |= {
             p + f"mlp.experts.{e}.gate_proj.weight": (expert, hidden),
             p + f"mlp.experts.{e}.up_proj.weight": (expert, hidden),
@@ -221,7 +227,7 @@ def _experts(p: str, hidden: int, expert: int) -> dict[str, tuple[int, ...]]:
     return t
 
 
-def _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, qk_norm) -> dict[str, tuple[int, ...]]:
+def _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, experts) -> dict[str, tuple[int, ...]]:
     """LLaDA-MoE's and Qwen3-MoE's (SDAR-MoE's) names: every layer MoE, no shared expert."""
     t = {"model.embed_tokens.weight": (vocab, hidden)}
     for n in range(layers):
@@ -233,17 +239,19 @@ def _olmoe_tensors(hidden, layers, heads, kv_heads, hd, expert, vocab, qk_norm) 
             p + "self_attn.v_proj.weight": (kv_heads * hd, hidden),
             p + "self_attn.o_proj.weight": (hidden, heads * hd),
             p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_norm.weight": (hd,),
+            p + "self_attn.k_norm.weight": (hd,),
         }
-        if qk_norm:
-            t |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
-        t |= _experts(p, hidden, expert)
+        t |= _experts(p, hidden, expert, experts)
     t["model.norm.weight"] = (hidden,)
     t["lm_head.weight"] = (vocab, hidden)
     return t
 
 
-def _llada2_tensors(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab) -> dict[str, tuple[int, ...]]:
-    """LLaDA2's names: fused QKV, layer 0 dense, then gate (+ expert_bias), experts and shared_experts."""
+def _llada2_tensors(
+    hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, experts, first_dense
+) -> dict[str, tuple[int, ...]]:
+    """LLaDA2's names: fused QKV, the first layers dense, then gate (+ expert_bias), experts, shared_experts."""
     t = {"model.word_embeddings.weight": (vocab, hidden)}
     for n in range(layers):
         p = f"model.layers.{n}."
@@ -255,16 +263,16 @@ def _llada2_tensors(hidden, layers, heads, kv_heads, hd, intermediate, expert, v
             p + "attention.dense.weight": (hidden, heads * hd),
             p + "post_attention_layernorm.weight": (hidden,),
         }
-        if n == 0:
+        if n < first_dense:
             t |= {
                 p + "mlp.gate_proj.weight": (intermediate, hidden),
                 p + "mlp.up_proj.weight": (intermediate, hidden),
                 p + "mlp.down_proj.weight": (hidden, intermediate),
             }
             continue
-        t |= _experts(p, hidden, expert)
+        t |= _experts(p, hidden, expert, experts)
         t |= {
-            p + "mlp.gate.expert_bias": (EXPERTS,),
+            p + "mlp.gate.expert_bias": (experts,),
             p + "mlp.shared_experts.gate_proj.weight": (expert, hidden),
             p + "mlp.shared_experts.up_proj.weight": (expert, hidden),
             p + "mlp.shared_experts.down_proj.weight": (hidden, expert),
