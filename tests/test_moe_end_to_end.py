@@ -63,9 +63,10 @@ def test_compiled_step_gives_reference_tokens(moe_checkpoints, tmp_path, family,
     passes = [{"fold_constants": {}}] + ([{"causal_cache": {}}] if cache else [])
     capture = {"dtype": "float32"} if backend == "onnxrt" else {}
     recipe = parse_recipe({"capture": capture, "passes": passes, "lower": {"backend": backend}}, "test")
+    model = load_model(moe_checkpoints[family])
+    expected = {label: reference_tokens(model, prompts, gen_length=40) for label, prompts in PROMPTS.items()}
     engine = dlmc.runtime.load(compile_model(moe_checkpoints[family], recipe, tmp_path / "out"))
     assert engine.manifest["exact"] and (engine.signature.cache is not None) == cache
-    model = load_model(moe_checkpoints[family])
     for label, prompts in PROMPTS.items():
-        config, expected = reference_tokens(model, prompts, gen_length=40)
-        assert engine.generate(prompts, config=config).output_ids == expected, label
+        config, tokens = expected[label]
+        assert engine.generate(prompts, config=config).output_ids == tokens, label
