@@ -31,6 +31,7 @@ EXPERTS, TOP_K, WIDTH = 64, 8, 128
 
 
 def build(root: Path) -> dict[str, Path]:
+    (root / "moe").mkdir(), (root / "dense").mkdir()
     active = (TOP_K + 1) * WIDTH  # the dense layers' width: as many parameters as one token's experts
     moe = write_moe_checkpoint("llada2", root / "moe", intermediate=active, expert_size=WIDTH, experts=EXPERTS,
                                top_k=TOP_K, first_dense=1, **SHAPE)
