@@ -28,7 +28,8 @@ def test_inspect_and_run(moe_checkpoints, family):
     shown = invoke("inspect", moe_checkpoints[family])
     assert shown.exit_code == 0, shown.output
     assert family in shown.output and "parameters" in shown.output
-    result = invoke("run", moe_checkpoints[family], "--prompt", "hi", "--prompt-ids", "5,6,7", "--gen-length", 8, "--json")
+    args = ["--prompt", "hi", "--prompt-ids", "5,6,7", "--gen-length", 8, "--json"]
+    result = invoke("run", moe_checkpoints[family], *args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [len(row["output_ids"]) for row in rows] == [8, 8]

@@ -41,7 +41,9 @@ def write_moe_checkpoint(
     elif family == "llada2":
         config = _llada2_config(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, max_length, ids)
         config["first_k_dense_replace"] = first_dense
-        tensors = _llada2_tensors(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, experts, first_dense)
+        tensors = _llada2_tensors(
+            hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, experts, first_dense
+        )
     elif family == "sdar_moe":
         config = _sdar_moe_config(hidden, layers, heads, kv_heads, hd, intermediate, expert, vocab, max_length,
                                   block_size, ids)
@@ -292,7 +294,8 @@ def _write_ling_tokenizer(out: Path, ids: dict[str, int], chat_template: str | N
     tok.add_special_tokens(list(ids))
     tok.save(str(out / "tokenizer.json"))
     added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True}
         for t, i in ids.items()
     }
     config = {

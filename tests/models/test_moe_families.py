@@ -67,7 +67,8 @@ def reference_logits(family, cfg, w, ids, router):
         if family == "llada2":
             qkv = (h @ w[p + "attention.query_key_value.weight"].T).view(L, heads + 2 * kv, hd)
             q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv], qkv[:, heads + kv:]
-            q, k = rms(q, w[p + "attention.query_layernorm.weight"], eps), rms(k, w[p + "attention.key_layernorm.weight"], eps)
+            q = rms(q, w[p + "attention.query_layernorm.weight"], eps)
+            k = rms(k, w[p + "attention.key_layernorm.weight"], eps)
             out = p + "attention.dense.weight"
         else:
             q = (h @ w[p + "self_attn.q_proj.weight"].T).view(L, heads, hd)
