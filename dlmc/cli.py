@@ -316,7 +316,7 @@ def bench(
                                         "with --sweep, the embedded model).")] = None,
     sweep: Annotated[Optional[Path], Opt(help="Sweep YAML: decoding settings side by side on held-out tasks.")] = None,
     plot: Annotated[Optional[Path], Opt(help="With --sweep: write the speed-quality Pareto plot (PNG).")] = None,
-    per_task: Annotated[Optional[int], Opt(help="With --sweep: held-out prompts per task (default: the file's).")] = None,
+    per_task: Annotated[Optional[int], Opt(help="With --sweep: prompts per task (default: the file's)")] = None,
     baseline: Annotated[str, Opt(help="What the speed-up is relative to: reference (the eager reference decoder).")] = "reference",
     prompts: Annotated[int, Opt(help="Prompts in the batch.")] = 4,
     gen_length: Annotated[Optional[int], Opt()] = None,

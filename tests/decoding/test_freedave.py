@@ -106,7 +106,8 @@ def test_checkpoint_families_decode_the_static_tokens(checkpoints, family):
 
 
 def test_a_compiled_steps_logits_drive_it(checkpoints, tmp_path):
-    recipe = parse_recipe({"capture": {"max_batch": 4}, "passes": [{"fold_constants": {}}], "lower": {"backend": "eager"}})
+    passes = [{"fold_constants": {}}]
+    recipe = parse_recipe({"capture": {"max_batch": 4}, "passes": passes, "lower": {"backend": "eager"}})
     compile_model(checkpoints["llada"], recipe, tmp_path / "art", force=True)
     engine = dlmc.runtime.load(tmp_path / "art")
     model = load_model(checkpoints["llada"])
