@@ -105,3 +105,15 @@ def test_plot_needs_a_sweep_and_a_sweep_takes_no_artifact(tmp_path):
     assert "--plot needs --sweep" in invoke("bench", "--plot", tmp_path / "p.png").stderr
     assert "with --sweep" in invoke("bench", tmp_path, "--sweep", write(tmp_path, TWO)).stderr
     assert "bench needs an artifact" in invoke("bench").stderr
+
+
+def test_a_recipe_entry_is_compiled_and_an_artifact_entry_loaded(tmp_path):
+    recipes = Path(__file__).parents[1] / "recipes"
+    text = TWO.replace("decoder: freedave\n    options: {drafts: 3}", f"recipe: {recipes / 'cpu-eager.yaml'}")
+    rows = run_sweep(load_sweep(write(tmp_path, text)), workdir=tmp_path / "work")
+    assert (tmp_path / "work" / "freedave" / "manifest.json").is_file()
+    # the same maths compiled: a fixed schedule, and tokens that match but where rounding decides a near tie
+    assert rows[1].nfe == rows[0].nfe == 16 and rows[1].agreement > 0.9
+    text = TWO.replace("decoder: freedave\n    options: {drafts: 3}", f"artifact: {tmp_path / 'work' / 'freedave'}")
+    rows = run_sweep(load_sweep(write(tmp_path, text)))
+    assert rows[1].agreement > 0.9 and rows[1].decoder == "llada"
