@@ -44,7 +44,9 @@ class _Progress:
 
 
 def _is_artifact(path: Path | None) -> bool:
-    return path is not None and (path / "manifest.json").is_file()
+    from dlmc.loading import is_artifact
+
+    return is_artifact(path)
 
 
 @app.command()
@@ -76,31 +78,18 @@ def _decoder_options(**given) -> dict:
 
 
 def _torch_dtype(dtype: str | None):
-    import torch
+    from dlmc.loading import torch_dtype
 
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    if dtype is not None and dtype not in names:
-        raise DlmcError(f"--dtype {dtype} is not one of {', '.join(names)}")
-    return names.get(dtype)
+    return torch_dtype(dtype)
 
 
 def _load(path: Path | None, device: str, dtype: str | None):
     """(model, spec, tokenizer, decode defaults) of a compiled artifact, a checkpoint directory, or the
     embedded default model. For an artifact, `model` is the runtime engine's compiled step."""
-    if _is_artifact(path):
-        import dlmc.runtime
+    from dlmc.loading import load_decodable
 
-        if dtype is not None:
-            raise DlmcError("--dtype does not apply to a compiled artifact (its recipe fixed the dtype)")
-        engine = dlmc.runtime.load(path, device=device)
-        return engine, engine.spec, engine.tokenizer, engine.manifest.get("decode") or {}
-    from dlmc.generation import default_model_dir
-    from dlmc.models import load_model
-    from dlmc.tokenizer import load_tokenizer
-
-    path = path or default_model_dir()
-    model = load_model(path, device=device or "cpu", dtype=_torch_dtype(dtype))
-    return model, model.spec, load_tokenizer(path), {}
+    loaded = load_decodable(path, device, dtype)
+    return loaded.model, loaded.spec, loaded.tokenizer, loaded.defaults
 
 
 @app.command()
@@ -322,8 +311,12 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML fil
 
 @app.command()
 def bench(
-    artifact: Annotated[Path, typer.Argument(help="Compiled artifact directory.")],
-    model: Annotated[Optional[Path], Opt(help="Reference checkpoint (default: the one the artifact was compiled from).")] = None,
+    artifact: Annotated[Optional[Path], typer.Argument(help="Compiled artifact directory (not with --sweep).")] = None,
+    model: Annotated[Optional[Path], Opt(help="Reference checkpoint (default: the one the artifact was compiled from; "
+                                        "with --sweep, the embedded model).")] = None,
+    sweep: Annotated[Optional[Path], Opt(help="Sweep YAML: decoding settings side by side on held-out tasks.")] = None,
+    plot: Annotated[Optional[Path], Opt(help="With --sweep: write the speed-quality Pareto plot (PNG).")] = None,
+    per_task: Annotated[Optional[int], Opt(help="With --sweep: prompts per task (default: the file's)")] = None,
     baseline: Annotated[str, Opt(help="What the speed-up is relative to: reference (the eager reference decoder).")] = "reference",
     prompts: Annotated[int, Opt(help="Prompts in the batch.")] = 4,
     gen_length: Annotated[Optional[int], Opt()] = None,
@@ -337,7 +330,13 @@ def bench(
     """Speed and fidelity of an artifact against the reference decoder, measured in one run."""
     from dlmc.bench import run_bench
 
+    if sweep is not None or plot is not None:
+        return _bench_sweep(artifact, model, sweep, plot, per_task, seed, as_json, debug)
     try:
+        if artifact is None:
+            raise DlmcError("bench needs an artifact directory, or --sweep FILE")
+        if per_task is not None:
+            raise DlmcError("--per-task applies to --sweep only")
         if baseline != "reference":
             raise DlmcError(f"--baseline {baseline}: only 'reference' is available")
         options = _decoder_options(gen_length=gen_length, steps=steps, block_length=block_length)
@@ -348,6 +347,34 @@ def bench(
         typer.echo(json.dumps(report))
         return
     typer.echo(report["table"])
+
+
+def _bench_sweep(artifact, model, sweep, plot, per_task, seed, as_json, debug) -> None:
+    from dlmc.sweep import format_sweep, load_sweep, run_sweep
+
+    try:
+        if sweep is None:
+            raise DlmcError("--plot needs --sweep FILE")
+        if artifact is not None:
+            raise DlmcError(f"{artifact}: with --sweep, name artifacts in the sweep file (artifact: PATH)")
+        if per_task is not None and per_task < 1:
+            raise DlmcError(f"--per-task {per_task} must be at least 1")
+        plan = load_sweep(sweep)
+        rows = run_sweep(plan, model, per_task=per_task, seed=seed,
+                         on_row=None if as_json else lambda r: typer.echo(f"{r.name}: done", err=True))
+        if plot is not None:
+            from dlmc.pareto import plot_pareto
+
+            plot_pareto([r.name for r in rows], [r.tokens_per_s for r in rows], [r.accuracy for r in rows], plot,
+                        title=f"{sweep.name}: {rows[0].config.get('gen_length', '')} tokens per prompt")
+    except DlmcError as e:
+        _fail(e, debug)
+    if as_json:
+        typer.echo(json.dumps({"sweep": str(sweep), "rows": [r.to_dict() for r in rows]}))
+        return
+    typer.echo(format_sweep(rows))
+    if plot is not None:
+        typer.echo(f"wrote {plot}")
 
 
 @app.command()
