@@ -17,7 +17,12 @@ from typing import Any
 
 from dlmc.errors import DlmcError
 from dlmc.strategies.base import EXTRA_OUTPUTS, Scores, Strategy, StrategyConfig, entropy, logit_margin
+from dlmc.strategies.eb import EBConfig
 from dlmc.strategies.factor import FactorConfig
+from dlmc.strategies.hierarchical import HierarchicalConfig
+from dlmc.strategies.local_leap import LocalLeapConfig
+from dlmc.strategies.prophet import ProphetConfig
+from dlmc.strategies.sched import SchEDConfig
 from dlmc.strategies.threshold import ThresholdConfig
 from dlmc.strategies.top_k import TopKConfig
 
@@ -25,6 +30,11 @@ STRATEGIES: dict[str, type[StrategyConfig]] = {
     "top_k": TopKConfig,
     "threshold": ThresholdConfig,
     "factor": FactorConfig,
+    "eb": EBConfig,
+    "hierarchical": HierarchicalConfig,
+    "local_leap": LocalLeapConfig,
+    "prophet": ProphetConfig,
+    "sched": SchEDConfig,
 }
 """Closed registry: strategy name -> its config class."""
 
@@ -65,6 +75,6 @@ def resolve(decode) -> StrategyConfig:
 
 
 __all__ = [
-    "EXTRA_OUTPUTS", "STRATEGIES", "Scores", "Strategy", "StrategyConfig", "FactorConfig", "ThresholdConfig",
-    "TopKConfig", "entropy", "logit_margin", "resolve", "strategy_config",
+    "EXTRA_OUTPUTS", "STRATEGIES", "Scores", "Strategy", "StrategyConfig", "EBConfig", "FactorConfig",
+    "HierarchicalConfig", "LocalLeapConfig", "ProphetConfig", "SchEDConfig", "ThresholdConfig", "TopKConfig", "entropy", "logit_margin", "resolve", "strategy_config",
 ]
