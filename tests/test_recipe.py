@@ -194,3 +194,20 @@ def test_generic_bf16_recipes_fit_any_llada_or_dream_checkpoint(checkpoints, tmp
         engine.generate(prompts, "dream")  # a family's own sampler is refused, not run
     if engine.signature.cache is not None:  # the block length is a run-time setting of the fused loop
         assert engine.generate(prompts, "llada", LLaDAConfig(gen_length=16, block_length=8, steps=4)).nfe == 4
+
+
+def test_decode_strategy_needs_the_fused_outputs_it_reads():
+    def recipe(outputs, strategy, cache=False):
+        passes = [{"block_cache": {"mode": "dual", "block_length": 8}}] if cache else []
+        passes += [{"fuse_decode": {"outputs": outputs}}]
+        decode = {"decoder": "llada", "gen_length": 16, "block_length": 8, "strategy": strategy}
+        return parse_recipe({"passes": passes, "lower": {"backend": "eager"}, "decode": decode})
+
+    kept = recipe(["entropy"], {"name": "eb", "gamma": 0.3})
+    assert kept.decode.config["strategy"] == {"name": "eb", "gamma": 0.3}  # the name survives into a manifest
+    with pytest.raises(DlmcError, match=r"decode.strategy: eb reads entropy; add it to fuse_decode.outputs"):
+        recipe([], "eb")
+    with pytest.raises(DlmcError, match=r"decode.strategy: prophet reads every generated position"):
+        recipe(["margin"], "prophet", cache=True)
+    with pytest.raises(DlmcError, match=r"unknown strategy 'nope'"):
+        recipe([], "nope")

@@ -13,6 +13,7 @@ own fields choose today's rule (`resolve`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from dlmc.errors import DlmcError
@@ -52,7 +53,7 @@ def strategy_config(value: Any) -> StrategyConfig:
     if name not in STRATEGIES:
         raise DlmcError(f"strategy: unknown strategy '{name}' (known: {', '.join(STRATEGIES)})")
     config_type = STRATEGIES[name]
-    known = [f for f in config_type.__dataclass_fields__.values() if f.init]
+    known = [f for f in dataclasses.fields(config_type) if f.init]
     unknown = sorted(set(fields) - {f.name for f in known})
     if unknown:
         names = ", ".join(f.name for f in known) or "none"
