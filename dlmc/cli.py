@@ -147,7 +147,9 @@ def run(
                                      "is settled (the official samplers run every step).")] = False,
     strategy: Annotated[Optional[str], Opt(help="llada: decoding strategy (dlmc.strategies: top_k, threshold, factor, "
                                            "eb, hierarchical, local_leap, prophet, sched).")] = None,
-    strategy_config: Annotated[Optional[str], Opt(help="The strategy's options as JSON, e.g. '{\"gamma\": 0.1}'.")] = None,
+    strategy_config: Annotated[
+        Optional[str], Opt(help="The strategy's options as JSON, e.g. '{\"gamma\": 0.1}'.")
+    ] = None,
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,

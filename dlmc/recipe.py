@@ -251,7 +251,8 @@ def _strategy_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[s
     missing = [name for name in rule.outputs if name not in fuse.outputs]
     problems = []
     if missing:
-        problems.append(f"decode.strategy: {strategy['name']} reads {', '.join(missing)}; add it to fuse_decode.outputs")
+        problems.append(
+            f"decode.strategy: {strategy['name']} reads {', '.join(missing)}; add it to fuse_decode.outputs")
     if rule.sees_generation and any(p.kv_cache for p in passes):
         problems.append(f"decode.strategy: {strategy['name']} reads every generated position each step; "
                         "the fused dual cache computes only the block's")

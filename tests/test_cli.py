@@ -216,11 +216,13 @@ def test_run_strategy_and_its_options(checkpoints):
     assert eb.exit_code == 0, eb.output
     assert json.loads(eb.stdout)["nfe"] < 8  # several tokens a step
     for extra, message in [
-        (["--strategy", "eb", "--strategy-config", '{"gama": 1}'], "strategy.gama: not an option of eb (its options: gamma)"),
+        (["--strategy", "eb", "--strategy-config", '{"gama": 1}'],
+         "strategy.gama: not an option of eb (its options: gamma)"),
         (["--strategy", "nope"], "strategy: unknown strategy 'nope'"),
         (["--strategy-config", "{}"], "--strategy-config needs a --strategy"),
         (["--strategy", "eb", "--strategy-config", "[1"], "--strategy-config is not JSON"),
-        (["--strategy", "eb", "--decoder", "dream"], "--strategy: decoding strategies run with the llada decoder, not dream"),
+        (["--strategy", "eb", "--decoder", "dream"],
+         "--strategy: decoding strategies run with the llada decoder, not dream"),
     ]:
         result = invoke(*args, *extra)
         assert result.exit_code != 0 and message in result.output, (extra, result.output)

@@ -77,5 +77,6 @@ def resolve(decode) -> StrategyConfig:
 
 __all__ = [
     "EXTRA_OUTPUTS", "STRATEGIES", "Scores", "Strategy", "StrategyConfig", "EBConfig", "FactorConfig",
-    "HierarchicalConfig", "LocalLeapConfig", "ProphetConfig", "SchEDConfig", "ThresholdConfig", "TopKConfig", "entropy", "logit_margin", "resolve", "strategy_config",
+    "HierarchicalConfig", "LocalLeapConfig", "ProphetConfig", "SchEDConfig", "ThresholdConfig", "TopKConfig",
+    "entropy", "logit_margin", "resolve", "strategy_config",
 ]
