@@ -77,6 +77,21 @@ def _decoder_options(**given) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
+def _strategy_option(name: str | None, options: str | None) -> dict | None:
+    """--strategy and --strategy-config as the {"name": ..., **options} an LLaDA config takes."""
+    if name is None:
+        if options is not None:
+            raise DlmcError("--strategy-config needs a --strategy to configure")
+        return None
+    try:
+        fields = json.loads(options) if options is not None else {}
+    except json.JSONDecodeError as e:
+        raise DlmcError(f"--strategy-config is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise DlmcError(f"--strategy-config must be a JSON object of options, got {options}")
+    return {"name": name, **fields}
+
+
 def _torch_dtype(dtype: str | None):
     from dlmc.loading import torch_dtype
 
@@ -119,6 +134,11 @@ def run(
     eos_early_stop: Annotated[Optional[bool], Opt("--eos-early-stop/--no-eos-early-stop", help="llada2*")] = None,
     stop_at_eos: Annotated[bool, Opt("--stop-at-eos", help="llada / dream: stop a prompt once its first EOS "
                                      "is settled (the official samplers run every step).")] = False,
+    strategy: Annotated[Optional[str], Opt(help="llada: decoding strategy (dlmc.strategies: top_k, threshold, factor, "
+                                           "eb, hierarchical, local_leap, prophet, sched).")] = None,
+    strategy_config: Annotated[
+        Optional[str], Opt(help="The strategy's options as JSON, e.g. '{\"gamma\": 0.1}'.")
+    ] = None,
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
@@ -136,7 +156,7 @@ def run(
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
             top_p=top_p, top_k=top_k, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
             num_to_transfer=num_to_transfer, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
-            stop_at_eos=stop_at_eos or None,
+            stop_at_eos=stop_at_eos or None, strategy=_strategy_option(strategy, strategy_config),
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)

@@ -235,6 +235,27 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     if decode.decoder not in (None, *allowed):
         rule = " or ".join(allowed)
         problems.append(f"decode.decoder: fuse_decode fuses the {rule} decoder's rule, not {decode.decoder}'s")
+    return problems + _strategy_checks(passes, decode)
+
+
+def _strategy_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
+    """A decode.strategy the fused step must be compiled for: the outputs it reads, no cache if it reads
+    every generated position."""
+    strategy = (decode.config or {}).get("strategy")
+    if strategy is None:
+        return []
+    from dlmc.strategies import strategy_config
+
+    rule = strategy_config(strategy).rule  # already checked when decode was read
+    fuse = next(p for p in passes if p.name == "fuse_decode")
+    missing = [name for name in rule.outputs if name not in fuse.outputs]
+    problems = []
+    if missing:
+        problems.append(
+            f"decode.strategy: {strategy['name']} reads {', '.join(missing)}; add it to fuse_decode.outputs")
+    if rule.sees_generation and any(p.kv_cache for p in passes):
+        problems.append(f"decode.strategy: {strategy['name']} reads every generated position each step; "
+                        "the fused dual cache computes only the block's")
     return problems
 
 

@@ -211,3 +211,20 @@ def test_generic_causal_bf16_recipe_fits_any_block_causal_checkpoint(checkpoints
     assert len(result.output_ids[0]) == 16
     with pytest.raises(DlmcError, match="fuses the block decoder's rule, not llada's"):
         engine.generate([[5, 6]], "llada")
+
+
+def test_decode_strategy_needs_the_fused_outputs_it_reads():
+    def recipe(outputs, strategy, cache=False):
+        passes = [{"block_cache": {"mode": "dual", "block_length": 8}}] if cache else []
+        passes += [{"fuse_decode": {"outputs": outputs}}]
+        decode = {"decoder": "llada", "gen_length": 16, "block_length": 8, "strategy": strategy}
+        return parse_recipe({"passes": passes, "lower": {"backend": "eager"}, "decode": decode})
+
+    kept = recipe(["entropy"], {"name": "eb", "gamma": 0.3})
+    assert kept.decode.config["strategy"] == {"name": "eb", "gamma": 0.3}  # the name survives into a manifest
+    with pytest.raises(DlmcError, match=r"decode.strategy: eb reads entropy; add it to fuse_decode.outputs"):
+        recipe([], "eb")
+    with pytest.raises(DlmcError, match=r"decode.strategy: prophet reads every generated position"):
+        recipe(["margin"], "prophet", cache=True)
+    with pytest.raises(DlmcError, match=r"unknown strategy 'nope'"):
+        recipe([], "nope")

@@ -11,6 +11,9 @@ llada (LLaDA, Fast-dLLM v1; the rows of the current block):
     confidence [B, K]           softmax(logits)[token] in the logits dtype (LLaDA's low_confidence)
     confidence64 [B, K] float64 the same in float64 (Fast-dLLM's threshold and factor rules)
   With `gumbel: true` it also takes `uniform` [B, K, V] float64 and `temperature` [1] float64.
+  With `outputs: [entropy, margin]` (either or both, in that order) it also returns what decoding
+  strategies (`dlmc.strategies`) read: entropy [B, K] float64 (-sum p log p; EB-sampler) and margin
+  [B, K] in the logits dtype (top-1 minus top-2 logit; Prophet, SchED).
 
 dream (Dream's `_sample_tokens`, every alg; the masked rows of the generation region):
     tokens [B, K] int64         arg-max of the filtered softmax, or a sample from it
@@ -48,6 +51,8 @@ from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
 from dlmc.passes.block_pick import pick_block, sampling_inputs
+from dlmc.strategies.base import EXTRA_OUTPUTS, entropy, logit_margin
+
 
 @dataclass(frozen=True, kw_only=True)
 class FuseDecode(PassConfig):
@@ -63,6 +68,8 @@ class FuseDecode(PassConfig):
     artifact decodes at temperature 0 only."""
     filters: bool = False
     """dream only: take top_p and top_k (a sort of every head row's vocabulary each step)."""
+    outputs: tuple[str, ...] = ()
+    """llada only: per-row values a decoding strategy reads, from EXTRA_OUTPUTS (entropy, margin)."""
 
     def __post_init__(self) -> None:
         if self.decoder not in ("auto", *RULES):
@@ -70,6 +77,14 @@ class FuseDecode(PassConfig):
         if self.filters and self.decoder != "dream":
             raise DlmcError("fuse_decode.filters: only the dream rule takes them as an option (llada has no "
                             "top_p / top_k; block's gumbel: true includes them)")
+        unknown = [name for name in self.outputs if name not in EXTRA_OUTPUTS]
+        if unknown:
+            raise DlmcError(f"fuse_decode.outputs: unknown output '{unknown[0]}' (known: {', '.join(EXTRA_OUTPUTS)})")
+        if self.outputs and self.decoder in ("dream", "block"):
+            raise DlmcError(f"fuse_decode.outputs: only the llada rule takes extra outputs (strategies), not "
+                            f"{self.decoder}")
+        # one order, whatever the recipe's, so the step's outputs say what they are
+        object.__setattr__(self, "outputs", tuple(n for n in EXTRA_OUTPUTS if n in self.outputs))
 
     def resolved(self, spec) -> FuseDecode:
         """This config with `auto` replaced by the model's own sampler."""
@@ -89,9 +104,13 @@ def gather_rows(hidden: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
 
 
 def pick_tokens(
-    logits: torch.Tensor, uniform: torch.Tensor | None = None, temperature: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference decoders' per-row math (`gumbel_max_logits`, `token_probability`) on [B, K, V]."""
+    logits: torch.Tensor,
+    uniform: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    outputs: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
+    """The reference decoders' per-row math (`gumbel_max_logits`, `token_probability`) on [B, K, V]:
+    tokens, confidence, confidence64, then the `outputs` a strategy reads."""
     if uniform is None:
         tokens = logits.argmax(-1)  # [B, K]
     else:
@@ -101,7 +120,8 @@ def pick_tokens(
     index = tokens.unsqueeze(-1)  # [B, K, 1]
     confidence = torch.softmax(logits, dim=-1).gather(-1, index).squeeze(-1)  # [B, K] logits dtype
     confidence64 = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, index).squeeze(-1)  # [B, K]
-    return tokens, confidence, confidence64
+    extra = {"entropy": entropy, "margin": logit_margin}
+    return (tokens, confidence, confidence64, *(extra[name](logits) for name in outputs))  # [B, K] each
 
 
 def pick_dream(
@@ -183,7 +203,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64",), caches=("dual",)),
+    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
 }
@@ -225,9 +245,10 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 
     output = graph.output_node()
     logits, *rest = output.args[0]
-    names = FUSED_OUTPUTS[config.decoder]
+    names = (*FUSED_OUTPUTS[config.decoder], *config.outputs)
+    kwargs = {t.name: new[t.name] for t in extra} | ({"outputs": config.outputs} if config.outputs else {})
     with graph.inserting_before(output):
-        picked = graph.call_function(rule.pick, (logits,), {t.name: new[t.name] for t in extra})
+        picked = graph.call_function(rule.pick, (logits,), kwargs)
         outs = [graph.call_function(operator.getitem, (picked, i)) for i in range(len(names))]
     output.args = ((*outs, *rest),)
     graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, a tuple out

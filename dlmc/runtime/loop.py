@@ -17,17 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
+from dlmc import strategies
+from dlmc.artifact import FUSED_OUTPUTS
 from dlmc.decoding.common import (
     Generation,
     fill_undecided,
-    num_transfer_tokens,
     pad_token_id,
     row_generator,
     stop_token_ids,
 )
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime import transfer
 from dlmc.runtime.cache import empty_cache
 from dlmc.runtime.policies import policy_from_dict
 
@@ -51,6 +51,19 @@ def check_supported(signature, decoder: str, config) -> None:
     # the loop, not the graph, decides which columns are cached.
     if cache is not None and policy_from_dict(cache).name != "dual":
         raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; fuse_decode runs with dual")
+    strategy = strategies.resolve(config)
+    produced = [t.name for t in signature.outputs]
+    missing = [name for name in strategy.rule.outputs if name not in produced]
+    if missing:
+        have = [name for name in strategies.EXTRA_OUTPUTS if name in produced]
+        raise DlmcError(
+            f"strategy: {strategy.name} reads {', '.join(missing)}, which this artifact's fused step does not "
+            f"return (it returns {', '.join(have) or 'no extra outputs'}); compile with fuse_decode "
+            f"{{outputs: [{', '.join(strategy.rule.outputs)}]}}"
+        )
+    if strategy.rule.sees_generation and cache is not None:
+        raise DlmcError(f"strategy: {strategy.name} reads every generated position each step; this artifact's "
+                        "dual cache computes only the block's (compile it without block_cache)")
 
 
 @dataclass
@@ -76,20 +89,25 @@ def generate(
     spec, sig, device = engine.spec, engine.signature, engine.device
     check_supported(sig, "llada", config)
     validate(spec, prompts, config)
+    rule = strategies.resolve(config).build(config)
     batch = canvas(prompts, spec.mask_token_id, pad_token_id(spec), config.gen_length, device)
     B, L = batch.x.shape
     bl, shift = config.block_length, int(spec.shift_logits)
     generators = [row_generator(seed, device) for _ in prompts]
     block = torch.zeros(B, dtype=torch.long, device=device)  # [B]: each row's current block
     steps_in_block = torch.zeros(B, dtype=torch.long, device=device)  # [B]
-    schedule = num_transfer_tokens(bl, config.steps_per_block)
+    steps_taken = torch.zeros(B, dtype=torch.long, device=device)  # [B]
+    outputs = _decoded_outputs(sig)
     if sig.cache is None:
-        step = _Uncached(engine, batch, bl, shift)
+        step = _Uncached(engine, batch, shift, len(outputs))
     else:
-        step = _DualCache(engine, batch, bl, shift, policy_from_dict(sig.cache).refresh)
-    offsets = torch.arange(bl, device=device)  # [bl]
+        step = _DualCache(engine, batch, bl, shift, policy_from_dict(sig.cache).refresh, len(outputs))
+    # the columns the rule reads: the block's, or every generated one
+    width = config.gen_length if rule.sees_generation else bl
+    offsets = torch.arange(width, device=device)  # [K]
+    block_offsets = torch.arange(bl, device=device)  # [bl]
     vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the output head
-    noise_free = _no_noise(vocab, B, bl, device)  # a sampling step's inputs at temperature 0, made once
+    noise_free = _no_noise(vocab, B, width, device)  # a sampling step's inputs at temperature 0, made once
     nfe = 0
     row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]
     stops = torch.tensor(stop_token_ids(spec, None) if config.stop_at_eos else (), dtype=torch.long, device=device)
@@ -98,39 +116,51 @@ def generate(
     while not bool(done.all()):  # one host sync per step: rows finish blocks when their masks run out
         active = (~done).nonzero().squeeze(1)  # [A]: done rows leave the batch, as in the reference
         lo = batch.start + block[active] * bl  # [A]: first column of each row's block
-        columns = lo[:, None] + offsets  # [A, bl]: the block's columns
+        first = torch.full_like(lo, batch.start) if rule.sees_generation else lo  # [A]: first column read
+        columns = first[:, None] + offsets  # [A, K]: the columns the rule reads
         extra = _draws(config, generators, batch, active, columns, noise_free)
-        tokens, confidence, confidence64 = step(active, lo, extra.step)  # each [A, bl]
+        named = dict(zip(outputs, step(active, lo, columns, extra.step)))  # each [A, K]
         nfe += 1
         row_nfe[active] += 1
-        current = batch.x[active].gather(1, columns)  # [A, bl]
-        eligible = current == spec.mask_token_id  # [A, bl]
-        score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
-        score = torch.where(eligible, score, float("-inf"))  # [A, bl]
-        if config.threshold is not None:
-            commit = transfer.above_threshold(score, config.threshold)
-        elif config.factor is not None:
-            commit = transfer.factor_prefix(score, config.factor)
-        else:  # every row is at the same step of its block: one k for the batch
-            commit = transfer.top_k(score, schedule[int(steps_in_block[active[0]])])
-        commit &= eligible
-        batch.x[active] = batch.x[active].scatter(1, columns, torch.where(commit, tokens, current))
+        current = batch.x[active].gather(1, columns)  # [A, K]
+        masked = current == spec.mask_token_id  # [A, K]
+        in_block = (columns >= lo[:, None]) & (columns < lo[:, None] + bl)  # [A, K]
+        eligible = masked & in_block
+        score = extra.random if config.remasking == "random" else named[rule.score]
+        scores = strategies.Scores(
+            confidence=torch.where(eligible, score, float("-inf")), eligible=eligible, masked=masked,
+            step=steps_in_block[active], total_step=steps_taken[active],
+            entropy=named.get("entropy"), margin=named.get("margin"),
+        )
+        commit = rule.commit(scores, active) & masked
+        batch.x[active] = batch.x[active].scatter(1, columns, torch.where(commit, named["tokens"], current))
         steps_in_block[active] += 1
-        if config.parallel:
-            full = ~((batch.x[active].gather(1, columns) == spec.mask_token_id).any(1))  # [A]
-        else:
+        steps_taken[active] += 1
+        block_columns = lo[:, None] + block_offsets  # [A, bl]
+        if rule.scheduled:
             full = steps_in_block[active] == config.steps_per_block
+        else:
+            full = ~((batch.x[active].gather(1, block_columns) == spec.mask_token_id).any(1))  # [A]
         block[active] += full.long()
         steps_in_block[active] = torch.where(full, 0, steps_in_block[active])
         if config.stop_at_eos:  # at a block's end only; the blocks before it held no stop token
-            block_tokens = batch.x[active].gather(1, columns)  # [A, bl]
+            block_tokens = batch.x[active].gather(1, block_columns)  # [A, bl]
             stopped[active] |= full & torch.isin(block_tokens, stops).any(1)
+        if rule.sees_generation:  # an early commit fills every generated position: the row is finished
+            stopped[active] |= ~(batch.x[active, batch.start :] == spec.mask_token_id).any(1)
         done = (block == config.num_blocks) | stopped
         if on_step is not None:
             on_step(nfe, int((batch.x[:, batch.start :] != spec.mask_token_id).sum()))
         if on_canvas is not None:
             on_canvas(batch.x[:, batch.start :])  # [B, G]: a view; the callback reads it before the next step
     return Generation(output_ids=fill_undecided(batch.x[:, batch.start :], spec), nfe=nfe, row_nfe=row_nfe.tolist())
+
+
+def _decoded_outputs(signature) -> tuple[str, ...]:
+    """The fused step's per-row outputs, in order: the llada rule's, then the extras it was compiled with."""
+    names = [t.name for t in signature.outputs]
+    fixed = FUSED_OUTPUTS["llada"]
+    return (*fixed, *(n for n in names[len(fixed) :] if n in strategies.EXTRA_OUTPUTS))
 
 
 def canvas(prompts: list[list[int]], mask_id: int, pad_id: int, gen_length: int, device) -> Batch:
@@ -183,24 +213,23 @@ def _no_noise(vocab: int | None, batch: int, block_length: int, device) -> tuple
 
 
 class _Uncached:
-    """The step over every column of the active rows' canvases; the head on the block's rows."""
+    """The step over every column of the active rows' canvases; the head on the rows predicting `columns`."""
 
-    def __init__(self, engine, batch: Batch, block_length: int, shift: int):
-        self.engine, self.batch, self.shift = engine, batch, shift
-        self.offsets = torch.arange(block_length, device=batch.x.device)  # [bl]
+    def __init__(self, engine, batch: Batch, shift: int, outputs: int):
+        self.engine, self.batch, self.shift, self.outputs = engine, batch, shift, outputs
 
-    def __call__(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
-        """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
-        rows = (lo[:, None] + self.offsets - self.shift).clamp(min=0)  # [A, bl]: rows predicting the block
+    def __call__(self, active: torch.Tensor, lo: torch.Tensor, columns: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+        """The decoded outputs [A, K] of `columns` [A, K] of the active rows."""
+        rows = (columns - self.shift).clamp(min=0)  # [A, K]: rows predicting the columns
         b = self.batch
-        return self.engine.run_step(b.x[active], b.real[active], b.positions[active], rows, *draws)[:3]
+        return self.engine.run_step(b.x[active], b.real[active], b.positions[active], rows, *draws)[: self.outputs]
 
 
 class _DualCache:
     """Per row: the K/V of every column outside its block's span, from the row's last full step."""
 
-    def __init__(self, engine, batch: Batch, block_length: int, shift: int, refresh: int | None):
-        self.engine, self.batch, self.refresh = engine, batch, refresh
+    def __init__(self, engine, batch: Batch, block_length: int, shift: int, refresh: int | None, outputs: int):
+        self.engine, self.batch, self.refresh, self.outputs = engine, batch, refresh, outputs
         self.block_length, self.shift = block_length, shift
         self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before
         B, L = batch.x.shape
@@ -211,8 +240,9 @@ class _DualCache:
         self.keys: torch.Tensor | None = None  # [layers, B, kv_heads, C, head_dim], allocated once
         self.values: torch.Tensor | None = None
 
-    def __call__(self, active: torch.Tensor, lo: torch.Tensor, draws: tuple[torch.Tensor, ...]):
-        """(tokens, confidence, confidence64) [A, bl] for the active rows whose blocks start at lo [A]."""
+    def __call__(self, active: torch.Tensor, lo: torch.Tensor, columns: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+        """The decoded outputs [A, bl] for the active rows whose blocks start at lo [A] (`columns` are
+        the blocks': a cached step computes no others)."""
         block = (lo - self.batch.start) // self.block_length  # [A]
         stale = self.block[active] != block  # [A]: a new block (or a refresh) needs the whole canvas
         if self.refresh is not None:
@@ -235,7 +265,7 @@ class _DualCache:
         b = self.batch
         head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
         inputs = (b.x[rows], b.real[rows], b.positions[rows], *empty_cache(self.engine.signature, len(rows), b.x.device))
-        tokens, confidence, confidence64, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
+        *decoded, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
         columns = torch.arange(self.index.shape[1], device=first.device)  # [C]
         index = columns + (columns >= first[:, None]) * self.span  # [n, C]: every column but the span's
         layers, _, heads, _, dim = keys.shape
@@ -246,7 +276,7 @@ class _DualCache:
         self.keys[:, rows] = keys.gather(3, gather)
         self.values[:, rows] = values.gather(3, gather)
         self.index[rows], self.block[rows], self.since[rows] = index, block, 0
-        return tokens, confidence, confidence64
+        return tuple(decoded)
 
     def _cached(self, rows: torch.Tensor, first: torch.Tensor, draws):
         """Only the span's rows, attending to the buffer."""
@@ -259,7 +289,7 @@ class _DualCache:
         keys, values = (self.keys, self.values) if len(rows) == len(b.x) else (self.keys[:, rows], self.values[:, rows])
         inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
                   real.gather(1, index), positions.gather(1, index), keys, values)
-        return self.engine.run_step(*inputs, head_rows, *draws)[:3]
+        return self.engine.run_step(*inputs, head_rows, *draws)[: self.outputs]
 
 
 def _rows(draws: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -194,3 +194,19 @@ def test_dream_recipe_checks():
     refused = problems([dual, {"fuse_decode": {"decoder": "dream"}}])
     assert "fuse_decode {decoder: dream} cannot run after block_cache (dream's loop runs uncached only)" in refused
     parse_recipe({"passes": [{"fuse_decode": {"decoder": "auto"}}], "decode": {"decoder": "dream"}})
+
+
+def test_the_strategy_outputs_option():
+    from dlmc.passes.fuse_decode import pick_tokens
+
+    assert FuseDecode(outputs=("margin", "entropy")).outputs == ("entropy", "margin")  # one order
+    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: unknown output 'logits' \(known: entropy, margin\)$"):
+        FuseDecode(outputs=("logits",))
+    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: the dream rule returns its own scores"):
+        FuseDecode(decoder="dream", outputs=("entropy",))
+    # hand-worked: two equal logits and a third 1 below
+    logits = torch.tensor([[[1.0, 1.0, 0.0]]])  # [1, 1, 3]
+    *_, entropy, margin = pick_tokens(logits, outputs=("entropy", "margin"))
+    p = torch.tensor([1.0, 1.0, torch.e ** -1], dtype=torch.float64) / (2 + torch.e ** -1)
+    assert torch.allclose(entropy, -(p * p.log()).sum().reshape(1, 1))
+    assert margin.tolist() == [[0.0]]
