@@ -43,7 +43,10 @@ def config_fields(fields: dict) -> dict:
 
 
 def default_decoder(spec: DenoiserSpec) -> str:
-    """The decoder a model's own sampler corresponds to, read from the spec's attention and alignment."""
+    """The decoder a model's own sampler corresponds to: the spec's sampler, else read from its attention
+    and alignment."""
+    if spec.sampler is not None:
+        return spec.sampler
     if spec.attention == "block_causal":
         return "block"  # Fast-dLLM v2, SDAR
     if spec.attention == "causal":

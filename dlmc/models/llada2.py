@@ -95,6 +95,7 @@ def read_config(config: dict, where: Path, token_id) -> tuple[ArchConfig, Denois
         max_length=need("max_position_embeddings"),
         eos_token_id=config.get("eos_token_id") or token_id("<|endoftext|>"),
         pad_token_id=config.get("pad_token_id"),
+        sampler="llada2",  # LLaDA2.0's generate(); llada2_edit is LLaDA2.1's token editing
     )
     return arch, spec
 
