@@ -42,9 +42,11 @@ TOKENIZER_FILES = (
 FUSED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "llada": ("tokens", "confidence", "confidence64"),
     "dream": ("tokens", "probability", "margin", "neg_entropy"),
+    "block": ("tokens", "confidence", "confidence64"),
 }
 """Closed registry: decoder -> the first outputs of a step with that decoder's per-row rule fused onto
-it (the fuse_decode pass); the outputs say which rule a fused step carries."""
+it (the fuse_decode pass). The signature records the decoder; the outputs tell a fused step from a
+plain one (and, for artifacts written before the record, llada's rule from dream's)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +86,9 @@ class StepSignature:
     cache: dict[str, Any] | None = None
     """For a step with K/V cache inputs: the cache policy the runtime drives it with (the caching
     pass's resolved config, e.g. {"policy": "dual", "block_length": 32}); None for a plain step."""
+    decoder: str | None = None
+    """For a fused step (fuse_decode): the decoder whose per-row rule it computes; None for a plain
+    step (and for fused artifacts written before the record: their outputs name the rule)."""
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq"):
@@ -105,7 +110,10 @@ class StepSignature:
     def fused_decoder(self) -> str | None:
         """The decoder whose per-row rule the step returns the results of (fuse_decode), else None."""
         names = tuple(t.name for t in self.outputs)
-        return next((d for d, outs in FUSED_OUTPUTS.items() if names[: len(outs)] == outs), None)
+        matching = [d for d, outs in FUSED_OUTPUTS.items() if names[: len(outs)] == outs]
+        if not matching:
+            return None
+        return self.decoder if self.decoder in matching else matching[0]
 
     @property
     def names(self) -> list[str]:
@@ -119,6 +127,7 @@ class StepSignature:
             "seq": list(self.seq),
             "seq_buckets": list(self.seq_buckets),
             "cache": self.cache,
+            **({"decoder": self.decoder} if self.decoder else {}),  # absent for unfused steps, as before
         }
 
     @classmethod

@@ -44,7 +44,9 @@ class _Progress:
 
 
 def _is_artifact(path: Path | None) -> bool:
-    return path is not None and (path / "manifest.json").is_file()
+    from dlmc.loading import is_artifact
+
+    return is_artifact(path)
 
 
 @app.command()
@@ -75,32 +77,34 @@ def _decoder_options(**given) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _torch_dtype(dtype: str | None):
-    import torch
+def _strategy_option(name: str | None, options: str | None) -> dict | None:
+    """--strategy and --strategy-config as the {"name": ..., **options} an LLaDA config takes."""
+    if name is None:
+        if options is not None:
+            raise DlmcError("--strategy-config needs a --strategy to configure")
+        return None
+    try:
+        fields = json.loads(options) if options is not None else {}
+    except json.JSONDecodeError as e:
+        raise DlmcError(f"--strategy-config is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise DlmcError(f"--strategy-config must be a JSON object of options, got {options}")
+    return {"name": name, **fields}
 
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-    if dtype is not None and dtype not in names:
-        raise DlmcError(f"--dtype {dtype} is not one of {', '.join(names)}")
-    return names.get(dtype)
+
+def _torch_dtype(dtype: str | None):
+    from dlmc.loading import torch_dtype
+
+    return torch_dtype(dtype)
 
 
 def _load(path: Path | None, device: str, dtype: str | None):
     """(model, spec, tokenizer, decode defaults) of a compiled artifact, a checkpoint directory, or the
     embedded default model. For an artifact, `model` is the runtime engine's compiled step."""
-    if _is_artifact(path):
-        import dlmc.runtime
+    from dlmc.loading import load_decodable
 
-        if dtype is not None:
-            raise DlmcError("--dtype does not apply to a compiled artifact (its recipe fixed the dtype)")
-        engine = dlmc.runtime.load(path, device=device)
-        return engine, engine.spec, engine.tokenizer, engine.manifest.get("decode") or {}
-    from dlmc.generation import default_model_dir
-    from dlmc.models import load_model
-    from dlmc.tokenizer import load_tokenizer
-
-    path = path or default_model_dir()
-    model = load_model(path, device=device or "cpu", dtype=_torch_dtype(dtype))
-    return model, model.spec, load_tokenizer(path), {}
+    loaded = load_decodable(path, device, dtype)
+    return loaded.model, loaded.spec, loaded.tokenizer, loaded.defaults
 
 
 @app.command()
@@ -130,6 +134,11 @@ def run(
     eos_early_stop: Annotated[Optional[bool], Opt("--eos-early-stop/--no-eos-early-stop", help="llada2*")] = None,
     stop_at_eos: Annotated[bool, Opt("--stop-at-eos", help="llada / dream: stop a prompt once its first EOS "
                                      "is settled (the official samplers run every step).")] = False,
+    strategy: Annotated[Optional[str], Opt(help="llada: decoding strategy (dlmc.strategies: top_k, threshold, factor, "
+                                           "eb, hierarchical, local_leap, prophet, sched).")] = None,
+    strategy_config: Annotated[
+        Optional[str], Opt(help="The strategy's options as JSON, e.g. '{\"gamma\": 0.1}'.")
+    ] = None,
     seed: Annotated[int, Opt()] = 0,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: cpu, or the artifact's)")] = None,
     dtype: Annotated[Optional[str], Opt(help="float32 | bfloat16 | float16 (default: the checkpoint's)")] = None,
@@ -147,7 +156,7 @@ def run(
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
             top_p=top_p, top_k=top_k, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
             num_to_transfer=num_to_transfer, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
-            stop_at_eos=stop_at_eos or None,
+            stop_at_eos=stop_at_eos or None, strategy=_strategy_option(strategy, strategy_config),
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)
@@ -327,8 +336,12 @@ def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML fil
 
 @app.command()
 def bench(
-    artifact: Annotated[Path, typer.Argument(help="Compiled artifact directory.")],
-    model: Annotated[Optional[Path], Opt(help="Reference checkpoint (default: the one the artifact was compiled from).")] = None,
+    artifact: Annotated[Optional[Path], typer.Argument(help="Compiled artifact directory (not with --sweep).")] = None,
+    model: Annotated[Optional[Path], Opt(help="Reference checkpoint (default: the one the artifact was compiled from; "
+                                        "with --sweep, the embedded model).")] = None,
+    sweep: Annotated[Optional[Path], Opt(help="Sweep YAML: decoding settings side by side on held-out tasks.")] = None,
+    plot: Annotated[Optional[Path], Opt(help="With --sweep: write the speed-quality Pareto plot (PNG).")] = None,
+    per_task: Annotated[Optional[int], Opt(help="With --sweep: prompts per task (default: the file's)")] = None,
     baseline: Annotated[str, Opt(help="What the speed-up is relative to: reference (the eager reference decoder).")] = "reference",
     prompts: Annotated[int, Opt(help="Prompts in the batch.")] = 4,
     gen_length: Annotated[Optional[int], Opt()] = None,
@@ -342,7 +355,13 @@ def bench(
     """Speed and fidelity of an artifact against the reference decoder, measured in one run."""
     from dlmc.bench import run_bench
 
+    if sweep is not None or plot is not None:
+        return _bench_sweep(artifact, model, sweep, plot, per_task, seed, as_json, debug)
     try:
+        if artifact is None:
+            raise DlmcError("bench needs an artifact directory, or --sweep FILE")
+        if per_task is not None:
+            raise DlmcError("--per-task applies to --sweep only")
         if baseline != "reference":
             raise DlmcError(f"--baseline {baseline}: only 'reference' is available")
         options = _decoder_options(gen_length=gen_length, steps=steps, block_length=block_length)
@@ -353,6 +372,34 @@ def bench(
         typer.echo(json.dumps(report))
         return
     typer.echo(report["table"])
+
+
+def _bench_sweep(artifact, model, sweep, plot, per_task, seed, as_json, debug) -> None:
+    from dlmc.sweep import format_sweep, load_sweep, run_sweep
+
+    try:
+        if sweep is None:
+            raise DlmcError("--plot needs --sweep FILE")
+        if artifact is not None:
+            raise DlmcError(f"{artifact}: with --sweep, name artifacts in the sweep file (artifact: PATH)")
+        if per_task is not None and per_task < 1:
+            raise DlmcError(f"--per-task {per_task} must be at least 1")
+        plan = load_sweep(sweep)
+        rows = run_sweep(plan, model, per_task=per_task, seed=seed,
+                         on_row=None if as_json else lambda r: typer.echo(f"{r.name}: done", err=True))
+        if plot is not None:
+            from dlmc.pareto import plot_pareto
+
+            plot_pareto([r.name for r in rows], [r.tokens_per_s for r in rows], [r.accuracy for r in rows], plot,
+                        title=f"{sweep.name}: {rows[0].config.get('gen_length', '')} tokens per prompt")
+    except DlmcError as e:
+        _fail(e, debug)
+    if as_json:
+        typer.echo(json.dumps({"sweep": str(sweep), "rows": [r.to_dict() for r in rows]}))
+        return
+    typer.echo(format_sweep(rows))
+    if plot is not None:
+        typer.echo(f"wrote {plot}")
 
 
 @app.command()

@@ -168,6 +168,7 @@ def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.T
         dtype = getattr(torch, spec.dtype)
         example = {"uniform": lambda: torch.rand(shape, dtype=dtype, generator=generator),
                    "exponential": lambda: torch.empty(shape, dtype=dtype).exponential_(1, generator=generator),
+                   "noise": lambda: torch.empty(shape, dtype=dtype).exponential_(1, generator=generator),
                    "temperature": lambda: torch.tensor([0.7], dtype=dtype),
                    "top_p": lambda: torch.tensor([0.9], dtype=dtype),
                    "top_k": lambda: torch.tensor([5], dtype=dtype)}[spec.name]

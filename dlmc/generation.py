@@ -48,6 +48,8 @@ def decoder_config(spec: DenoiserSpec, name: str | None, options: dict, defaults
     if "gen_length" in options and "max_new_tokens" in fields:  # Dream and WeDLM spell it their way
         options = dict(options, max_new_tokens=options.pop("gen_length"))
     unknown = sorted(set(options) - fields)
+    if "strategy" in unknown:
+        raise DlmcError(f"--strategy: decoding strategies run with the llada decoder, not {name}")
     if unknown:
         flags = ", ".join("--" + key.replace("_", "-") for key in unknown)
         raise DlmcError(f"{flags} does not apply to the {name} decoder")

@@ -31,6 +31,7 @@ from dlmc.lower.inductor import InductorSettings
 from dlmc.lower.tensorrt import TensorRtSettings
 from dlmc.passes import PassConfig, pass_configs
 from dlmc.passes.fold_constants import FoldConstants
+from dlmc.passes.fuse_decode import RULES
 from dlmc.typed import BAD, build, convert, kind
 
 SECTIONS = ("description", "capture", "passes", "lower", "decode")
@@ -219,22 +220,42 @@ def _pass_checks(
 
 
 def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
-    """fuse_decode replaces the logits with decoded rows, so nothing may follow it; the runtime's fused
-    loops run the llada decoder uncached or with the dual cache, the dream decoder uncached."""
+    """fuse_decode replaces the logits with decoded rows, so nothing may follow it; each fused rule's
+    loop runs uncached or under the cache policies its Rule names (llada: dual; block: exact)."""
     problems = []
     if passes[-1].name != "fuse_decode":
         problems.append("passes: fuse_decode must be the last pass (it replaces the step's logits)")
     fused = next(p.decoder for p in passes if p.name == "fuse_decode")
+    allowed = tuple(RULES) if fused == "auto" else (fused,)
     for p in passes:
-        if p.kv_cache and p.policy().name != "dual":
-            problems.append(f"passes: fuse_decode runs uncached or after block_cache {{mode: dual}}, not after {p.name}")
-        elif p.kv_cache and fused != "llada":
-            problems.append(f"passes: fuse_decode {{decoder: {fused}}} runs uncached, not after {p.name} "
-                            "(only the llada rule runs with a cache)")
-    allowed = ("llada", "dream") if fused == "auto" else (fused,)
+        if p.kv_cache and not any(p.policy().name in RULES[d].caches for d in allowed):
+            runs = "; ".join(f"{d}'s loop runs uncached" + (f" or under the {'/'.join(RULES[d].caches)} cache"
+                             if RULES[d].caches else " only") for d in allowed)
+            problems.append(f"passes: fuse_decode {{decoder: {fused}}} cannot run after {p.name} ({runs})")
     if decode.decoder not in (None, *allowed):
         rule = " or ".join(allowed)
         problems.append(f"decode.decoder: fuse_decode fuses the {rule} decoder's rule, not {decode.decoder}'s")
+    return problems + _strategy_checks(passes, decode)
+
+
+def _strategy_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
+    """A decode.strategy the fused step must be compiled for: the outputs it reads, no cache if it reads
+    every generated position."""
+    strategy = (decode.config or {}).get("strategy")
+    if strategy is None:
+        return []
+    from dlmc.strategies import strategy_config
+
+    rule = strategy_config(strategy).rule  # already checked when decode was read
+    fuse = next(p for p in passes if p.name == "fuse_decode")
+    missing = [name for name in rule.outputs if name not in fuse.outputs]
+    problems = []
+    if missing:
+        problems.append(
+            f"decode.strategy: {strategy['name']} reads {', '.join(missing)}; add it to fuse_decode.outputs")
+    if rule.sees_generation and any(p.kv_cache for p in passes):
+        problems.append(f"decode.strategy: {strategy['name']} reads every generated position each step; "
+                        "the fused dual cache computes only the block's")
     return problems
 
 

@@ -28,6 +28,8 @@ class DenoiserSpec:
     pad_token_id: int | None = None
     eot_token_id: int | None = None
     """End-of-turn id, where the family has one (LLaDA's <|eot_id|>)."""
+    sampler: str | None = None
+    """The family's own decoder where attention and alignment do not name it (LLaDA2: "llada2")."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from dlmc.testing.fixtures import FAMILIES, write_checkpoint
+from dlmc.testing.fixtures import FAMILIES, MOE_FAMILIES, write_checkpoint
 
 # The test models are tiny: a second intra-op thread only adds synchronisation (10-50x slower per op
 # when anything else runs on the two cores). scripts/portability.sh sets DLMC_TEST_THREADS=2 to check
@@ -16,6 +16,15 @@ def checkpoints(tmp_path_factory) -> dict[str, object]:
     """One tiny random checkpoint per family, in its published format."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: write_checkpoint(family, root / family, seed=i) for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(tmp_path_factory) -> dict[str, object]:
+    """One tiny random checkpoint per mixture-of-experts family (3 layers: LLaDA2's first is dense). Seeds
+    whose random weights never predict the mask token itself (the block decoder would then never finish)."""
+    root = tmp_path_factory.mktemp("moe_checkpoints")
+    seeds = {"llada_moe": 0, "llada2": 2, "sdar_moe": 2}
+    return {family: write_checkpoint(family, root / family, layers=3, seed=seeds[family]) for family in MOE_FAMILIES}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -115,7 +115,8 @@ def test_bad_checkpoint_is_one_line_and_debug_shows_traceback(tmp_path):
     result = invoke("inspect", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'config.json'}: unknown architecture 'Nope' " + \
-        "(supported: DreamModel, Fast_dLLM_QwenForCausalLM, LLaDAModelLM, SDARForCausalLM, WeDLMForCausalLM)"
+        "(supported: DreamModel, Fast_dLLM_QwenForCausalLM, LLaDA2MoeModelLM, LLaDAMoEModelLM, LLaDAModelLM, " + \
+        "SDARForCausalLM, SDARMoeForCausalLM, WeDLMForCausalLM)"
     debug = invoke("inspect", tmp_path, "--debug")
     assert debug.exit_code != 0 and debug.exception is not None
 
@@ -208,3 +209,21 @@ def test_an_unusable_device_is_one_line(checkpoints, tmp_path, command, device):
     assert result.stderr.startswith(f"error: device: '{device}'") and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_run_strategy_and_its_options(checkpoints):
+    args = ["run", checkpoints["llada"], "--prompt-ids", "5,6,7", "--gen-length", 8, "--block-length", 4, "--json"]
+    eb = invoke(*args, "--strategy", "eb", "--strategy-config", '{"gamma": 10.4}')
+    assert eb.exit_code == 0, eb.output
+    assert json.loads(eb.stdout)["nfe"] < 8  # several tokens a step
+    for extra, message in [
+        (["--strategy", "eb", "--strategy-config", '{"gama": 1}'],
+         "strategy.gama: not an option of eb (its options: gamma)"),
+        (["--strategy", "nope"], "strategy: unknown strategy 'nope'"),
+        (["--strategy-config", "{}"], "--strategy-config needs a --strategy"),
+        (["--strategy", "eb", "--strategy-config", "[1"], "--strategy-config is not JSON"),
+        (["--strategy", "eb", "--decoder", "dream"],
+         "--strategy: decoding strategies run with the llada decoder, not dream"),
+    ]:
+        result = invoke(*args, *extra)
+        assert result.exit_code != 0 and message in result.output, (extra, result.output)

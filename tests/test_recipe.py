@@ -7,6 +7,7 @@ import yaml
 import dlmc.runtime
 from dlmc.capture import CaptureConfig
 from dlmc.compiler import compile_model
+from dlmc.decoding.block import BlockConfig
 from dlmc.decoding.dream import DreamConfig
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.errors import DlmcError
@@ -194,3 +195,36 @@ def test_generic_bf16_recipes_fit_any_llada_or_dream_checkpoint(checkpoints, tmp
         engine.generate(prompts, "dream")  # a family's own sampler is refused, not run
     if engine.signature.cache is not None:  # the block length is a run-time setting of the fused loop
         assert engine.generate(prompts, "llada", LLaDAConfig(gen_length=16, block_length=8, steps=4)).nfe == 4
+
+
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar"])
+def test_generic_causal_bf16_recipe_fits_any_block_causal_checkpoint(checkpoints, tmp_path, family):
+    recipe = load_recipe(RECIPE_DIR / "cpu-bf16-causal.yaml")
+    assert recipe.capture.dtype == "bfloat16" and isinstance(recipe.lower, InductorSettings)
+    assert recipe.decode.decoder is None and recipe.exact  # nothing tied to one model; exact
+    assert [p.name for p in recipe.passes[-2:]] == ["causal_cache", "fuse_decode"]
+    # lowered eagerly here for time (AOTInductor: tests/runtime/test_block_loop.py and the CLI check)
+    engine = dlmc.runtime.load(compile_model(checkpoints[family], dataclasses.replace(recipe, lower=EagerSettings()),
+                                             tmp_path / "out"))
+    assert engine.manifest["decode"]["decoder"] == "block"
+    result = engine.generate([[5, 6, 7, 8, 9, 10]], config=BlockConfig(gen_length=16))  # the manifest's decoder
+    assert len(result.output_ids[0]) == 16
+    with pytest.raises(DlmcError, match="fuses the block decoder's rule, not llada's"):
+        engine.generate([[5, 6]], "llada")
+
+
+def test_decode_strategy_needs_the_fused_outputs_it_reads():
+    def recipe(outputs, strategy, cache=False):
+        passes = [{"block_cache": {"mode": "dual", "block_length": 8}}] if cache else []
+        passes += [{"fuse_decode": {"outputs": outputs}}]
+        decode = {"decoder": "llada", "gen_length": 16, "block_length": 8, "strategy": strategy}
+        return parse_recipe({"passes": passes, "lower": {"backend": "eager"}, "decode": decode})
+
+    kept = recipe(["entropy"], {"name": "eb", "gamma": 0.3})
+    assert kept.decode.config["strategy"] == {"name": "eb", "gamma": 0.3}  # the name survives into a manifest
+    with pytest.raises(DlmcError, match=r"decode.strategy: eb reads entropy; add it to fuse_decode.outputs"):
+        recipe([], "eb")
+    with pytest.raises(DlmcError, match=r"decode.strategy: prophet reads every generated position"):
+        recipe(["margin"], "prophet", cache=True)
+    with pytest.raises(DlmcError, match=r"unknown strategy 'nope'"):
+        recipe([], "nope")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dlmc.decoding import block, dream, llada, llada2, wedlm
+from dlmc.decoding import block, dream, freedave, llada, llada2, wedlm
 from dlmc.decoding.common import Generation
 from dlmc.spec import DenoiserSpec
 
@@ -20,6 +20,7 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
     "wedlm": (wedlm.WeDLMConfig, wedlm.generate),
     "llada2": (llada2.LLaDA2Config, llada2.generate),
     "llada2_edit": (llada2.LLaDA2EditConfig, llada2.generate_edit),
+    "freedave": (freedave.FreeDaveConfig, freedave.generate),  # lossless draft-and-verify of static llada
 }
 """Closed registry: decoder name -> (config type, generate function)."""
 
@@ -42,7 +43,10 @@ def config_fields(fields: dict) -> dict:
 
 
 def default_decoder(spec: DenoiserSpec) -> str:
-    """The decoder a model's own sampler corresponds to, read from the spec's attention and alignment."""
+    """The decoder a model's own sampler corresponds to: the spec's sampler, else read from its attention
+    and alignment."""
+    if spec.sampler is not None:
+        return spec.sampler
     if spec.attention == "block_causal":
         return "block"  # Fast-dLLM v2, SDAR
     if spec.attention == "causal":

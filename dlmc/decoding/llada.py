@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from dlmc import strategies
 
 from dlmc.decoding.common import (
     Generation,
@@ -78,6 +80,10 @@ class LLaDAConfig:
     """Fast-dLLM v1 threshold rule (commit confidence >= threshold, always the top-1); None = off."""
     factor: float | None = None
     """Fast-dLLM v1 factor rule; None = off. Excludes `threshold`."""
+    strategy: Any = None
+    """A decoding strategy (`dlmc.strategies`): a StrategyConfig, a name, or {"name": ..., **options}.
+    None = the rule the fields above choose (the LLaDA schedule, threshold or factor), run as the official
+    code. Excludes `threshold` and `factor`."""
     stop_at_eos: bool = False
     """Stop a row at the end of a block once its first EOS / end-of-turn (`stop_token_ids` of the spec)
     and every position before it are decided; what it never decided holds `fill_token_id`. The tokens
@@ -107,6 +113,13 @@ class LLaDAConfig:
             check_unit_interval("threshold", self.threshold)
         if self.factor is not None and self.factor <= 0:
             raise DlmcError(f"factor={self.factor} must be > 0")
+        if self.strategy is not None:
+            object.__setattr__(self, "strategy", strategies.strategy_config(self.strategy))
+            if self.threshold is not None or self.factor is not None:
+                raise DlmcError("strategy: excludes threshold and factor (give them as the strategy's options)")
+            rule = self.strategy.rule
+            if self.remasking == "random" and not rule.random_remasking:
+                raise DlmcError(f"remasking='random': the {self.strategy.name} strategy ranks by confidence")
 
     @property
     def num_blocks(self) -> int:
@@ -118,7 +131,9 @@ class LLaDAConfig:
 
     @property
     def parallel(self) -> bool:
-        """True when a Fast-dLLM rule decides how many tokens each step commits."""
+        """True when a rule, not LLaDA's schedule, decides how many tokens each step commits."""
+        if self.strategy is not None:
+            return not self.strategy.rule.scheduled
         return self.threshold is not None or self.factor is not None
 
 
@@ -135,6 +150,9 @@ class _Row:
     """Steps taken inside the current block."""
     done: bool = False
     nfe: int = 0
+    index: int = 0
+    """The row's place in the batch (a strategy's per-row state)."""
+    steps_taken: int = 0
 
 
 def validate(spec: DenoiserSpec, prompts: Sequence[Sequence[int]], config: LLaDAConfig) -> None:
@@ -165,6 +183,9 @@ def generate(
     validate(spec, prompts, config)
     device = model_device(model)
     rows = [_new_row(prompt, spec, config, seed, device) for prompt in prompts]
+    for index, row in enumerate(rows):
+        row.index = index
+    rule = None if config.strategy is None else config.strategy.build(config)
     pad_id = pad_token_id(spec)
     stop_ids = stop_token_ids(spec, None) if config.stop_at_eos else ()
     nfe = 0
@@ -174,7 +195,10 @@ def generate(
         nfe += cost
         for row, row_logits in zip(active, logits, strict=True):
             row.nfe += cost
-            _denoise_step(row, row_logits, spec, config, stop_ids)
+            if rule is None:  # the official rules, as the official code runs them
+                _denoise_step(row, row_logits, spec, config, stop_ids)
+            else:
+                _strategy_step(row, row_logits, spec, config, stop_ids, rule)
         if on_step is not None:
             on_step(nfe, sum(int((row.x[row.prompt_len :] != spec.mask_token_id).sum()) for row in rows))
         if on_canvas is not None:  # every row generates the same length, so the regions stack
@@ -243,8 +267,49 @@ def _confidence(
             # the official code writes EOS into the noisy logits, which at T = 0 are the logits
             banned.append(spec.eos_token_id)
         logits = logits.index_fill(-1, _ids(logits, *banned), float("-inf"))  # [L, V]
-    dtype = torch.float64 if config.parallel else logits.dtype
+    score = "confidence64" if config.parallel else "confidence"
+    if config.strategy is not None:
+        score = config.strategy.rule.score
+    dtype = torch.float64 if score == "confidence64" else logits.dtype
     return token_probability(logits, x0, dtype)  # [L]
+
+
+def _strategy_step(
+    row: _Row, logits: torch.Tensor, spec: DenoiserSpec, config: LLaDAConfig, stop_ids: tuple[int, ...], rule
+) -> None:
+    """`_denoise_step` with the commit chosen by a strategy: the rule sees the block's columns (or every
+    generated column) as one row of [B, K] tensors, as the fused loop hands them."""
+    if config.logits_eos_inf:
+        logits = logits.index_fill(-1, _ids(logits, spec.eos_token_id), float("-inf"))  # [L, V]
+    noisy = gumbel_max_logits(logits, config.temperature, row.generator)  # [L, V]
+    x0 = noisy.argmax(dim=-1)  # [L] int64
+    confidence = _confidence(logits, x0, row, spec, config)  # [L]
+    block_start = row.prompt_len + row.block * config.block_length
+    block_end = block_start + config.block_length
+    lo, hi = (row.prompt_len, len(row.x)) if rule.sees_generation else (block_start, block_end)
+    masked = row.x[lo:hi] == spec.mask_token_id  # [K] bool
+    in_block = torch.zeros_like(masked)
+    in_block[block_start - lo : block_end - lo] = True
+    eligible = masked & in_block  # [K] bool
+    scores = strategies.Scores(
+        confidence=torch.where(eligible, confidence[lo:hi], float("-inf"))[None],  # [1, K]
+        eligible=eligible[None],
+        masked=masked[None],
+        step=torch.tensor([row.step], device=row.x.device),
+        total_step=torch.tensor([row.steps_taken], device=row.x.device),
+        steps_per_block=torch.tensor([config.steps_per_block], device=row.x.device),
+        steps=torch.tensor([config.steps], device=row.x.device),
+    )
+    if "entropy" in rule.outputs:
+        scores.entropy = strategies.entropy(logits[lo:hi])[None]  # [1, K]
+    if "margin" in rule.outputs:
+        scores.margin = strategies.logit_margin(logits[lo:hi])[None]  # [1, K]
+    commit = rule.commit(scores, torch.tensor([row.index], device=row.x.device))[0] & masked  # [K]
+    row.x[lo:hi] = torch.where(commit, x0[lo:hi], row.x[lo:hi])
+    row.steps_taken += 1
+    _advance(row, block_end, spec, config, stop_ids)
+    if not bool((row.x[row.prompt_len :] == spec.mask_token_id).any()):  # an early commit filled everything
+        row.done = True
 
 
 def _ids(logits: torch.Tensor, *ids: int | None) -> torch.Tensor:

@@ -12,14 +12,16 @@ import torch
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
-from dlmc.models import bnb, dream, fast_dllm_v2, llada, sdar, wedlm
+from dlmc.models import bnb, dream, fast_dllm_v2, llada, llada2, llada_moe, sdar, sdar_moe, wedlm
 from dlmc.models.checkpoint import check_config_types, checkpoint_dtype, load_weights, weight_map
 from dlmc.models.transformer import ArchConfig, DiffusionLM
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import load_tokenizer
 
 FAMILIES: dict[str, ModuleType] = {
-    arch: module for module in (llada, dream, fast_dllm_v2, sdar, wedlm) for arch in module.ARCHITECTURES
+    arch: module
+    for module in (llada, dream, fast_dllm_v2, sdar, wedlm, llada_moe, llada2, sdar_moe)
+    for arch in module.ARCHITECTURES
 }
 
 

@@ -28,12 +28,15 @@ SIZES = (
     "d_model", "n_heads", "n_layers", "n_kv_heads", "embedding_size", "mlp_hidden_size", "mlp_ratio",
     "max_sequence_length", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
     "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings", "bd_size", "block_size",
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "expert_intermediate_size",
+    "dense_intermediate_size", "shared_expert_intermediate_size", "n_group", "topk_group", "decoder_sparse_step",
 )
 TOKEN_IDS = ("mask_token_id", "pad_token_id", "eos_token_id")
-NUMBERS = ("rms_norm_eps", "rope_theta")
+NUMBERS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "partial_rotary_factor")
 FLAGS = (
     "include_bias", "include_qkv_bias", "weight_tying", "rope_full_precision", "input_emb_norm", "scale_logits",
-    "multi_query_attention", "tie_word_embeddings", "attention_bias", "qk_norm",
+    "multi_query_attention", "tie_word_embeddings", "attention_bias", "qk_norm", "qk_layernorm", "use_qk_norm",
+    "norm_topk_prob", "use_qkv_bias", "use_bias", "moe_router_enable_expert_bias",
 )
 
 
@@ -181,6 +184,10 @@ class Shards:
         return self._handles[path]
 
 
+STACKED = "{expert}"
+"""In a published name: the parameter is the stack of the tensors with the expert index put here."""
+
+
 def load_weights(
     model: nn.Module,
     files: dict[str, Path],
@@ -192,8 +199,16 @@ def load_weights(
     """Fill a meta-device model shard by shard, one tensor at a time, so that at most one copy of
     the weights is ever held (the safetensors files are memory-mapped). With `quantized`, weights
     that bitsandbytes stored are decoded to float, one at a time, and their companion tensors
-    (scales, codebooks, quant_state) are read beside them."""
-    wanted = {published_name(name): name for name, _ in model.named_parameters()}
+    (scales, codebooks, quant_state) are read beside them. A parameter whose published name holds
+    "{expert}" (the experts of an MoE layer) is the tensors named with 0, 1, ... there, stacked along
+    its first dim."""
+    wanted: dict[str, tuple[str, int | None]] = {}  # published name -> (parameter, index in its stack)
+    for name, param in model.named_parameters():
+        published = published_name(name)
+        if STACKED in published:
+            wanted |= {published.format(expert=e): (name, e) for e in range(param.shape[0])}
+        else:
+            wanted[published] = (name, None)
     missing = sorted(set(wanted) - set(files))
     if missing:
         raise DlmcError(f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")
@@ -204,19 +219,28 @@ def load_weights(
     if unexpected:
         raise DlmcError(f"{files[unexpected[0]]}: unexpected tensor '{unexpected[0]}' for this model family")
     shards = Shards(files)
+    stacks: dict[str, list[torch.Tensor | None]] = {}
     for published in sorted(wanted, key=lambda name: str(files[name])):  # shard by shard
-        target = model.get_parameter(wanted[published])
+        name, index = wanted[published]
+        target = model.get_parameter(name)
+        shape = tuple(target.shape) if index is None else tuple(target.shape[1:])
         if quantized:
-            tensor = bnb.read_weight(shards, published, quantized, tuple(target.shape))
+            tensor = bnb.read_weight(shards, published, quantized, shape)
         else:
             tensor = shards.get(published)
-        if tuple(tensor.shape) != tuple(target.shape):
+        if tuple(tensor.shape) != shape:
             raise DlmcError(
-                f"{files[published]}: tensor '{published}' has shape {list(tensor.shape)}, "
-                f"expected {list(target.shape)}"
+                f"{files[published]}: tensor '{published}' has shape {list(tensor.shape)}, expected {list(shape)}"
             )
         tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        _set_parameter(model, wanted[published], tensor)
+        if index is None:
+            _set_parameter(model, name, tensor)
+            continue
+        parts = stacks.setdefault(name, [None] * target.shape[0])
+        parts[index] = tensor
+        if all(part is not None for part in parts):  # the last expert read: stack, free the parts
+            _set_parameter(model, name, torch.stack(parts))
+            del stacks[name]
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -38,14 +38,14 @@ def max_length(config: dict, where: Path, family: str) -> int:
     return field(config, "max_position_embeddings", where, family, 32768)
 
 
-published_name = rename(
-    [
-        (r"embed\.(.*)", r"model.embed_tokens.\1"),
-        (r"layers\.(\d+)\.attn_norm\.(.*)", r"model.layers.\1.input_layernorm.\2"),
-        (r"layers\.(\d+)\.attn\.(.*)", r"model.layers.\1.self_attn.\2"),
-        (r"layers\.(\d+)\.mlp_norm\.(.*)", r"model.layers.\1.post_attention_layernorm.\2"),
-        (r"layers\.(\d+)\.mlp\.(.*)", r"model.layers.\1.mlp.\2"),
-        (r"norm\.(.*)", r"model.norm.\1"),
-        (r"lm_head\.(.*)", r"lm_head.\1"),
-    ]
-)
+RULES = [
+    (r"embed\.(.*)", r"model.embed_tokens.\1"),
+    (r"layers\.(\d+)\.attn_norm\.(.*)", r"model.layers.\1.input_layernorm.\2"),
+    (r"layers\.(\d+)\.attn\.(.*)", r"model.layers.\1.self_attn.\2"),
+    (r"layers\.(\d+)\.mlp_norm\.(.*)", r"model.layers.\1.post_attention_layernorm.\2"),
+    (r"layers\.(\d+)\.mlp\.(.*)", r"model.layers.\1.mlp.\2"),
+    (r"norm\.(.*)", r"model.norm.\1"),
+    (r"lm_head\.(.*)", r"lm_head.\1"),
+]
+"""Canonical -> published name rules; the MoE families put their expert rules in front."""
+published_name = rename(RULES)

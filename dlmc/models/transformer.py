@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlmc.errors import DlmcError
+from dlmc.models.moe import MoE, MoEConfig
 from dlmc.spec import DenoiserSpec
 
 
@@ -40,6 +41,17 @@ class ArchConfig:
     activation dtype first, as Qwen2/Qwen3 do."""
     embed_scale: float = 1.0
     logit_scale: float = 1.0
+    fused_qkv: bool = False
+    """One [q; k; v] projection (LLaDA2's query_key_value), split by heads after the matmul."""
+    rotary_dim: int | None = None
+    """Partial RoPE (LLaDA2): rotate only the first rotary_dim dims of each head, with frequencies
+    normalised by rotary_dim; None rotates the whole head."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts MLP on the layers moe.layers lists; the other layers keep the dense MLP."""
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +103,12 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        if cfg.fused_qkv:
+            self.qkv_proj = nn.Linear(d, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.out_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -103,20 +118,31 @@ class Attention(nn.Module):
         # x: [B, L, d]; attn_mask: [B, 1, L, L] bool or None
         cfg = self.cfg
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(B, L, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(B, L, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.fused_qkv:  # rows: all q heads, then all k heads, then all v heads
+            qkv = self.qkv_proj(x).view(B, L, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+            q, k, v = qkv.split([cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads], dim=2)
+        else:
+            q = self.q_proj(x).view(B, L, cfg.num_heads, cfg.head_dim)
+            k = self.k_proj(x).view(B, L, cfg.num_kv_heads, cfg.head_dim)
+            v = self.v_proj(x).view(B, L, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
-        q = apply_rope(q, cos, sin, cfg.rope_fp32)
-        k = apply_rope(k, cos, sin, cfg.rope_fp32)
+        q = self._rope(q, cos, sin)
+        k = self._rope(k, cos, sin)
         groups = cfg.num_heads // cfg.num_kv_heads
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, H, L, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, L, cfg.num_heads * cfg.head_dim))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [B, H, L, D]; cos, sin: [B, 1, L, rope_dim]
+        rd = self.cfg.rope_dim
+        if rd == self.cfg.head_dim:
+            return apply_rope(x, cos, sin, self.cfg.rope_fp32)
+        return torch.cat([apply_rope(x[..., :rd], cos, sin, self.cfg.rope_fp32), x[..., rd:]], dim=-1)
 
 
 class MLP(nn.Module):
@@ -132,12 +158,15 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    def __init__(self, cfg: ArchConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.moe is not None and index in cfg.moe.layers:
+            self.mlp = MoE(cfg.moe, cfg.hidden_size)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_mask):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
@@ -212,7 +241,7 @@ class DiffusionLM(nn.Module):
         self.arch = arch
         self.spec = spec
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(Layer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(Layer(arch, n) for n in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         if not arch.tie_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
@@ -230,7 +259,7 @@ class DiffusionLM(nn.Module):
         x = self.embed(input_ids)
         if self.arch.embed_scale != 1.0:
             x = x * self.arch.embed_scale
-        cos, sin = rope_cos_sin(position_ids, self.arch.head_dim, self.arch.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.arch.rope_dim, self.arch.rope_theta, x.dtype)
         mask = attention_mask_for(self.spec, attention_mask, position_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)

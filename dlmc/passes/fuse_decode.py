@@ -11,6 +11,9 @@ llada (LLaDA, Fast-dLLM v1; the rows of the current block):
     confidence [B, K]           softmax(logits)[token] in the logits dtype (LLaDA's low_confidence)
     confidence64 [B, K] float64 the same in float64 (Fast-dLLM's threshold and factor rules)
   With `gumbel: true` it also takes `uniform` [B, K, V] float64 and `temperature` [1] float64.
+  With `outputs: [entropy, margin]` (either or both, in that order) it also returns what decoding
+  strategies (`dlmc.strategies`) read: entropy [B, K] float64 (-sum p log p; EB-sampler) and margin
+  [B, K] in the logits dtype (top-1 minus top-2 logit; Prophet, SchED).
 
 dream (Dream's `_sample_tokens`, every alg; the masked rows of the generation region):
     tokens [B, K] int64         arg-max of the filtered softmax, or a sample from it
@@ -21,10 +24,16 @@ dream (Dream's `_sample_tokens`, every alg; the masked rows of the generation re
   `exponential_` into p's shape, so the runtime draws q from the reference's generators. With
   `filters: true` it takes `top_p` [1] float64 and `top_k` [1] int64 (a sort of every head row).
 
+block (Fast-dLLM v2's and SDAR's samplers, block-causal models; the open block's rows):
+    tokens, confidence, confidence64 as llada's: the token drawn (or the arg-max) and its probability
+  With `gumbel: true` it also takes `noise` [B, K, V] (Exp(1), logits dtype), `temperature`, `top_k`
+  and `top_p` (`dlmc.passes.block_pick`).
+
 Then the step's other outputs (the K/V of a cached step). The runtime draws the random inputs from the
 reference decoder's per-row generators, so sampling stays token-identical at any temperature. The
 choice of which tokens to commit reads only [B, K] tensors and stays in the runtime loop
-(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`). It must be the recipe's last pass.
+(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`). It must be the recipe's
+last pass. The step's signature records the decoder, so the runtime knows which loop drives it.
 """
 
 from __future__ import annotations
@@ -36,13 +45,13 @@ from typing import ClassVar
 
 import torch
 
-from dlmc.artifact import StepSignature, TensorSpec
-from dlmc.artifact import FUSED_OUTPUTS
+from dlmc.artifact import FUSED_OUTPUTS, StepSignature, TensorSpec
 from dlmc.capture import StepProgram
 from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
-
+from dlmc.passes.block_pick import pick_block, sampling_inputs
+from dlmc.strategies.base import EXTRA_OUTPUTS, entropy, logit_margin
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,12 +68,23 @@ class FuseDecode(PassConfig):
     artifact decodes at temperature 0 only."""
     filters: bool = False
     """dream only: take top_p and top_k (a sort of every head row's vocabulary each step)."""
+    outputs: tuple[str, ...] = ()
+    """llada only: per-row values a decoding strategy reads, from EXTRA_OUTPUTS (entropy, margin)."""
 
     def __post_init__(self) -> None:
         if self.decoder not in ("auto", *RULES):
             raise DlmcError(f"fuse_decode.decoder: unknown decoder '{self.decoder}' (known: auto, {', '.join(RULES)})")
-        if self.filters and self.decoder == "llada":
-            raise DlmcError("fuse_decode.filters: the llada rule has no top_p / top_k; use decoder: dream")
+        if self.filters and self.decoder != "dream":
+            raise DlmcError("fuse_decode.filters: only the dream rule takes them as an option (llada has no "
+                            "top_p / top_k; block's gumbel: true includes them)")
+        unknown = [name for name in self.outputs if name not in EXTRA_OUTPUTS]
+        if unknown:
+            raise DlmcError(f"fuse_decode.outputs: unknown output '{unknown[0]}' (known: {', '.join(EXTRA_OUTPUTS)})")
+        if self.outputs and self.decoder in ("dream", "block"):
+            raise DlmcError(f"fuse_decode.outputs: only the llada rule takes extra outputs (strategies), not "
+                            f"{self.decoder}")
+        # one order, whatever the recipe's, so the step's outputs say what they are
+        object.__setattr__(self, "outputs", tuple(n for n in EXTRA_OUTPUTS if n in self.outputs))
 
     def resolved(self, spec) -> FuseDecode:
         """This config with `auto` replaced by the model's own sampler."""
@@ -84,9 +104,13 @@ def gather_rows(hidden: torch.Tensor, head_rows: torch.Tensor) -> torch.Tensor:
 
 
 def pick_tokens(
-    logits: torch.Tensor, uniform: torch.Tensor | None = None, temperature: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference decoders' per-row math (`gumbel_max_logits`, `token_probability`) on [B, K, V]."""
+    logits: torch.Tensor,
+    uniform: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    outputs: tuple[str, ...] = (),
+) -> tuple[torch.Tensor, ...]:
+    """The reference decoders' per-row math (`gumbel_max_logits`, `token_probability`) on [B, K, V]:
+    tokens, confidence, confidence64, then the `outputs` a strategy reads."""
     if uniform is None:
         tokens = logits.argmax(-1)  # [B, K]
     else:
@@ -96,7 +120,8 @@ def pick_tokens(
     index = tokens.unsqueeze(-1)  # [B, K, 1]
     confidence = torch.softmax(logits, dim=-1).gather(-1, index).squeeze(-1)  # [B, K] logits dtype
     confidence64 = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, index).squeeze(-1)  # [B, K]
-    return tokens, confidence, confidence64
+    extra = {"entropy": entropy, "margin": logit_margin}
+    return (tokens, confidence, confidence64, *(extra[name](logits) for name in outputs))  # [B, K] each
 
 
 def pick_dream(
@@ -149,6 +174,10 @@ def _llada_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec
     return [TensorSpec("uniform", "float64", ("batch", "rows", vocab)), TensorSpec("temperature", "float64", (1,))]
 
 
+def _block_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
+    return sampling_inputs(vocab, dtype) if config.gumbel else []
+
+
 def _dream_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
     inputs = []
     if config.gumbel:
@@ -169,11 +198,14 @@ class Rule:
     inputs: Callable[[FuseDecode, int, str], list[TensorSpec]]
     pick: Callable[..., tuple[torch.Tensor, ...]]
     float64: tuple[str, ...] = ()
+    caches: tuple[str, ...] = ()
+    """The cache policies its runtime loop drives (uncached always)."""
 
 
 RULES: dict[str, Rule] = {
-    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64",)),
+    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
+    "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 
@@ -187,9 +219,13 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         raise DlmcError("fuse_decode: the step is already fused; use the pass once")
     if sig.seq_buckets:
         raise DlmcError("fuse_decode: needs a dynamic sequence length; remove capture.seq_buckets")
-    if sig.cache is not None and config.decoder != "llada":
-        raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule runs uncached (its decoder cannot run "
-                        f"under a {sig.cache['policy']} cache); drop the caching pass")
+    if sig.cache is not None and sig.cache["policy"] not in rule.caches:
+        runs = " or ".join(("uncached", *rule.caches))
+        raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule's loop runs {runs}, not under a "
+                        f"{sig.cache['policy']} cache")
+    if config.decoder == "block" and program.spec.attention != "block_causal":
+        raise DlmcError(f"fuse_decode.decoder: block needs a block-causal model, not {program.spec.attention} "
+                        "attention")
     gm = program.exported.module()  # unlifted: new inputs are plain placeholders
     graph = gm.graph
     final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
@@ -209,9 +245,10 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 
     output = graph.output_node()
     logits, *rest = output.args[0]
-    names = FUSED_OUTPUTS[config.decoder]
+    names = (*FUSED_OUTPUTS[config.decoder], *config.outputs)
+    kwargs = {t.name: new[t.name] for t in extra} | ({"outputs": config.outputs} if config.outputs else {})
     with graph.inserting_before(output):
-        picked = graph.call_function(rule.pick, (logits,), {t.name: new[t.name] for t in extra})
+        picked = graph.call_function(rule.pick, (logits,), kwargs)
         outs = [graph.call_function(operator.getitem, (picked, i)) for i in range(len(names))]
     output.args = ((*outs, *rest),)
     graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, a tuple out
@@ -222,7 +259,8 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
     outputs = [TensorSpec(names[0], "int64", ("batch", "rows"))]
     outputs += [TensorSpec(n, "float64" if n in rule.float64 else logits_dtype, ("batch", "rows")) for n in names[1:]]
     signature = StepSignature(
-        inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache
+        inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache,
+        decoder=config.decoder,
     )
     return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
 

@@ -18,7 +18,7 @@ from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
-from dlmc.runtime import dream_loop, loop
+from dlmc.runtime import block_loop, dream_loop, loop
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
@@ -31,10 +31,11 @@ FUSED_INPUTS = (
     ("head_rows",), ("head_rows", "uniform", "temperature"),  # llada
     ("head_rows", "exponential", "temperature"), ("head_rows", "top_p", "top_k"),  # dream
     ("head_rows", "exponential", "temperature", "top_p", "top_k"),
+    ("head_rows", "noise", "temperature", "top_k", "top_p"),  # block
 )
 """Step inputs this runtime knows how to feed: the plain step, optionally with a K/V cache, optionally
 fused with the decoding rule; an artifact asking for others needs a newer runtime."""
-FUSED_LOOPS = {"llada": loop, "dream": dream_loop}
+FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop}
 """Closed registry: the decoder whose rule a fused step carries -> its loop (check_supported, generate)."""
 
 

@@ -1,7 +1,8 @@
 """The fused LLaDA step over the rows of a `Rows` canvas, uncached or with Fast-dLLM v1's dual cache.
 
-Both are called with every row's block (its first column `lo` [B] and its index `block` [B]) and the
-rows' draws, and hand back (tokens, confidence, confidence64) [B, bl] for the block's columns. Rows
+Both are called with every row's block (its first column `lo` [B] and its index `block` [B]), the
+columns [B, K] the decoding rule reads and the rows' draws, and hand back the step's first `outputs`
+per-row results (tokens, confidence, confidence64, then any extras a strategy reads) [B, K]. Rows
 join and leave between calls (`dlmc.runtime.loop.Decoding`): the dual cache's per-row buffers follow
 the canvas through `grow`, `append` and `keep`.
 """
@@ -17,14 +18,13 @@ from dlmc.runtime.canvas import Rows
 class Uncached:
     """The step over every column of every row's canvas; the head on the block's rows."""
 
-    def __init__(self, engine, rows: Rows, block_length: int, shift: int):
-        self.engine, self.rows, self.shift = engine, rows, shift
-        self.offsets = torch.arange(block_length, device=rows.device)  # [bl]
+    def __init__(self, engine, rows: Rows, shift: int, outputs: int):
+        self.engine, self.rows, self.shift, self.outputs = engine, rows, shift, outputs
 
-    def __call__(self, lo: torch.Tensor, block: torch.Tensor, draws: tuple[torch.Tensor, ...]):
-        head_rows = (lo[:, None] + self.offsets - self.shift).clamp(min=0)  # [B, bl]: rows predicting the block
+    def __call__(self, lo: torch.Tensor, block: torch.Tensor, columns: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+        head_rows = (columns - self.shift).clamp(min=0)  # [B, K]: the rows predicting the columns
         r = self.rows
-        return self.engine.run_step(r.x, r.real, r.positions, head_rows, *draws)[:3]
+        return self.engine.run_step(r.x, r.real, r.positions, head_rows, *draws)[: self.outputs]
 
     def append(self, count: int, grown: int) -> None:
         """`count` rows joined; every older row was padded by `grown` columns on the left."""
@@ -41,8 +41,8 @@ class DualCache:
     buffer. A row that joins has no buffer yet, so its first step is a full one, whatever the others do:
     joining at any step is exact."""
 
-    def __init__(self, engine, rows: Rows, block_length: int, shift: int, refresh: int | None):
-        self.engine, self.rows, self.refresh = engine, rows, refresh
+    def __init__(self, engine, rows: Rows, block_length: int, shift: int, refresh: int | None, outputs: int):
+        self.engine, self.rows, self.refresh, self.outputs = engine, rows, refresh, outputs
         self.block_length, self.shift = block_length, shift
         self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before
         device = rows.device
@@ -83,7 +83,8 @@ class DualCache:
         if self.keys is not None:
             self.keys, self.values = self.keys[:, keep, :, cut:], self.values[:, keep, :, cut:]
 
-    def __call__(self, lo: torch.Tensor, block: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+    def __call__(self, lo: torch.Tensor, block: torch.Tensor, columns: torch.Tensor, draws: tuple[torch.Tensor, ...]):
+        """`columns` are the blocks' (a cached step computes no others: strategies reading more are refused)."""
         stale = self.block != block  # [B]: a new block (or a refresh) needs the whole canvas
         if self.refresh is not None:
             stale |= self.since >= self.refresh
@@ -105,7 +106,7 @@ class DualCache:
         r = self.rows
         head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
         inputs = (r.x[rows], r.real[rows], r.positions[rows], *empty_cache(self.engine.signature, len(rows), r.device))
-        tokens, confidence, confidence64, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
+        *decoded, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
         columns = torch.arange(self.index.shape[1], device=first.device)  # [C]
         index = columns + (columns >= first[:, None]) * self.span  # [n, C]: every column but the span's
         layers, _, heads, _, dim = keys.shape
@@ -116,7 +117,7 @@ class DualCache:
         self.keys[:, rows] = keys.gather(3, gather)
         self.values[:, rows] = values.gather(3, gather)
         self.index[rows], self.block[rows], self.since[rows] = index, block, 0
-        return tokens, confidence, confidence64
+        return tuple(decoded)
 
     def _cached(self, rows: torch.Tensor | None, first: torch.Tensor, draws):
         """Only the span's rows, attending to the buffer (rows None: every row)."""
@@ -130,7 +131,7 @@ class DualCache:
             keys, values = self.keys[:, rows], self.values[:, rows]
         inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
                   real.gather(1, index), positions.gather(1, index), keys, values)
-        return self.engine.run_step(*inputs, head_rows, *draws)[:3]
+        return self.engine.run_step(*inputs, head_rows, *draws)[: self.outputs]
 
 
 def _rows(draws: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -2,6 +2,7 @@
 
 It replays `dlmc.decoding.llada.generate` (the oracle) on a step built by the fuse_decode pass: the
 step reduces the committable rows itself and hands back tokens and confidences [B, K], never logits.
+Which of them to commit is the decoding strategy's rule (`dlmc.strategies`) on those [B, K] tensors.
 The whole batch is one left-padded canvas [B, L] that the loop edits in place; a row's random draws
 come from its own generator with the shapes the reference draws, so sampling replays it exactly.
 
@@ -23,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dlmc import strategies
+from dlmc.artifact import FUSED_OUTPUTS
 from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime import transfer
 from dlmc.runtime.canvas import Rows
 from dlmc.runtime.fused_step import DualCache, Uncached
 from dlmc.runtime.policies import policy_from_dict
@@ -51,13 +53,29 @@ def check_supported(signature, decoder: str, config) -> None:
     # the loop, not the graph, decides which columns are cached.
     if cache is not None and policy_from_dict(cache).name != "dual":
         raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; fuse_decode runs with dual")
+    strategy = strategies.resolve(config)
+    produced = [t.name for t in signature.outputs]
+    missing = [name for name in strategy.rule.outputs if name not in produced]
+    if missing:
+        have = [name for name in strategies.EXTRA_OUTPUTS if name in produced]
+        raise DlmcError(
+            f"strategy: {strategy.name} reads {', '.join(missing)}, which this artifact's fused step does not "
+            f"return (it returns {', '.join(have) or 'no extra outputs'}); compile with fuse_decode "
+            f"{{outputs: [{', '.join(strategy.rule.outputs)}]}}"
+        )
+    if strategy.rule.sees_generation and cache is not None:
+        raise DlmcError(f"strategy: {strategy.name} reads every generated position each step; this artifact's "
+                        "dual cache computes only the block's (compile it without block_cache)")
 
 
 def share_key(config: LLaDAConfig) -> tuple:
     """What rows of one running batch must share: the settings of the step call itself (its head rows
-    [B, bl] and its one temperature) and of the commit rule. Rows may differ in prompt, gen_length,
-    steps, stop_at_eos and seed: the loop keeps those per row."""
-    return (config.block_length, config.temperature, config.remasking, config.threshold, config.factor,
+    and its one temperature) and the strategy (its rule and parameters; a rule reading every generated
+    column also the generation length). Rows may differ in prompt, steps, stop_at_eos and seed, and in
+    gen_length unless the rule reads the whole generation: the loop keeps those per row."""
+    strategy = strategies.resolve(config)
+    width = config.gen_length if strategy.rule.sees_generation else None
+    return (config.block_length, config.temperature, config.remasking, strategy, width,
             config.cfg_scale, config.logits_eos_inf, config.confidence_eos_eot_inf)
 
 
@@ -87,7 +105,9 @@ class Decoding:
         self.rows = Rows(self.mask_id, pad_token_id(spec), self.device)
         self.stops = torch.tensor(stop_token_ids(spec, None), dtype=torch.long, device=self.device)
         self.vocab = next((t.shape[-1] for t in sig.inputs if t.name == "uniform"), None)  # rows of the head
+        self.outputs = _decoded_outputs(sig)  # the step's per-row outputs, by name
         self.config: LLaDAConfig | None = None  # the rows' shared settings (share_key), None when empty
+        self.rule: strategies.Strategy | None = None  # the shared strategy's rule, made with the first row
         self.nfe = 0
         self._pending: list[tuple[int, list[int], LLaDAConfig, int]] = []
         self._next = 0
@@ -95,8 +115,10 @@ class Decoding:
         self.generators: list[torch.Generator] = []
         zero = torch.empty(0, dtype=torch.long, device=self.device)
         self.block, self.steps_in_block, self.row_nfe = zero, zero, zero  # [B] each
-        self.num_blocks, self.steps_per_block, self.stop_at_eos = zero, zero, zero.bool()  # [B] each
+        self.num_blocks, self.steps_per_block, self.steps = zero, zero, zero  # [B] each
+        self.stop_at_eos = zero.bool()  # [B]
         self.step_fn = None  # made with the first row: its block length sizes the step's head rows
+        self.read_width = 0  # columns the rule reads per row: the block's, or the whole generation
         self.noise_free: tuple[torch.Tensor, ...] = ()
 
     def __len__(self) -> int:
@@ -112,8 +134,8 @@ class Decoding:
         check_supported(self.engine.signature, "llada", config)
         validate(self.engine.spec, [prompt], config)
         if not self.accepts(config):
-            raise DlmcError(f"block_length, temperature, remasking, threshold and factor: a row joining this batch "
-                            f"must share them ({share_key(self.config)[:5]}, got {share_key(config)[:5]})")
+            raise DlmcError(f"block_length, temperature, remasking and strategy: a row joining this batch must "
+                            f"share them ({share_key(self.config)[:4]}, got {share_key(config)[:4]})")
         self.config = self.config or config
         handle, self._next = self._next, self._next + 1
         self._pending.append((handle, list(prompt), config, seed))
@@ -130,36 +152,38 @@ class Decoding:
         self._admit()
         if not self.handles:
             return []
-        config, rows, bl = self.config, self.rows, self.config.block_length
+        config, rows, rule, bl = self.config, self.rows, self.rule, self.config.block_length
         lo = rows.start + self.block * bl  # [B]: first column of each row's block
-        columns = lo[:, None] + torch.arange(bl, device=self.device)  # [B, bl]: the block's columns
+        first = rows.start if rule.sees_generation else lo  # [B]: first column the rule reads
+        columns = first[:, None] + torch.arange(self.read_width, device=self.device)  # [B, K]
         extra = _draws(config, self.generators, rows, columns, self.noise_free)
-        tokens, confidence, confidence64 = self.step_fn(lo, self.block, extra.step)  # each [B, bl]
+        named = dict(zip(self.outputs, self.step_fn(lo, self.block, columns, extra.step)))  # each [B, K]
         self.nfe += 1
         self.row_nfe += 1
-        current = rows.x.gather(1, columns)  # [B, bl]
-        eligible = current == self.mask_id  # [B, bl]
-        score = extra.random if config.remasking == "random" else confidence64 if config.parallel else confidence
-        score = torch.where(eligible, score, float("-inf"))  # [B, bl]
-        if config.threshold is not None:
-            commit = transfer.above_threshold(score, config.threshold)
-        elif config.factor is not None:
-            commit = transfer.factor_prefix(score, config.factor)
-        else:  # each row's own schedule: num_transfer_tokens(bl, steps_per_block)[steps_in_block]
-            per_step, extra_one = bl // self.steps_per_block, bl % self.steps_per_block  # [B] each
-            commit = transfer.top_k_rows(score, per_step + (self.steps_in_block < extra_one).long())
-        commit &= eligible
-        block_tokens = torch.where(commit, tokens, current)  # [B, bl]
-        rows.x.scatter_(1, columns, block_tokens)
+        current = rows.x.gather(1, columns)  # [B, K]
+        masked = current == self.mask_id  # [B, K]
+        eligible = masked & (columns >= lo[:, None]) & (columns < lo[:, None] + bl)  # [B, K]: in the block
+        score = extra.random if config.remasking == "random" else named[rule.score]
+        scores = strategies.Scores(
+            confidence=torch.where(eligible, score, float("-inf")), eligible=eligible, masked=masked,
+            step=self.steps_in_block, total_step=self.row_nfe - 1, steps_per_block=self.steps_per_block,
+            steps=self.steps, entropy=named.get("entropy"), margin=named.get("margin"),
+        )
+        commit = rule.commit(scores, torch.tensor(self.handles, device=self.device)) & masked
+        rows.x.scatter_(1, columns, torch.where(commit, named["tokens"], current))
+        block_columns = lo[:, None] + torch.arange(bl, device=self.device)  # [B, bl]
+        block_tokens = rows.x.gather(1, block_columns)  # [B, bl]
         self.steps_in_block += 1
-        if config.parallel:
-            full = ~((block_tokens == self.mask_id).any(1))  # [B]
-        else:
+        if rule.scheduled:
             full = self.steps_in_block == self.steps_per_block
+        else:
+            full = ~((block_tokens == self.mask_id).any(1))  # [B]
         self.block += full.long()
         self.steps_in_block = torch.where(full, 0, self.steps_in_block)
         # stop_at_eos: at a block's end only; the blocks before it held no stop token
         stopped = self.stop_at_eos & full & torch.isin(block_tokens, self.stops).any(1)  # [B]
+        if rule.sees_generation:  # an early commit fills every generated position: the row is finished
+            stopped |= ~(masked & ~commit).any(1)
         done = ((self.block == self.num_blocks) | stopped).tolist()  # one host sync per step
         if not any(done):
             return []
@@ -194,16 +218,21 @@ class Decoding:
         self.row_nfe = torch.cat([self.row_nfe, column([0] * n)])
         self.num_blocks = torch.cat([self.num_blocks, column([c.num_blocks for c in configs])])
         self.steps_per_block = torch.cat([self.steps_per_block, column([c.steps_per_block for c in configs])])
+        self.steps = torch.cat([self.steps, column([c.steps for c in configs])])
         self.stop_at_eos = torch.cat([self.stop_at_eos, column([c.stop_at_eos for c in configs], torch.bool)])
         if len(self.handles) > len(self.noise_free[0] if self.noise_free else ()):
-            self.noise_free = _no_noise(self.vocab, len(self.handles), self.config.block_length, self.device)
+            self.noise_free = _no_noise(self.vocab, len(self.handles), self.read_width, self.device)
 
     def _make_step(self, config: LLaDAConfig) -> None:
         sig, bl = self.engine.signature, config.block_length
+        self.rule = strategies.resolve(config).build(config)
+        # the columns the rule reads each step: the block's, or every generated one
+        self.read_width = config.gen_length if self.rule.sees_generation else bl
         if sig.cache is None:
-            self.step_fn = Uncached(self.engine, self.rows, bl, self.shift)
+            self.step_fn = Uncached(self.engine, self.rows, self.shift, len(self.outputs))
         else:
-            self.step_fn = DualCache(self.engine, self.rows, bl, self.shift, policy_from_dict(sig.cache).refresh)
+            refresh = policy_from_dict(sig.cache).refresh
+            self.step_fn = DualCache(self.engine, self.rows, bl, self.shift, refresh, len(self.outputs))
 
     def _leave(self, keep: list[bool]) -> None:
         cut = self.rows.keep(keep)
@@ -211,10 +240,10 @@ class Decoding:
         self.step_fn.keep(rows, cut)
         self.handles = [h for h, k in zip(self.handles, keep) if k]
         self.generators = [g for g, k in zip(self.generators, keep) if k]
-        for name in ("block", "steps_in_block", "row_nfe", "num_blocks", "steps_per_block", "stop_at_eos"):
+        for name in ("block", "steps_in_block", "row_nfe", "num_blocks", "steps_per_block", "steps", "stop_at_eos"):
             setattr(self, name, getattr(self, name)[rows])
         if not len(self):  # empty: the next rows bring their own settings (and block length)
-            self.config, self.step_fn, self.noise_free = None, None, ()
+            self.config, self.rule, self.step_fn, self.noise_free = None, None, None, ()
 
 
 def generate(
@@ -247,6 +276,13 @@ def generate(
     return Generation(output_ids=fill_undecided(generated, engine.spec), nfe=decoding.nfe, row_nfe=row_nfe)
 
 
+def _decoded_outputs(signature) -> tuple[str, ...]:
+    """The fused step's per-row outputs, in order: the llada rule's, then the extras it was compiled with."""
+    names = [t.name for t in signature.outputs]
+    fixed = FUSED_OUTPUTS["llada"]
+    return (*fixed, *(n for n in names[len(fixed) :] if n in strategies.EXTRA_OUTPUTS))
+
+
 @dataclass
 class _Draws:
     step: tuple[torch.Tensor, ...]  # the fused step's uniform [B, bl, V] and temperature [1], if it samples
@@ -255,19 +291,19 @@ class _Draws:
 
 def _draws(config: LLaDAConfig, generators, rows: Rows, columns: torch.Tensor, noise_free) -> _Draws:
     """Each row's draws, in the reference's order and shapes (over its whole unpadded canvas), cut to the
-    block's columns."""
+    columns the rule reads."""
     plain = tuple(t[: len(generators)] if t.dim() == 3 else t for t in noise_free)  # [B, bl, V] and [1]
     if config.temperature == 0 and config.remasking != "random":
         return _Draws(plain, None)
     uniforms, randoms = [], []
     for b, (g, length) in enumerate(zip(generators, rows.lengths)):
-        own = columns[b] - (rows.width - length)  # [bl]: the block in the row's own coordinates
+        own = columns[b] - (rows.width - length)  # [K]: the columns in the row's own coordinates
         if config.temperature > 0:
             vocab = noise_free[0].shape[-1]
             uniform = torch.rand(length, vocab, dtype=torch.float64, generator=g, device=g.device)  # [Lb, V]
             uniforms.append(uniform[own])
         if config.remasking == "random":
-            randoms.append(torch.rand(length, generator=g, device=g.device)[own])  # [bl]
+            randoms.append(torch.rand(length, generator=g, device=g.device)[own])  # [K]
     step = plain
     if config.temperature > 0:
         step = (torch.stack(uniforms), torch.tensor([config.temperature], dtype=torch.float64, device=columns.device))

@@ -138,6 +138,10 @@ class BlockPolicy(CachePolicy):
                 f"decoder: this artifact's {self.name} cache works with the llada decoder at block_length "
                 f"{self.block_length}; got {decoder} with block_length {length}"
             )
+        strategy = getattr(config, "strategy", None)
+        if strategy is not None and strategy.rule.sees_generation:
+            raise DlmcError(f"strategy: {strategy.name} reads every generated position each step; this artifact's "
+                            f"{self.name} cache freezes everything outside the block")
 
     def recipe_problems(self, owner: str, decoder: str | None, config: dict[str, Any]) -> list[str]:
         if decoder is None:

@@ -38,6 +38,8 @@ QWEN_SPECIALS = {
     "wedlm": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
 }
 FAMILIES = ("llada", "dream", "fast_dllm_v2", "sdar", "wedlm")
+MOE_FAMILIES = ("llada_moe", "llada2", "sdar_moe")
+"""Written by dlmc.testing.moe_fixtures; kept out of FAMILIES, which the dense-family tests sweep."""
 
 # Chat templates in the shapes of the published ones (written here, not copied): LLaDA-8B-Instruct's
 # Llama-3 headers with the BOS written by the template, and Qwen2.5's ChatML with a default system turn.
@@ -87,6 +89,14 @@ def write_checkpoint(
     CHAT_TEMPLATES) goes into tokenizer_config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if family in MOE_FAMILIES:  # dlmc.testing.moe_fixtures (expert sizes derive from `intermediate`)
+        from dlmc.testing.moe_fixtures import write_moe_checkpoint
+
+        return write_moe_checkpoint(
+            family, out, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+            vocab=vocab, max_length=max_length, block_size=block_size, dtype=dtype, shards=shards, seed=seed,
+            tokenizer=tokenizer, chat_template=chat_template,
+        )
     ids = special_ids(family)
     if family == "llada":
         config = llada_config(

@@ -6,6 +6,7 @@ import pytest
 from dlmc.decoding import DECODERS, default_decoder
 from dlmc.decoding.block import BlockConfig
 from dlmc.decoding.dream import DreamConfig
+from dlmc.decoding.freedave import FreeDaveConfig
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.decoding.llada2 import LLaDA2Config, LLaDA2EditConfig
 from dlmc.decoding.wedlm import WeDLMConfig
@@ -13,8 +14,8 @@ from tests.decoding.conftest import TinyDenoiser, toy_spec
 
 
 def test_registry_is_closed_and_maps_names_to_config_and_function():
-    assert set(DECODERS) == {"llada", "dream", "block", "wedlm", "llada2", "llada2_edit"}
-    configs = [LLaDAConfig, DreamConfig, BlockConfig, WeDLMConfig, LLaDA2Config, LLaDA2EditConfig]
+    assert set(DECODERS) == {"llada", "dream", "block", "wedlm", "llada2", "llada2_edit", "freedave"}
+    configs = [LLaDAConfig, DreamConfig, BlockConfig, WeDLMConfig, LLaDA2Config, LLaDA2EditConfig, FreeDaveConfig]
     assert [config for config, _ in DECODERS.values()] == configs
 
 

@@ -101,7 +101,7 @@ def test_recipe_checks():
         return str(e.value)
 
     assert "fuse_decode must be the last pass" in problems([{"fuse_decode": {}}, {"fold_constants": {}}])
-    assert "not after block_cache" in problems([{"block_cache": {"mode": "prefix"}}, {"fuse_decode": {}}])
+    assert "cannot run after block_cache" in problems([{"block_cache": {"mode": "prefix"}}, {"fuse_decode": {}}])
     assert "not dream's" in problems([{"fuse_decode": {}}], {"decoder": "dream"})
     parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, {"fuse_decode": {"gumbel": True}}]})
 
@@ -168,15 +168,15 @@ def test_auto_takes_the_models_sampler(steps):
     assert fused.signature.fused_decoder == "dream"
     with pytest.raises(DlmcError, match="auto picks this model's sampler, wedlm, which has no fused rule"):
         fuse_decode(steps["wedlm"], FuseDecode(decoder="auto"))
-    with pytest.raises(DlmcError, match="fuse_decode.filters: the llada rule has no top_p"):
+    with pytest.raises(DlmcError, match="fuse_decode.filters: only the dream rule"):
         FuseDecode(decoder="auto", filters=True).resolved(steps["llada"].spec)
-    with pytest.raises(DlmcError, match="fuse_decode.decoder: unknown decoder 'block'"):
-        FuseDecode(decoder="block")
+    with pytest.raises(DlmcError, match="fuse_decode.decoder: unknown decoder 'wedlm'"):
+        FuseDecode(decoder="wedlm")
 
 
 def test_dream_rule_runs_uncached(steps):
     cached = block_cache(steps["dream"], BlockCache(mode="dual", block_length=4)).program
-    with pytest.raises(DlmcError, match="the dream rule runs uncached"):
+    with pytest.raises(DlmcError, match="the dream rule's loop runs uncached, not under a dual cache"):
         fuse_decode(cached, FuseDecode(decoder="dream"))
 
 
@@ -188,8 +188,25 @@ def test_dream_recipe_checks():
 
     assert "fuses the dream decoder's rule, not llada's" in problems([{"fuse_decode": {"decoder": "dream"}}],
                                                                       {"decoder": "llada"})
-    assert "fuses the llada or dream decoder's rule, not block's" in problems([{"fuse_decode": {"decoder": "auto"}}],
-                                                                               {"decoder": "block"})
+    assert "fuses the llada or dream or block decoder's rule, not wedlm's" in problems(
+        [{"fuse_decode": {"decoder": "auto"}}], {"decoder": "wedlm"})
     dual = {"block_cache": {"mode": "dual"}}
-    assert "fuse_decode {decoder: dream} runs uncached" in problems([dual, {"fuse_decode": {"decoder": "dream"}}])
+    refused = problems([dual, {"fuse_decode": {"decoder": "dream"}}])
+    assert "fuse_decode {decoder: dream} cannot run after block_cache (dream's loop runs uncached only)" in refused
     parse_recipe({"passes": [{"fuse_decode": {"decoder": "auto"}}], "decode": {"decoder": "dream"}})
+
+
+def test_the_strategy_outputs_option():
+    from dlmc.passes.fuse_decode import pick_tokens
+
+    assert FuseDecode(outputs=("margin", "entropy")).outputs == ("entropy", "margin")  # one order
+    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: unknown output 'logits' \(known: entropy, margin\)$"):
+        FuseDecode(outputs=("logits",))
+    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: the dream rule returns its own scores"):
+        FuseDecode(decoder="dream", outputs=("entropy",))
+    # hand-worked: two equal logits and a third 1 below
+    logits = torch.tensor([[[1.0, 1.0, 0.0]]])  # [1, 1, 3]
+    *_, entropy, margin = pick_tokens(logits, outputs=("entropy", "margin"))
+    p = torch.tensor([1.0, 1.0, torch.e ** -1], dtype=torch.float64) / (2 + torch.e ** -1)
+    assert torch.allclose(entropy, -(p * p.log()).sum().reshape(1, 1))
+    assert margin.tolist() == [[0.0]]

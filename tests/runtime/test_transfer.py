@@ -49,6 +49,6 @@ def test_factor_accepts_everything_on_a_failure_at_the_last_candidate():
 def test_top_k_takes_the_most_confident(k):
     conf = confidences(0)
     counts = torch.arange(len(conf)) % k + 1  # each row its own count, as rows at different steps
-    commit = transfer.top_k_rows(conf, counts)
+    commit = transfer.top_k(conf, counts)
     for row, mask, n in zip(conf, commit, counts.tolist()):
         assert chosen(mask) == set(torch.topk(row, n).indices.tolist())

@@ -1,0 +1,63 @@
+"""The block decoders' sampler as graph code: what `fuse_decode {decoder: block}` puts after the head.
+
+`dlmc.decoding.block` samples a block's rows two ways, both rebuilt here on [B, K, V] logits:
+
+* Fast-dLLM v2 (remasking "threshold"): softmax(logits / T), top-p on the probabilities (zeroed and
+  renormalised), one multinomial draw per row;
+* SDAR (the low_confidence rules): logits / T, top-k then top-p on the logits (-inf), softmax, one
+  multinomial draw per row, the arg-max at T = 0.
+
+Both filters keep the same tokens with the same renormalised probabilities p_i / sum(kept), so one
+formulation serves both; the two differ only in summation order (rounding). The draw is where
+exactness comes from: on the CPU, torch.multinomial(probs, 1, generator=g) is
+argmax(probs / q) with q = torch.empty_like(probs).exponential_(1, generator=g) (an exponential race;
+tests/passes/test_block_pick.py checks it, generator state included). The runtime makes exactly that
+call on each row's generator, in the reference's order and shape, and hands q in as `noise`; the graph
+takes the arg-max. The runtime passes ones at T = 0, and top_k = V / top_p = inf for a filter that is off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlmc.artifact import TensorSpec
+
+
+def sampling_inputs(vocab: int, logits_dtype: str) -> list[TensorSpec]:
+    """The step inputs after head_rows when the block sampler is compiled in (`gumbel: true`)."""
+    return [
+        TensorSpec("noise", logits_dtype, ("batch", "rows", vocab)),
+        TensorSpec("temperature", "float64", (1,)),
+        TensorSpec("top_k", "int64", (1,)),
+        TensorSpec("top_p", "float64", (1,)),
+    ]
+
+
+def pick_block(
+    logits: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [B, K] int64, the probability each was drawn with [B, K] in the logits dtype, the same
+    in float64) for logits [B, K, V]. Without noise: the arg-max of softmax(logits)."""
+    if noise is None:
+        probs = torch.softmax(logits, dim=-1)  # [B, K, V]
+        tokens = probs.argmax(-1)  # [B, K]
+    else:
+        t = temperature.to(logits.dtype)  # the reference divides by a Python float: the logits dtype
+        scaled = torch.where(temperature > 0, logits / t, logits)  # [B, K, V]
+        ranked, order = torch.sort(scaled, dim=-1, descending=True)  # [B, K, V] each
+        kth = ranked.gather(-1, (top_k - 1).expand(*ranked.shape[:-1], 1))  # [B, K, 1]
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # top-k: ties with the k-th stay
+        cumulative = torch.softmax(ranked, dim=-1).cumsum(-1)  # [B, K, V]
+        over = cumulative > top_p.to(cumulative.dtype)  # compared in the logits dtype, as the reference
+        # shift right: the token that crosses p stays, and so does the best one
+        drop = torch.cat([torch.zeros_like(over[..., :1]), over[..., :-1]], dim=-1)  # [B, K, V]
+        ranked = ranked.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(scaled, float("-inf")).scatter(-1, order, ranked)  # [B, K, V] vocab order
+        probs = torch.softmax(filtered, dim=-1)  # [B, K, V]
+        tokens = (probs / noise).argmax(-1)  # [B, K]: the exponential race (ones at T = 0: the arg-max)
+    confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, K]
+    return tokens, confidence, confidence.to(torch.float64)

@@ -1,0 +1,117 @@
+"""fuse_decode {decoder: block}: the fused step samples as the block decoders do, from the runtime's draws.
+
+The draw is torch.multinomial's own: on the CPU, multinomial(probs, 1) is an exponential race, which the
+first test pins down (tokens and the generator's state after the call), so the runtime can make the
+same draw and the graph the same arg-max."""
+
+import pytest
+import torch
+
+from dlmc.capture import CaptureConfig, capture
+from dlmc.decoding.block import BlockConfig, _filtered_sample, _nucleus_sample
+from dlmc.errors import DlmcError
+from dlmc.models import load_model
+from dlmc.passes.fuse_decode import FuseDecode, fuse_decode
+from dlmc.pipeline import check_program
+from dlmc.recipe import parse_recipe
+from tests.helpers import padded_batch, rounding_tolerance
+
+ROWS = torch.tensor([[4, 5, 6, 7], [5, 6, 7, 8]])  # [B, K]: the rows sampled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multinomial_is_an_exponential_race(dtype):
+    for seed, (rows, vocab) in enumerate([(1, 7), (4, 272), (8, 5000)] * 3):
+        probs = torch.softmax(3 * torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)), -1)
+        probs = probs.to(dtype)
+        probs[:, : vocab // 3] = 0  # filtered tokens
+        drawn, raced = torch.Generator().manual_seed(seed + 100), torch.Generator().manual_seed(seed + 100)
+        tokens = torch.multinomial(probs, 1, generator=drawn).squeeze(-1)  # [rows]
+        noise = torch.empty_like(probs).exponential_(1, generator=raced)  # [rows, vocab]
+        assert torch.equal(tokens, (probs / noise).argmax(-1))
+        assert torch.equal(drawn.get_state(), raced.get_state())  # the same draws consumed
+
+
+@pytest.fixture(scope="module")
+def steps(checkpoints):
+    families = ("fast_dllm_v2", "sdar")
+    return {family: capture(load_model(checkpoints[family]), CaptureConfig(max_batch=4)) for family in families}
+
+
+def sampled(program, inputs, config: BlockConfig, top_k: int, top_p: float, seed: int):
+    """The fused step's tokens and probabilities with each row's noise drawn from its own generator."""
+    vocab = program.signature.inputs[program.signature.names.index("noise")].shape[-1]
+    noise = torch.stack([
+        torch.empty(ROWS.shape[1], vocab).exponential_(1, generator=torch.Generator().manual_seed(seed + b))
+        for b in range(len(ROWS))
+    ]) if config.temperature > 0 else torch.ones(*ROWS.shape, vocab)
+    extra = (torch.tensor([config.temperature], dtype=torch.float64), torch.tensor([top_k]),
+             torch.tensor([top_p], dtype=torch.float64))
+    return program(*inputs, ROWS, noise, *extra)
+
+
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar"])
+def test_fused_step_is_the_block_samplers_math(steps, family):
+    step = steps[family]
+    fused = fuse_decode(step, FuseDecode(decoder="block", gumbel=True)).program
+    check_program(fused)
+    assert fused.signature.decoder == "block"
+    assert fused.signature.names[-4:] == ["noise", "temperature", "top_k", "top_p"]
+    inputs = padded_batch([9, 6], 9)
+    logits = step(*inputs)  # [B, L, V]
+    picked = logits.gather(1, ROWS[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, V]
+    vocab = logits.shape[-1]
+    tol = rounding_tolerance(torch.float32, 96, float(logits.abs().max()))
+    cases = [  # (config, the reference sampler, top_k and top_p as the runtime passes them)
+        (BlockConfig(temperature=0.8, top_p=0.9), _nucleus_sample, vocab, 0.9),
+        (BlockConfig(temperature=0.8), _nucleus_sample, vocab, float("inf")),
+        (BlockConfig(remasking="low_confidence_static", temperature=1.2, top_k=30, top_p=0.8), _filtered_sample,
+         30, 0.8),
+        (BlockConfig(remasking="low_confidence_static", top_k=3), _filtered_sample, 3, float("inf")),  # T = 0
+    ]
+    for config, reference, top_k, top_p in cases:
+        tokens, probability, probability64 = sampled(fused, inputs, config, top_k, top_p, seed=7)
+        for b in range(len(ROWS)):
+            expected = reference(picked[b], config, torch.Generator().manual_seed(7 + b))
+            expected_tokens = expected[0]
+            expected_probability = expected[1] if expected[1].dim() == 1 else expected[1].gather(
+                -1, expected_tokens[:, None]).squeeze(-1)
+            assert torch.equal(tokens[b], expected_tokens), (config, b)
+            torch.testing.assert_close(probability[b], expected_probability, atol=4 * tol, rtol=0)
+        assert torch.equal(probability64, probability.double())
+
+
+def test_greedy_block_step_takes_the_arg_max(steps):
+    step = steps["sdar"]
+    fused = fuse_decode(step, FuseDecode(decoder="block")).program
+    assert fused.signature.names[-1] == "head_rows"
+    inputs = padded_batch([9, 6], 9)
+    logits = step(*inputs)
+    picked = logits.gather(1, ROWS[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, V]
+    top2 = picked.topk(2).values
+    assert float((top2[..., 0] - top2[..., 1]).min()) > 2 * rounding_tolerance(torch.float32, 96, 5.0)
+    tokens, probability, _ = fused(*inputs, ROWS)
+    assert torch.equal(tokens, picked.argmax(-1))
+    expected = torch.softmax(picked, -1).amax(-1)
+    torch.testing.assert_close(probability, expected, atol=rounding_tolerance(torch.float32, 96, 5.0), rtol=0)
+
+
+def test_refusals(steps, checkpoints):
+    llada = capture(load_model(checkpoints["llada"]), CaptureConfig(max_batch=2))
+    with pytest.raises(DlmcError, match="fuse_decode.decoder: block needs a block-causal model, not bidirectional"):
+        fuse_decode(llada, FuseDecode(decoder="block"))
+    with pytest.raises(DlmcError, match=r"fuse_decode.decoder: unknown decoder 'wedlm' \(known: auto, llada, dream, block\)"):
+        parse_recipe({"passes": [{"fuse_decode": {"decoder": "wedlm"}}]})
+
+    def problems(passes, decode=None):
+        with pytest.raises(DlmcError) as e:
+            parse_recipe({"passes": passes, **({"decode": decode} if decode else {})})
+        return str(e.value)
+
+    block = {"fuse_decode": {"decoder": "block"}}
+    assert "cannot run after block_cache (block's loop runs uncached or under the exact cache)" in problems(
+        [{"block_cache": {"mode": "dual"}}, block])
+    assert "fuses the block decoder's rule, not llada's" in problems([block], {"decoder": "llada"})
+    assert "cannot run after causal_cache (llada's loop runs uncached or under the dual cache)" in problems(
+        [{"causal_cache": {}}, {"fuse_decode": {}}])
+    parse_recipe({"passes": [{"causal_cache": {}}, {**block}], "decode": {"decoder": "block"}})
