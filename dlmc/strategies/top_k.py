@@ -20,7 +20,8 @@ class TopK(Strategy):
     def commit(self, scores: Scores, rows: torch.Tensor) -> torch.Tensor:
         # num_transfer_tokens(block_length, steps_per_block)[step] for each row: every block starts with
         # block_length masks, split evenly over the row's steps per block, the remainder first
-        per_step, remainder = divmod(self.decode.block_length, scores.steps_per_block)  # [B] each
+        bl, per_block = self.decode.block_length, scores.steps_per_block  # per_block: [B]
+        per_step, remainder = bl // per_block, bl % per_block  # [B] each
         k = per_step + (scores.step < remainder).long()  # [B]: each row's count this step
         return top_k(scores.confidence, k)
 

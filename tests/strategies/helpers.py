@@ -1,5 +1,7 @@
 """Small [B, K] cases for the strategy tests, and the reference decoder run row by row against a batch."""
 
+import dataclasses
+
 import torch
 
 from dlmc.decoding.llada import LLaDAConfig
@@ -30,10 +32,10 @@ def commit(strategy, s: Scores, **decode) -> list[list[int]]:
     """The committed columns of each row."""
     made = rule(strategy_config(strategy), **decode)
     B = len(s.step)
-    if s.steps_per_block is None:  # the decode's, for every row
-        s.steps_per_block = torch.full((B,), made.decode.steps_per_block)
+    if s.steps_per_block is None:  # the decode's, for every row (a copy: the case may be reused)
+        s = dataclasses.replace(s, steps_per_block=torch.full((B,), made.decode.steps_per_block))
     if s.steps is None:
-        s.steps = torch.full((B,), made.decode.steps)
+        s = dataclasses.replace(s, steps=torch.full((B,), made.decode.steps))
     mask = made.commit(s, torch.arange(B))
     return [row.nonzero().squeeze(1).tolist() for row in mask]
 
