@@ -202,7 +202,7 @@ def test_the_strategy_outputs_option():
     assert FuseDecode(outputs=("margin", "entropy")).outputs == ("entropy", "margin")  # one order
     with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: unknown output 'logits' \(known: entropy, margin\)$"):
         FuseDecode(outputs=("logits",))
-    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: the dream rule returns its own scores"):
+    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: only the llada rule takes extra outputs \(strategies\), not dream$"):
         FuseDecode(decoder="dream", outputs=("entropy",))
     # hand-worked: two equal logits and a third 1 below
     logits = torch.tensor([[[1.0, 1.0, 0.0]]])  # [1, 1, 3]
