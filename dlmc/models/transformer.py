@@ -260,6 +260,11 @@ class DiffusionLM(nn.Module):
         if self.arch.embed_scale != 1.0:
             x = x * self.arch.embed_scale
         cos, sin = rope_cos_sin(position_ids, self.arch.rope_dim, self.arch.rope_theta, x.dtype)
+        if attention_mask is None:
+            # Always hand SDPA a mask: the captured step always has one, and on CUDA a masked and an
+            # unmasked call run different kernels (flash vs efficient/math), so the reference and the
+            # compiled step would round differently and an exact recipe could change tokens.
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=input_ids.device)  # [B, L] bool
         mask = attention_mask_for(self.spec, attention_mask, position_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
