@@ -263,7 +263,7 @@ class _Recorder(torch.fx.Interpreter):
 
 def calibration_batches(
     spec: DenoiserSpec, tokenizer: Any, config: LayerSkip, *, batch_size: int = 8, max_length: int | None = None,
-    model_dir: str | Path | None = None, model: Any = None,
+    model_dir: str | Path | None = None, model: Any = None, device: str | torch.device = "cpu",
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Step inputs that look like the middle of denoising: [prompt | generation region], left-padded.
 
@@ -272,7 +272,8 @@ def calibration_batches(
     across the canvases (early to late in the decode). User prompts, whose answers are unknown, get a
     fully masked region (the first step). `model_dir` says whether the checkpoint is the embedded model
     (the only one the tasks describe); `model` (a float model or a plain step) is what source self
-    samples from."""
+    samples from. The batches are built on `device`, the step's (its weights'), so a CUDA step is fed
+    CUDA tensors."""
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     fill = spec.eos_token_id if spec.eos_token_id is not None else spec.mask_token_id
@@ -300,8 +301,17 @@ def calibration_batches(
             input_ids[b, length - len(row) :] = row
             attention_mask[b, length - len(row) :] = True
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L] int64
-        batches.append((input_ids, attention_mask, position_ids))
+        batches.append((input_ids.to(device), attention_mask.to(device), position_ids.to(device)))
     return batches
+
+
+def step_device(program: StepProgram) -> torch.device:
+    """Where the step's weights live (the CPU for a step without any)."""
+    ep = program.exported
+    for tensor in (*ep.state_dict.values(), *ep.constants.values()):
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def _pairs(
@@ -375,7 +385,7 @@ def resolve(
     sig = program.signature
     batches = calibration_batches(
         program.spec, tokenizer, config, batch_size=min(8, sig.batch[1]), max_length=sig.seq[1],
-        model_dir=model_dir, model=model if model is not None else program,
+        model_dir=model_dir, model=model if model is not None else program, device=step_device(program),
     )
     calibration = calibrate(program, batches)
     if config.criterion == "similarity":

@@ -284,3 +284,30 @@ def test_compiles_with_inductor_and_records_the_calibration(four_layers, tmp_pat
     inputs = padded_batch([5, 9], 9)
     with torch.no_grad():
         torch.testing.assert_close(engine(*inputs), without_layers(model, (skipped,))(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_canvases_are_built_on_the_steps_device(model_and_step, four_layers, monkeypatch):
+    """A CUDA step must be fed CUDA canvases; the meta device stands in for it here (the canvases are
+    only moved, never computed on, before `calibrate` runs them)."""
+    import dlmc.passes.layer_skip as module
+
+    model, step = model_and_step
+    tokenizer = load_tokenizer(four_layers)
+    config = LayerSkip(budget=1, source="random", examples=3, gen_length=4)
+    batches = calibration_batches(model.spec, tokenizer, config, device="meta")
+    assert {t.device.type for batch in batches for t in batch} == {"meta"}
+    assert module.step_device(step) == torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(module, "step_device", lambda program: torch.device("meta"))
+    monkeypatch.setattr(module, "calibrate", lambda program, batches: seen.extend(batches) or _stop())
+    with pytest.raises(_Stop):
+        resolve(step, config, tokenizer, four_layers)
+    assert seen and {t.device.type for batch in seen for t in batch} == {"meta"}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop():
+    raise _Stop
