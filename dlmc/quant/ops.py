@@ -13,7 +13,7 @@ module registers them; the runtime imports it before it deserializes a graph tha
   linear_w8a8(x, qweight int8 [out, in], scale [out, 1], bias?, act_scale?) -> y [..., out]
       x is quantized to int8 per token (absmax / 127, computed on the fly) or, when act_scale is
       given, per tensor with that static scale; y = (x_q @ qweight^T) * x_scale * scale + bias, the
-      product in int32 (aten._int_mm).
+      product in int32 (aten._int_mm; on CUDA padded to the shapes its int8 GEMM accepts).
 """
 
 from __future__ import annotations
@@ -72,13 +72,28 @@ def _linear_w8a8(
         s = act_scale.to(x.dtype)  # [] per tensor
     xq = torch.clamp(torch.round(x / s), -INT8_MAX - 1, INT8_MAX).to(torch.int8)  # [..., in]
     # int8 x int8 -> int32 (VNNI on this CPU: 2.8x the fp32 matmul, benchmarks/int8_matmul.py)
-    acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), qweight.t())  # [rows, out] int32
+    rows = xq.reshape(-1, xq.shape[-1])  # [rows, in] int8
+    acc = padded_int_mm(rows, qweight) if x.is_cuda else torch._int_mm(rows, qweight.t())  # [rows, out] int32
     acc = acc.reshape(*x.shape[:-1], qweight.shape[0])
     # The int32 sums reach 127 * 127 * in (66k at in=64): cast to fp16 (max 65504) they overflow to inf,
     # so rescale in fp32 and cast the layer's output, which is of ordinary size, back.
     wide = torch.promote_types(x.dtype, torch.float32)
     y = (acc.to(wide) * (s.to(wide) * scale.reshape(-1).to(wide))).to(x.dtype)  # [..., out]
     return y if bias is None else y + bias
+
+
+def padded_int_mm(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """a @ qweight^T in int32, shaped for CUDA's int8 GEMM, which refuses fewer than 17 rows and inner or
+    output sizes that are not multiples of 8. Zero rows and columns add nothing to the sums and are cut
+    away after. The row padding is always 16, not "up to 17", so a dynamic row count (a cached step's few
+    queries) needs no guard on its size when the step is exported."""
+    # a: [rows, in] int8; qweight: [out, in] int8 -> [rows, out] int32
+    out, inner = qweight.shape
+    inner_pad, out_pad = -inner % 8, -out % 8
+    a = torch.nn.functional.pad(a, (0, inner_pad, 0, 16))  # [rows + 16, in'] int8
+    w = torch.nn.functional.pad(qweight, (0, inner_pad, 0, out_pad))  # [out', in'] int8
+    acc = torch._int_mm(a, w.t())  # [rows + 16, out'] int32; w.t() is column-major, as cuBLASLt wants
+    return acc[: a.shape[0] - 16, :out]
 
 
 _LIB.impl("linear_woq", _linear_woq, "CompositeImplicitAutograd")

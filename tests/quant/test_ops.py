@@ -50,3 +50,24 @@ def test_linear_w8a8_in_fp16_rescales_sums_beyond_the_fp16_range():
     torch.testing.assert_close(actual.float(), expected, rtol=2e-3, atol=0)
     dynamic = ops.linear_w8a8(x.half(), q8, scale.half(), None, None)  # per token: the same sums
     torch.testing.assert_close(dynamic.float(), expected, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("rows, inner, out", [(1, 12, 10), (3, 32, 16), (40, 64, 24)])
+def test_padded_int_mm_meets_cudas_shape_rules_and_gives_the_same_sums(rows, inner, out, monkeypatch):
+    """CUDA's int8 GEMM needs > 16 rows and inner / output sizes in multiples of 8 (a cached step has few
+    rows); the padded path is run here on the CPU, where integer sums are exact."""
+    g = torch.Generator().manual_seed(rows)
+    a = torch.randint(-128, 128, (rows, inner), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (out, inner), generator=g, dtype=torch.int8)
+    shapes = []
+    real_int_mm = torch._int_mm
+
+    def recording_int_mm(x, y):
+        shapes.append((tuple(x.shape), tuple(y.shape)))
+        return real_int_mm(x, y)
+
+    monkeypatch.setattr(torch, "_int_mm", recording_int_mm)
+    padded = ops.padded_int_mm(a, w)
+    (m, k), (k2, n) = shapes[0]
+    assert m > 16 and k % 8 == 0 and k == k2 and n % 8 == 0
+    assert padded.dtype == torch.int32 and torch.equal(padded, (a.long() @ w.long().T).int())
