@@ -36,3 +36,9 @@ def check_device(device: str | torch.device) -> torch.device:
     if problem is not None:
         raise DlmcError(problem)
     return torch.device(device)
+
+
+def cuda_index(device: str | torch.device) -> int:
+    """The N of cuda:N; -1 for a device that names none (plain cuda: the current one) or is not CUDA."""
+    device = torch.device(device)
+    return device.index if device.type == "cuda" and device.index is not None else -1

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from dlmc.capture import StepProgram
+from dlmc.device import cuda_index
 from dlmc.lower import LowerSettings
 from dlmc.lower.eager import WEIGHTS_FILE, save_state
 from dlmc.runtime.backends import attach_weights
@@ -55,7 +56,7 @@ class InductorStep:
             "emulate_precision_casts": settings.exact_casts,
         }
         aoti_compile_and_package(program.exported, package_path=str(work / PACKAGE_FILE), inductor_configs=configs)
-        self._runner = aoti_load_package(str(work / PACKAGE_FILE))
+        self._runner = aoti_load_package(str(work / PACKAGE_FILE), device_index=cuda_index(device))
         attach_weights(self._runner, load_file(str(work / WEIGHTS_FILE), device=device))
 
     def __call__(self, *inputs: torch.Tensor) -> Any:

@@ -103,7 +103,9 @@ class OnnxRtStep:
         onnx.save(model, str(work / MODEL_FILE))
         onnx.checker.check_model(str(work / MODEL_FILE), full_check=True)
         # The same session code the runtime uses, so the compile-time check runs what users run.
-        self._step = session_step(open_session(work / MODEL_FILE, settings.providers, settings.optimization, device))
+        self._step = session_step(
+            open_session(work / MODEL_FILE, settings.providers, settings.optimization, device), device
+        )
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         return self._step(*inputs)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dlmc.device import check_device
+from dlmc.device import check_device, cuda_index
 from dlmc.errors import DlmcError
 
 Step = Callable[..., Any]
@@ -117,7 +117,7 @@ def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str
         )
     package = root / entry["files"]["package"]
     try:
-        runner = aoti_load_package(str(package))
+        runner = aoti_load_package(str(package), device_index=cuda_index(device))
     except Exception as e:
         raise DlmcError(f"{package}: cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
     state, constants = load_state(root / entry["files"]["weights"], entry["state"], device)
@@ -146,6 +146,7 @@ def attach_weights(runner: Any, tensors: dict[str, torch.Tensor]) -> None:
 
 ORT_PROVIDERS = {"cpu": ("CPUExecutionProvider",), "cuda": ("CUDAExecutionProvider",)}
 ORT_LEVELS = ("disable", "basic", "extended", "all")
+ORT_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def open_session(path: Path, providers: tuple[str, ...], optimization: str, device: str) -> Any:
@@ -154,6 +155,10 @@ def open_session(path: Path, providers: tuple[str, ...], optimization: str, devi
     import onnxruntime as ort
 
     wanted = list(providers or ORT_PROVIDERS[torch.device(device).type])
+    index = cuda_index(device)
+    # A GPU provider runs on the device the user named (cuda:N), not on GPU 0 whatever was asked.
+    chosen = [(name, {"device_id": str(index)}) if name in ORT_GPU_PROVIDERS and index >= 0 else name
+              for name in wanted]
     options = ort.SessionOptions()
     levels = (
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -166,15 +171,18 @@ def open_session(path: Path, providers: tuple[str, ...], optimization: str, devi
     # int4 DequantizeLinear + MatMul is fused into MatMulNBits, by default with int8-quantized
     # activations (accuracy level 4: logits ~1% off); 0 keeps the float accumulation the graph states.
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
     active = session.get_providers()
     if active[0] != wanted[0]:
         raise DlmcError(f"{path}: onnxruntime could not start {wanted[0]} (it would run on {active[0]})")
     return session
 
 
-def session_step(session: Any) -> Step:
-    """The session as a step: inputs in the model's input order, outputs as a tuple (or the one tensor)."""
+def session_step(session: Any, device: str | torch.device = "cpu") -> Step:
+    """The session as a step: inputs in the model's input order, outputs as a tuple (or the one tensor).
+    On the CPU the inputs go in as numpy views; on a GPU they are bound in place (`bound_step`)."""
+    if torch.device(device).type != "cpu":
+        return bound_step(session, device)
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
 
@@ -186,6 +194,38 @@ def session_step(session: Any) -> Step:
     return step
 
 
+def bound_step(session: Any, device: str | torch.device) -> Step:
+    """The session as a step whose inputs and outputs stay on `device` (IOBinding): torch tensors are
+    bound by pointer and onnxruntime's outputs come back through DLPack, so a GPU step never copies
+    the logits [B, L, V] through host memory. bfloat16 is bound by its ONNX type (numpy has none)."""
+    device = torch.device(device)
+    where, index = ("cuda", max(cuda_index(device), 0)) if device.type == "cuda" else ("cpu", 0)
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+
+    def step(*inputs: torch.Tensor) -> Any:
+        binding = session.io_binding()
+        bound = [t.detach().to(device).contiguous() for t in inputs]  # alive until the run is over
+        for name, t in zip(input_names, bound, strict=True):
+            if t.dtype not in ONNX_TYPES:
+                raise DlmcError(f"onnxrt: input {name} is {t.dtype}, which dlmc cannot bind to onnxruntime")
+            binding.bind_input(name, where, index, ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+        for name in output_names:
+            binding.bind_output(name, where, index)  # onnxruntime allocates it there
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the inputs were written on torch's stream
+        session.run_with_iobinding(binding)
+        outputs = [torch.from_dlpack(value) for value in binding.get_outputs()]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    return step
+
+
+ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
+              torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
+"""torch dtype -> ONNX TensorProto element type, for binding a tensor by pointer."""
+
+
 def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     model = root / entry["files"]["model"]
     try:
@@ -194,7 +234,7 @@ def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str) 
         raise
     except Exception as e:
         raise DlmcError(f"{model}: onnxruntime cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
-    return session_step(session)
+    return session_step(session, device)
 
 
 # ---------------------------------------------------------------------------------------------
