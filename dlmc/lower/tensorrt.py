@@ -18,6 +18,7 @@ import torch
 from dlmc.capture import STEP_INPUTS, StepProgram, example_inputs
 from dlmc.errors import DlmcError
 from dlmc.lower import LowerSettings
+from dlmc.lower.tensorrt_engine import OPT_SEQ
 
 PROGRAM_FILE = "step.ep"
 
@@ -33,7 +34,8 @@ class TensorRtSettings(LowerSettings):
     opt_batch: int = 1
     """Batch size the optimization profile is tuned for."""
     opt_seq: int | None = None
-    """Sequence length it is tuned for; None = the largest the step accepts."""
+    """Sequence length it is tuned for; None = 256 (a prompt and its generation region), within the
+    step's range. Not the longest: TensorRT picks kernels for this shape."""
     optimization_level: int = 3
     """TensorRT builder optimization level, 0 (fast build) to 5 (slow build, best kernels)."""
     min_block_size: int = 5
@@ -68,7 +70,7 @@ class TensorRtStep:
                 "lower.backend: tensorrt cannot build a step with K/V cache inputs yet; use inductor or onnxrt"
             )
         low_seq = sig.seq_buckets[0] if sig.seq_buckets else sig.seq[0]
-        opt_seq = min(max(settings.opt_seq or sig.seq[1], low_seq), sig.seq[1])
+        opt_seq = min(max(settings.opt_seq or OPT_SEQ, low_seq), sig.seq[1])
         opt_batch = min(settings.opt_batch, sig.batch[1])
         dtypes = {"input_ids": torch.int64, "attention_mask": torch.bool, "position_ids": torch.int64}
         profile = [
@@ -89,6 +91,10 @@ class TensorRtStep:
             optimization_level=settings.optimization_level,
             require_full_compilation=settings.require_full_compilation,
             workspace_size=settings.workspace_size,
+            # Explicit precision: every layer in the dtype the captured graph gives it (no fp16 for fp32
+            # layers) and no TF32 for fp32 matmuls, so the engine computes what the reference computes.
+            use_explicit_typing=True,
+            disable_tf32=True,
         )
         # What torch_tensorrt.save needs to re-export with the same dynamic dims.
         batch = torch.export.Dim("batch", min=sig.batch[0], max=sig.batch[1]) if sig.batch[1] > 1 else None

@@ -249,6 +249,8 @@ def load_tensorrt(root: Path, entry: dict[str, Any], device: str, built_for: str
     audit_pt2(program)
     import torch_tensorrt
 
+    import dlmc.quant.ops  # noqa: F401  (a quantized step's torch.ops.dlmc nodes must resolve when it loads)
+
     try:
         module = torch_tensorrt.load(str(program)).module()
     except Exception as e:

@@ -43,3 +43,39 @@ def test_tensorrt_artifact_runs_the_reference_decoder(checkpoints, tmp_path):
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     expected = generate(model, model.spec, prompts, config)
     assert engine.generate(prompts, config=config).output_ids == expected.output_ids
+
+
+class _FakeTorchTensorRt:
+    """Records what TensorRtStep hands torch_tensorrt (no GPU here: nothing is built)."""
+
+    def __init__(self):
+        self.inputs, self.compile_kwargs = [], {}
+        outer = self
+
+        class Input:
+            def __init__(self, **kwargs):
+                outer.inputs.append(kwargs)
+
+        class Dynamo:
+            @staticmethod
+            def compile(exported, **kwargs):
+                outer.compile_kwargs = kwargs
+                return "compiled"
+
+        self.Input, self.dynamo = Input, Dynamo
+
+
+def test_the_build_asks_for_explicit_precision_and_a_realistic_profile(checkpoints, monkeypatch):
+    import sys
+
+    from dlmc.capture import CaptureConfig, capture
+    from dlmc.lower.tensorrt import TensorRtStep
+
+    fake = _FakeTorchTensorRt()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", fake)
+    program = capture(load_model(checkpoints["llada"]), CaptureConfig(max_batch=4))
+    TensorRtStep(program, TensorRtSettings(), "meta")  # meta stands in for the GPU: nothing runs on it
+    assert fake.compile_kwargs["use_explicit_typing"] and fake.compile_kwargs["disable_tf32"]
+    longest = program.signature.seq[1]
+    for spec in fake.inputs:
+        assert spec["max_shape"] == (4, longest) and spec["opt_shape"] == (1, min(256, longest))

@@ -5,6 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 from dlmc.cli import app
+from dlmc.errors import DlmcError
 from dlmc.compiler import compile_model
 from dlmc.recipe import parse_recipe
 
@@ -73,3 +74,52 @@ def test_build_engine_on_a_gpu(artifact, request):
     import dlmc.runtime
 
     dlmc.runtime.load(artifact)  # the artifact itself is untouched
+
+
+def test_profiles_cover_a_cached_steps_five_dim_inputs_at_realistic_shapes():
+    from dlmc.lower.tensorrt_engine import profile_shapes
+
+    def spec(name, *shape):
+        return {"name": name, "dtype": "float16", "shape": list(shape)}
+
+    manifest = {"signature": {
+        "batch": [1, 8], "seq": [2, 1024], "cache": {"policy": "dual", "block_length": 32},
+        "inputs": [spec("input_ids", "batch", "seq"), spec("cache_mask", "batch", "cache"),
+                   spec("cache_keys", 4, "batch", 2, "cache", 64)],
+    }}
+    shapes = profile_shapes(manifest, opt_batch=8)
+    assert shapes["input_ids"] == ((1, 2), (8, 32), (8, 1024))  # queries: one block
+    assert shapes["cache_mask"] == ((1, 1), (8, 256), (8, 1024))
+    assert shapes["cache_keys"] == ((4, 1, 2, 1, 64), (4, 8, 2, 256, 64), (4, 8, 2, 1024, 64))
+    manifest["signature"]["inputs"].append(spec("odd", "batch", "experts"))
+    with pytest.raises(DlmcError, match="input odd has a dim 'experts'"):
+        profile_shapes(manifest)
+
+
+@pytest.mark.parametrize("version, exact", [("8.5.2", False), ("10.3.0", False), ("10.3.0", True), ("8.5.2", True)])
+def test_network_flags_for_tensorrt_8_and_10(version, exact):
+    from types import SimpleNamespace
+
+    from dlmc.lower.tensorrt_engine import network_flags
+
+    flags = SimpleNamespace(EXPLICIT_BATCH=0) if version.startswith("8") else SimpleNamespace(STRONGLY_TYPED=1)
+    trt = SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=flags)
+    if exact and version.startswith("8"):
+        with pytest.raises(DlmcError, match="strongly typed networks need 9.0"):
+            network_flags(trt, exact)
+        return
+    expected = (1 if version.startswith("8") else 0) | (2 if exact else 0)
+    assert network_flags(trt, exact) == expected
+
+
+@pytest.mark.parametrize("exact, fp16, calls", [(True, True, [("clear", "TF32")]), (False, True, [("set", "FP16")]),
+                                                (False, False, [])])
+def test_an_exact_engine_gets_no_tf32_and_no_fp16(exact, fp16, calls):
+    from types import SimpleNamespace
+
+    from dlmc.lower.tensorrt_engine import set_precision
+
+    seen = []
+    config = SimpleNamespace(set_flag=lambda f: seen.append(("set", f)), clear_flag=lambda f: seen.append(("clear", f)))
+    set_precision(SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="TF32", FP16="FP16")), config, exact, fp16)
+    assert seen == calls
