@@ -144,7 +144,8 @@ def test_bound_step_binds_tensors_in_place_bfloat16_included(tmp_path):
         helper.make_node("Identity", ["h"], ["h_out"]),
     ]
     graph = helper.make_graph(
-        nodes, "g", [value("ids", TensorProto.INT64), value("mask", TensorProto.BOOL), value("h", TensorProto.BFLOAT16)],
+        nodes, "g",
+        [value("ids", TensorProto.INT64), value("mask", TensorProto.BOOL), value("h", TensorProto.BFLOAT16)],
         [value("logits", TensorProto.FLOAT), value("h_out", TensorProto.BFLOAT16)],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "m.onnx"))
