@@ -41,10 +41,25 @@ class LazyKernel:
         return self._jitted[grid]
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: float32 operands stay IEEE float32 (its default would round them to
-    tf32, ten mantissa bits, far beyond the reference's rounding); 16-bit operands multiply exactly."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_settings(dtype: torch.dtype) -> tuple[str, bool]:
+    """(tl.dot's input precision, widen the operands to float32 first) for operands of `dtype`.
+
+    float32 operands stay IEEE float32: tl.dot's default would round them to tf32 (ten mantissa bits),
+    far beyond the reference's rounding. 16-bit operands multiply exactly into the float32 accumulator.
+    Triton's interpreter (3.7) multiplies bfloat16 tiles wrongly (numpy has no bfloat16), so there they
+    are widened to float32 first: the same products (exact either way), only slower."""
+    if dtype == torch.float32:
+        return "ieee", False
+    if dtype == torch.bfloat16 and interpreting():
+        return "ieee", True
+    return "tf32", False  # ignored by tl.dot for 16-bit operands
+
+
+def interpreting() -> bool:
+    """Whether triton.jit builds interpreted kernels (TRITON_INTERPRET), read as Triton reads it."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
 
 
 def next_power_of_2(n: int) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from dlmc.errors import DlmcError
-from dlmc.kernels.dispatch import LazyKernel, cdiv, dot_precision, next_power_of_2, use_triton
+from dlmc.kernels.dispatch import LazyKernel, cdiv, dot_settings, next_power_of_2, use_triton
 
 try:
     import triton.language as tl
@@ -45,7 +45,7 @@ def unmask_head_reference(
 def _unmask_head_kernel(
     h_ptr, w_ptr, b_ptr, tokens_ptr, confidence_ptr, margin_ptr, entropy_ptr,
     R, V, D, stride_h, stride_w,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
@@ -66,6 +66,8 @@ def _unmask_head_kernel(
                         other=0.0)  # [BR, BD]
             w = tl.load(w_ptr + cols[None, :] * stride_w + ds[:, None], mask=col_ok[None, :] & d_ok[:, None],
                         other=0.0)  # [BD, BV]
+            if WIDEN:
+                h, w = h.to(tl.float32), w.to(tl.float32)
             z = tl.dot(h, w, z, input_precision=PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -98,12 +100,13 @@ def unmask_head_triton(
     (R, D), V = hidden.shape, weight.shape[0]
     tokens = torch.empty(R, dtype=torch.int64, device=hidden.device)
     confidence, margin, entropy = (torch.empty(R, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    precision, widen = dot_settings(hidden.dtype)
     block_r, block_v, block_d = 16, 64, min(64, max(16, next_power_of_2(D)))  # tl.dot needs tiles of >= 16
     grid = (cdiv(R, block_r),)
     _unmask_head_kernel[grid](
         hidden, weight, hidden if bias is None else bias, tokens, confidence, margin, entropy,
         R, V, D, hidden.stride(0), weight.stride(0),
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype),
+        HAS_BIAS=bias is not None, PRECISION=precision, WIDEN=widen,
         BLOCK_R=block_r, BLOCK_V=block_v, BLOCK_D=block_d,
     )
     return tokens, confidence, margin, entropy

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from dlmc.errors import DlmcError
-from dlmc.kernels.dispatch import LazyKernel, cdiv, dot_precision, next_power_of_2, use_triton
+from dlmc.kernels.dispatch import LazyKernel, cdiv, dot_settings, next_power_of_2, use_triton
 from dlmc.quant.ops import dequantize_weight
 
 try:
@@ -46,7 +46,7 @@ def _woq_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, G, GS, stride_x, stride_y,
     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -72,6 +72,8 @@ def _woq_kernel(
             q = q - 8
         w = (q * scale).to(x.dtype)  # [BK, BN]
         if USE_DOT:
+            if WIDEN:
+                x, w = x.to(tl.float32), w.to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
         else:  # few rows: [BM, BK, 1] x [1, BK, BN] summed over k, in float32
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
@@ -98,12 +100,13 @@ def linear_woq_triton(
     else:
         use_dot, block_m, block_n, block_k = True, 16, 32, 32
     scale = scale.contiguous()
+    precision, widen = dot_settings(x.dtype)
     _woq_kernel[(cdiv(M, block_m), cdiv(N, block_n))](
         rows, qweight.contiguous(), scale, scale if zero is None else zero.contiguous(),
         scale if bias is None else bias, y,
         M, N, K, G, K // G, rows.stride(0), y.stride(0),
         BITS=bits, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None, USE_DOT=use_dot,
-        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=precision, WIDEN=widen, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y.reshape(*x.shape[:-1], N)
 
