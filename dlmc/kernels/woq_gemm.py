@@ -65,12 +65,16 @@ def _woq_kernel(
             code = tl.load(q_ptr + rn[None, :] * K + ks[:, None], mask=w_ok, other=0)  # [BK, BN]
         group = rn[None, :] * G + (ks // GS)[:, None]  # [BK, BN] index into the [out, G] scales
         scale = tl.load(s_ptr + group, mask=w_ok, other=0.0)
-        q = code.to(scale.dtype)
+        # code - zero in integers: |q| <= 255 is exact in every scale dtype, so this equals the reference's
+        # subtraction in scale's dtype
+        q = code.to(tl.int32)
         if HAS_ZERO:
-            q = q - tl.load(z_ptr + group, mask=w_ok, other=0).to(scale.dtype)
+            q = q - tl.load(z_ptr + group, mask=w_ok, other=0).to(tl.int32)
         elif BITS == 4:
             q = q - 8
-        w = (q * scale).to(x.dtype)  # [BK, BN]
+        # the reference's product in scale's dtype: exact in float32 for a 16-bit scale, then rounded once;
+        # a float32 scale rounds once either way (and no 16-bit arithmetic runs, which the interpreter gets wrong)
+        w = (q.to(tl.float32) * scale.to(tl.float32)).to(scale.dtype).to(x.dtype)  # [BK, BN]
         if USE_DOT:
             if WIDEN:
                 x, w = x.to(tl.float32), w.to(tl.float32)
