@@ -10,7 +10,9 @@ if not torch.cuda.is_available():
 
 from dlmc.kernels import triton_available  # noqa: E402
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install 'dlmc[kernels]')")
+needs_triton = pytest.mark.skipif(
+    not triton_available(), reason="triton is not installed (pip install 'dlmc[kernels]')"
+)
 
 
 @pytest.fixture
