@@ -12,7 +12,8 @@ AttentionKind = Literal["bidirectional", "block_causal", "causal"]
 class DenoiserSpec:
     family: str
     """Family name, e.g. "llada", "dream", "fast_dllm_v2", "sdar", "wedlm"."""
-    mask_token_id: int
+    mask_token_id: int | None
+    """None for a family without a mask token (DiffusionGemma noises with uniform random tokens)."""
     attention: AttentionKind
     """bidirectional: every token sees every token; block_causal: a token sees its own block and the
     blocks before it (blocks counted on logical positions); causal: a token sees the rows before it."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dlmc.decoding import block, dream, freedave, llada, llada2, wedlm
+from dlmc.decoding import block, diffusion_gemma, dream, freedave, llada, llada2, wedlm
 from dlmc.decoding.common import Generation
 from dlmc.spec import DenoiserSpec
 
@@ -21,6 +21,7 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
     "llada2": (llada2.LLaDA2Config, llada2.generate),
     "llada2_edit": (llada2.LLaDA2EditConfig, llada2.generate_edit),
     "freedave": (freedave.FreeDaveConfig, freedave.generate),  # lossless draft-and-verify of static llada
+    "diffusion_gemma": (diffusion_gemma.DiffusionGemmaConfig, diffusion_gemma.generate),  # uniform-noise canvases
 }
 """Closed registry: decoder name -> (config type, generate function)."""
 

@@ -12,7 +12,7 @@ import torch
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.files import read_json
-from dlmc.models import bnb, dream, fast_dllm_v2, llada, llada2, llada_moe, sdar, sdar_moe, wedlm
+from dlmc.models import bnb, diffusion_gemma, dream, fast_dllm_v2, llada, llada2, llada_moe, sdar, sdar_moe, wedlm
 from dlmc.models.checkpoint import check_config_types, checkpoint_dtype, load_weights, weight_map
 from dlmc.models.transformer import ArchConfig, DiffusionLM
 from dlmc.spec import DenoiserSpec
@@ -20,7 +20,7 @@ from dlmc.tokenizer import load_tokenizer
 
 FAMILIES: dict[str, ModuleType] = {
     arch: module
-    for module in (llada, dream, fast_dllm_v2, sdar, wedlm, llada_moe, llada2, sdar_moe)
+    for module in (llada, dream, fast_dllm_v2, sdar, wedlm, llada_moe, llada2, sdar_moe, diffusion_gemma)
     for arch in module.ARCHITECTURES
 }
 
@@ -64,8 +64,12 @@ def load_model(
     if quantized is not None:
         dtype = dtype or default_dtype(model_dir)  # one dtype for decoded and stored-float tensors alike
     with torch.device("meta"):
-        model = DiffusionLM(arch, spec)
-    load_weights(model, files, family.published_name, device, dtype, quantized)
+        model = _build(family, arch, spec)
+    if hasattr(family, "select_weights"):  # names that depend on the checkpoint (DiffusionGemma's two prefixes)
+        files, published = family.select_weights(files, model)
+    else:
+        published = family.published_name
+    load_weights(model, files, published, device, dtype, quantized)
     return model.eval()
 
 
@@ -84,6 +88,11 @@ def default_dtype(model_dir: str | Path) -> torch.dtype:
     return checkpoint_dtype(weight_map(model_dir))
 
 
+def _build(family: ModuleType, arch, spec: DenoiserSpec):
+    """The family's own model class where it has one (DiffusionGemma's encoder/decoder), else DiffusionLM."""
+    return getattr(family, "build_model", DiffusionLM)(arch, spec)
+
+
 def _first(value):
     return value[0] if isinstance(value, list) and value else value
 
@@ -91,9 +100,9 @@ def _first(value):
 def describe(model_dir: str | Path) -> dict:
     """What `dlmc inspect` prints, read without loading the weights."""
     model_dir = Path(model_dir)
-    _, arch, spec = read_model_config(model_dir)
+    family, arch, spec = read_model_config(model_dir)
     with torch.device("meta"):
-        params = DiffusionLM(arch, spec).num_parameters()
+        params = _build(family, arch, spec).num_parameters()
     attention = spec.attention + (f" (block size {spec.block_size})" if spec.block_size else "")
     dtype = str(default_dtype(model_dir)).removeprefix("torch.")
     quantized = quantization(model_dir)
@@ -108,4 +117,5 @@ def describe(model_dir: str | Path) -> dict:
         "logits": "shifted by one" if spec.shift_logits else "same position",
         "vocab_size": spec.vocab_size,
         "max_length": spec.max_length,
+        **(family.notes(weight_map(model_dir)) if hasattr(family, "notes") else {}),
     }

@@ -202,13 +202,16 @@ def load_weights(
     (scales, codebooks, quant_state) are read beside them. A parameter whose published name holds
     "{expert}" (the experts of an MoE layer) is the tensors named with 0, 1, ... there, stacked along
     its first dim."""
-    wanted: dict[str, tuple[str, int | None]] = {}  # published name -> (parameter, index in its stack)
+    # published name -> [(parameter, index in its stack)]: one tensor may fill several parameters
+    # (DiffusionGemma's encoder and decoder layer scalars when a checkpoint stores one set)
+    wanted: dict[str, list[tuple[str, int | None]]] = {}
     for name, param in model.named_parameters():
         published = published_name(name)
         if STACKED in published:
-            wanted |= {published.format(expert=e): (name, e) for e in range(param.shape[0])}
+            for e in range(param.shape[0]):
+                wanted.setdefault(published.format(expert=e), []).append((name, e))
         else:
-            wanted[published] = (name, None)
+            wanted.setdefault(published, []).append((name, None))
     missing = sorted(set(wanted) - set(files))
     if missing:
         raise DlmcError(f"checkpoint is missing tensor '{missing[0]}' ({len(missing)} missing in all)")
@@ -221,26 +224,26 @@ def load_weights(
     shards = Shards(files)
     stacks: dict[str, list[torch.Tensor | None]] = {}
     for published in sorted(wanted, key=lambda name: str(files[name])):  # shard by shard
-        name, index = wanted[published]
-        target = model.get_parameter(name)
-        shape = tuple(target.shape) if index is None else tuple(target.shape[1:])
-        if quantized:
-            tensor = bnb.read_weight(shards, published, quantized, shape)
-        else:
-            tensor = shards.get(published)
-        if tuple(tensor.shape) != shape:
-            raise DlmcError(
-                f"{files[published]}: tensor '{published}' has shape {list(tensor.shape)}, expected {list(shape)}"
-            )
-        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-        if index is None:
-            _set_parameter(model, name, tensor)
-            continue
-        parts = stacks.setdefault(name, [None] * target.shape[0])
-        parts[index] = tensor
-        if all(part is not None for part in parts):  # the last expert read: stack, free the parts
-            _set_parameter(model, name, torch.stack(parts))
-            del stacks[name]
+        for name, index in wanted[published]:
+            target = model.get_parameter(name)
+            shape = tuple(target.shape) if index is None else tuple(target.shape[1:])
+            if quantized:
+                tensor = bnb.read_weight(shards, published, quantized, shape)
+            else:
+                tensor = shards.get(published)
+            if tuple(tensor.shape) != shape:
+                raise DlmcError(
+                    f"{files[published]}: tensor '{published}' has shape {list(tensor.shape)}, expected {list(shape)}"
+                )
+            tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+            if index is None:
+                _set_parameter(model, name, tensor)
+                continue
+            parts = stacks.setdefault(name, [None] * target.shape[0])
+            parts[index] = tensor
+            if all(part is not None for part in parts):  # the last expert read: stack, free the parts
+                _set_parameter(model, name, torch.stack(parts))
+                del stacks[name]
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

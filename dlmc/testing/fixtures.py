@@ -89,6 +89,10 @@ def write_checkpoint(
     CHAT_TEMPLATES) goes into tokenizer_config.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if family == "diffusion_gemma":  # dlmc.testing.gemma_fixtures: its own sizes (nested text_config)
+        from dlmc.testing.gemma_fixtures import write_gemma_checkpoint
+
+        return write_gemma_checkpoint(out, dtype=dtype, shards=shards, seed=seed, tokenizer=tokenizer)
     if family in MOE_FAMILIES:  # dlmc.testing.moe_fixtures (expert sizes derive from `intermediate`)
         from dlmc.testing.moe_fixtures import write_moe_checkpoint
 

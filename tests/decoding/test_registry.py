@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from dlmc.decoding.diffusion_gemma import DiffusionGemmaConfig
+
 from dlmc.decoding import DECODERS, default_decoder
 from dlmc.decoding.block import BlockConfig
 from dlmc.decoding.dream import DreamConfig
@@ -14,8 +16,10 @@ from tests.decoding.conftest import TinyDenoiser, toy_spec
 
 
 def test_registry_is_closed_and_maps_names_to_config_and_function():
-    assert set(DECODERS) == {"llada", "dream", "block", "wedlm", "llada2", "llada2_edit", "freedave"}
-    configs = [LLaDAConfig, DreamConfig, BlockConfig, WeDLMConfig, LLaDA2Config, LLaDA2EditConfig, FreeDaveConfig]
+    assert set(DECODERS) == {"llada", "dream", "block", "wedlm", "llada2", "llada2_edit", "freedave",
+                             "diffusion_gemma"}
+    configs = [LLaDAConfig, DreamConfig, BlockConfig, WeDLMConfig, LLaDA2Config, LLaDA2EditConfig, FreeDaveConfig,
+               DiffusionGemmaConfig]
     assert [config for config, _ in DECODERS.values()] == configs
 
 
