@@ -30,6 +30,7 @@ SHORT = {  # a few denoising steps each, so 30 generations stay fast
     "dream": dict(max_new_tokens=12, steps=6),
     "block": dict(gen_length=12),
     "wedlm": dict(max_new_tokens=12),
+    "llada2": dict(gen_length=12),
 }
 PROMPTS = {
     "batch 1": [[5, 6, 7, 8, 9, 10]],
