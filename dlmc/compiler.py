@@ -76,7 +76,8 @@ def compile_model(
     model = load_model(model_dir, device=device, dtype=dtype)
 
     stage("capture")
-    program = capture(model, dataclasses.replace(recipe.capture, moe_experts=experts_form(recipe.capture, recipe.lower)))
+    experts = experts_form(recipe.capture, recipe.lower)  # onnxrt / tensorrt: tiled (no grouped GEMM)
+    program = capture(model, dataclasses.replace(recipe.capture, moe_experts=experts))
     reference = program  # the captured step, before any pass: what "verify" compares against
 
     applied, calibrations, tokenizer = [], {}, load_tokenizer(model_dir)

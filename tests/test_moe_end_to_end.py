@@ -86,8 +86,8 @@ def test_shipped_moe_recipe_fits_every_moe_family(moe_checkpoints, tmp_path, fam
     recipe = load_recipe(RECIPE_DIR / "cpu-moe-bf16.yaml")
     assert recipe.capture.moe_experts == "grouped" and recipe.exact
     # lowered eagerly here for time (AOTInductor: test_compile_default_recipe_from_the_cli, grouped too)
-    engine = dlmc.runtime.load(compile_model(moe_checkpoints[family], dataclasses.replace(recipe, lower=EagerSettings()),
-                                             tmp_path / "out"))
+    eager = dataclasses.replace(recipe, lower=EagerSettings())
+    engine = dlmc.runtime.load(compile_model(moe_checkpoints[family], eager, tmp_path / "out"))
     model = load_model(moe_checkpoints[family], dtype=torch.bfloat16)
     ids = torch.tensor([[5, 77, 9, 130, 200, 3, 42, 18, 99]])
     inputs = (ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(ids.shape[1])[None])
