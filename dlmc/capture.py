@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.export import Dim, ExportedProgram
 
 from dlmc.artifact import StepSignature, TensorSpec
 from dlmc.errors import DlmcError
+from dlmc.models.moe import ExpertsForm, set_experts_form
 from dlmc.models.transformer import DiffusionLM
 from dlmc.spec import DenoiserSpec
 
@@ -33,6 +34,10 @@ class CaptureConfig:
     seq_buckets: tuple[int, ...] = ()
     """Empty: any sequence length in [2, max_length]. Otherwise the runtime pads every call up to the
     next bucket, so the backend only ever sees these lengths."""
+    moe_experts: ExpertsForm | None = None
+    """How an MoE model's experts are captured (dlmc.models.moe): "grouped" (one grouped matmul reading
+    each expert's weights in place) or "tiled" (standard ops only); None: the backend's form, tiled for
+    onnxrt and tensorrt, grouped otherwise. Numerically the same maths."""
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -74,6 +79,7 @@ def capture(model: DiffusionLM, config: CaptureConfig) -> StepProgram:
     max_seq = config.seq_buckets[-1] if config.seq_buckets else spec.max_length
     if max_seq > spec.max_length:
         raise DlmcError(f"capture.seq_buckets: bucket {max_seq} exceeds the model's max_length {spec.max_length}")
+    set_experts_form(model, config.moe_experts or "grouped")
     example = example_inputs(batch=min(2, config.max_batch), seq=min(8, max_seq), device=_device_of(model))
     # Example batch and length >= 2, or torch.export specialises the dims to 1 (its 0/1 rule).
     batch = Dim("batch", min=1, max=config.max_batch) if config.max_batch > 1 else None
@@ -96,6 +102,11 @@ def capture(model: DiffusionLM, config: CaptureConfig) -> StepProgram:
         seq_buckets=config.seq_buckets,
     )
     return StepProgram(exported=exported, signature=signature, spec=spec)
+
+
+def experts_form(config: CaptureConfig, lower: Any) -> ExpertsForm:
+    """The MoE experts' form for a step lowered with `lower` (LowerSettings): the recipe's, else the backend's."""
+    return config.moe_experts or lower.moe_experts
 
 
 def example_inputs(*, batch: int, seq: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:

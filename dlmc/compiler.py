@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dlmc.artifact import FUSED_OUTPUTS, check_writable, write_artifact
-from dlmc.capture import StepProgram, capture, example_inputs
+from dlmc.capture import StepProgram, capture, example_inputs, experts_form
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
 from dlmc.models import default_dtype, load_model, quantization, read_model_config
@@ -76,7 +76,8 @@ def compile_model(
     model = load_model(model_dir, device=device, dtype=dtype)
 
     stage("capture")
-    program = capture(model, recipe.capture)
+    experts = experts_form(recipe.capture, recipe.lower)  # onnxrt / tensorrt: tiled (no grouped GEMM)
+    program = capture(model, dataclasses.replace(recipe.capture, moe_experts=experts))
     reference = program  # the captured step, before any pass: what "verify" compares against
 
     applied, calibrations, tokenizer = [], {}, load_tokenizer(model_dir)

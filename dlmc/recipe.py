@@ -180,6 +180,9 @@ def _cross_checks(capture: CaptureConfig, lower: LowerSettings, passes: list[Pas
         check = getattr(p, "lower_problems", None)
         if check is not None:
             problems += check(lower)
+    if capture.moe_experts == "grouped" and lower.moe_experts != "grouped":
+        problems.append(f"capture.moe_experts: grouped needs a grouped matmul, which {lower.backend} cannot run "
+                        f"(ONNX has none); use tiled or leave it unset")
     if isinstance(lower, TensorRtSettings):
         if lower.opt_batch > capture.max_batch:
             problems.append(f"lower.opt_batch: {lower.opt_batch} exceeds capture.max_batch {capture.max_batch}")

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from dlmc.capture import CaptureConfig, capture, example_inputs
+from dlmc.capture import CaptureConfig, capture, example_inputs, experts_form
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.testing.fixtures import FAMILIES
-from tests.helpers import padded_batch
+from tests.helpers import assert_equal_up_to_rounding, padded_batch
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,29 @@ def test_data_dependent_control_flow_points_at_the_code(checkpoints, monkeypatch
         capture(model, CaptureConfig())
     message = str(info.value)
     assert "data-dependent" in message and "in branchy_mlp)" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("form", ["grouped", "tiled"])
+def test_moe_experts_are_captured_in_the_chosen_form(moe_checkpoints, form):
+    model = load_model(moe_checkpoints["llada2"], dtype=torch.float32)
+    program = capture(model, CaptureConfig(max_batch=2, moe_experts=form))
+    grouped = torch.ops.dlmc.grouped_mm.default in {n.target for n in program.graph_module.graph.nodes}
+    assert grouped == (form == "grouped")
+    inputs = padded_batch([3, 40], 40)
+    with torch.no_grad():
+        assert torch.equal(program(*inputs), model(*inputs))  # capture left the model in that form
+        other = "tiled" if form == "grouped" else "grouped"
+        for layer in model.layers:
+            if hasattr(layer.mlp, "form"):
+                layer.mlp.form = other
+        # the same maths; sums of 64 (hidden) products per projection
+        assert_equal_up_to_rounding(model(*inputs)[inputs[1]], program(*inputs)[inputs[1]], 64)
+
+
+def test_moe_experts_form_follows_the_backend():
+    from dlmc.lower.inductor import InductorSettings
+    from dlmc.lower.onnxrt import OnnxRtSettings
+
+    assert experts_form(CaptureConfig(), InductorSettings()) == "grouped"
+    assert experts_form(CaptureConfig(), OnnxRtSettings()) == "tiled"  # ONNX has no grouped GEMM
+    assert experts_form(CaptureConfig(moe_experts="tiled"), InductorSettings()) == "tiled"

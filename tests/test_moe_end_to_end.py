@@ -71,3 +71,25 @@ def test_compiled_step_gives_reference_tokens(moe_checkpoints, tmp_path, family,
     for label, prompts in PROMPTS.items():
         config, tokens = expected[label]
         assert engine.generate(prompts, config=config).output_ids == tokens, label
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_shipped_moe_recipe_fits_every_moe_family(moe_checkpoints, tmp_path, family):
+    import dataclasses
+
+    import torch
+
+    from dlmc.lower.eager import EagerSettings
+    from dlmc.recipe import load_recipe
+    from tests.test_recipe import RECIPE_DIR
+
+    recipe = load_recipe(RECIPE_DIR / "cpu-moe-bf16.yaml")
+    assert recipe.capture.moe_experts == "grouped" and recipe.exact
+    # lowered eagerly here for time (AOTInductor: test_compile_default_recipe_from_the_cli, grouped too)
+    eager = dataclasses.replace(recipe, lower=EagerSettings())
+    engine = dlmc.runtime.load(compile_model(moe_checkpoints[family], eager, tmp_path / "out"))
+    model = load_model(moe_checkpoints[family], dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 77, 9, 130, 200, 3, 42, 18, 99]])
+    inputs = (ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(ids.shape[1])[None])
+    with torch.no_grad():  # the same ops on the same bf16 weights: the graph is the model
+        assert torch.equal(engine.run_step(*inputs)[0], model(*inputs))

@@ -109,6 +109,9 @@ extra: 1
         ("capture: {seq_buckets: [64]}\npasses: [causal_cache]", "causal_cache needs a dynamic sequence length"),
         ("passes: [delayed_kv]\nlower: {backend: tensorrt}", "delayed_kv cannot be lowered to tensorrt"),
         ("passes: [{delayed_kv: {refresh: 0}}]", "passes[0].delayed_kv.refresh: must be >= 1"),
+        ("capture: {moe_experts: grouped}\nlower: {backend: onnxrt}",
+         "capture.moe_experts: grouped needs a grouped matmul, which onnxrt cannot run"),
+        ("capture: {moe_experts: ragged}", "capture.moe_experts: 'ragged' is not one of"),
         (
             "passes: [{block_cache: {mode: dual}}, {layer_skip: {layers: [1]}}]",
             "passes: layer_skip must come before block_cache",

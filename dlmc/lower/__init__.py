@@ -30,6 +30,9 @@ class LowerSettings:
     extra: ClassVar[str | None] = None
     """The dlmc extra that installs them."""
     needs_cuda: ClassVar[bool] = False
+    moe_experts: ClassVar[str] = "grouped"
+    """The form MoE experts are captured in for this backend (dlmc.models.moe): "tiled" where it cannot
+    run torch.ops.dlmc.grouped_mm."""
 
     def unsupported(self, device: str, dtypes: frozenset[str]) -> list[str]:
         """Problems with honouring these settings on `device` for a step computing in `dtypes`."""

@@ -36,6 +36,7 @@ class OnnxRtSettings(LowerSettings):
     backend: ClassVar[str] = "onnxrt"
     packages: ClassVar[tuple[str, ...]] = ("onnx", "onnxscript", "onnxruntime")
     extra: ClassVar[str | None] = "onnx"
+    moe_experts: ClassVar[str] = "tiled"  # ONNX has no grouped GEMM; the tiles are standard ops
     opset: int = 20
     """ONNX opset of the exported model (the dynamo exporter needs 18 or later)."""
     providers: tuple[str, ...] = ()

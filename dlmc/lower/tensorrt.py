@@ -28,6 +28,7 @@ class TensorRtSettings(LowerSettings):
     """Torch-TensorRT build options."""
 
     backend: ClassVar[str] = "tensorrt"
+    moe_experts: ClassVar[str] = "tiled"  # TensorRT converts standard ops only, not torch.ops.dlmc.grouped_mm
     packages: ClassVar[tuple[str, ...]] = ("torch_tensorrt",)
     extra: ClassVar[str | None] = "trt"
     needs_cuda: ClassVar[bool] = True

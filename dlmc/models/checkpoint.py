@@ -186,6 +186,9 @@ class Shards:
 
 STACKED = "{expert}"
 """In a published name: the parameter is the stack of the tensors with the expert index put here."""
+TRANSPOSED = "|T"
+"""At the end of a stacked published name: each tensor is stored transposed ([in, out], the layout a
+grouped matmul reads)."""
 
 
 def load_weights(
@@ -201,12 +204,16 @@ def load_weights(
     that bitsandbytes stored are decoded to float, one at a time, and their companion tensors
     (scales, codebooks, quant_state) are read beside them. A parameter whose published name holds
     "{expert}" (the experts of an MoE layer) is the tensors named with 0, 1, ... there, stacked along
-    its first dim."""
+    its first dim (each transposed when the name ends with TRANSPOSED)."""
     # published name -> [(parameter, index in its stack)]: one tensor may fill several parameters
     # (DiffusionGemma's encoder and decoder layer scalars when a checkpoint stores one set)
     wanted: dict[str, list[tuple[str, int | None]]] = {}
+    transposed: set[str] = set()  # parameters stacked from transposed tensors
     for name, param in model.named_parameters():
         published = published_name(name)
+        if published.endswith(TRANSPOSED):
+            published = published.removesuffix(TRANSPOSED)
+            transposed.add(name)
         if STACKED in published:
             for e in range(param.shape[0]):
                 wanted.setdefault(published.format(expert=e), []).append((name, e))
@@ -227,6 +234,8 @@ def load_weights(
         for name, index in wanted[published]:
             target = model.get_parameter(name)
             shape = tuple(target.shape) if index is None else tuple(target.shape[1:])
+            if name in transposed:
+                shape = shape[::-1]
             if quantized:
                 tensor = bnb.read_weight(shards, published, quantized, shape)
             else:
@@ -240,7 +249,7 @@ def load_weights(
                 _set_parameter(model, name, tensor)
                 continue
             parts = stacks.setdefault(name, [None] * target.shape[0])
-            parts[index] = tensor
+            parts[index] = tensor.t() if name in transposed else tensor  # stack copies it into [in, out]
             if all(part is not None for part in parts):  # the last expert read: stack, free the parts
                 _set_parameter(model, name, torch.stack(parts))
                 del stacks[name]

@@ -1,13 +1,19 @@
 """The mixture-of-experts MLP of LLaDA-MoE, LLaDA2.0/2.1 and SDAR-MoE, in a form torch.export captures.
 
-Routing is static-shape data (top-k indices and weights per token). The experts then run as a grouped
-matmul with a static shape: the T*k (token, expert) assignments are placed, expert by expert, into tiles
-of `tile` rows, every tile holding rows of a single expert (padded with zero rows), and one batched
-matmul runs each tile against its expert's weights, gathered from the stacked [E, out, in] tensors. The
-tile count is bounded without looking at the data, min(T*k, (T*k + E*(tile-1)) // tile), so the work is
-about T*k/tile + E expert matrices for a large step and at most T*k for a small one: it grows with the
-experts that can be active, never beyond, and nothing is dropped (no capacity factor): every assignment
-is computed, exactly as the reference loops over experts do.
+Routing is static-shape data (top-k indices and weights per token). The experts are stored stacked in the
+[in, out] layout a grouped matmul reads (gate/up [E, D, F], down [E, F, D]; transposed at load time) and
+run in one of two forms, both computing every assignment (no capacity factor, nothing dropped), exactly
+as the reference loops over experts do:
+
+  grouped (default)  the T*k (token, expert) assignments sorted by expert (a stable sort: static
+                     shapes), their rows gathered, and one grouped matmul per projection
+                     (torch.ops.dlmc.grouped_mm) reads each expert's weights in place, so a step reads
+                     the weights of the experts in use once and multiplies T*k rows.
+  tiled              the assignments placed, expert by expert, into tiles of `tile` rows (padded with
+                     zero rows) and one batched matmul against the tiles' experts' weights, gathered:
+                     min(T*k, (T*k + E*(tile-1)) // tile) tiles, a bound that needs no data. Only
+                     standard ops, so ONNX can express it (ONNX has no grouped GEMM): the onnxrt
+                     lowering captures this form (capture.moe_experts).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlmc.errors import DlmcError
-from dlmc.models.checkpoint import STACKED
+from dlmc.models.checkpoint import STACKED, TRANSPOSED
+from dlmc.models.grouped import grouped_mm
 
 RouterKind = Literal["softmax", "sigmoid"]
+ExpertsForm = Literal["grouped", "tiled"]
+EXPERTS_FORMS: tuple[ExpertsForm, ...] = ("grouped", "tiled")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +64,7 @@ class MoEConfig:
     combine_fp32: bool = False
     """Weight and sum the expert outputs in fp32 (LLaDA2); otherwise in the activation dtype."""
     tile: int = 8
-    """Rows per tile of the grouped matmul (a speed setting only)."""
+    """Rows per tile of the tiled form (a speed setting only)."""
 
     def __post_init__(self) -> None:
         if self.top_k > self.num_experts:
@@ -94,14 +103,16 @@ class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig, hidden_size: int):
         super().__init__()
         self.cfg = cfg
+        self.form: ExpertsForm = "grouped"  # how the experts run (module doc); set_experts_form
         E, f, d = cfg.num_experts, cfg.expert_size, hidden_size
         self.router = nn.Linear(d, E, bias=False)
         if cfg.expert_bias:
             self.expert_bias = nn.Parameter(torch.zeros(E))
-        # Stacked at load time from the published per-expert tensors (experts.{e}.{gate,up,down}_proj).
-        self.experts_gate = nn.Parameter(torch.empty(E, f, d))
-        self.experts_up = nn.Parameter(torch.empty(E, f, d))
-        self.experts_down = nn.Parameter(torch.empty(E, d, f))
+        # Stacked and transposed at load time from the published per-expert [out, in] tensors
+        # (experts.{e}.{gate,up,down}_proj): [E, in, out], each expert's matrix contiguous.
+        self.experts_gate = nn.Parameter(torch.empty(E, d, f))
+        self.experts_up = nn.Parameter(torch.empty(E, d, f))
+        self.experts_down = nn.Parameter(torch.empty(E, f, d))
         if cfg.shared_size is not None:
             self.shared = SwiGLU(d, cfg.shared_size)
 
@@ -151,6 +162,21 @@ class MoE(nn.Module):
 
     def experts(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Every assignment's expert output: x [T, D], idx [T, k] -> [T, k, D] (see the module doc)."""
+        return self._grouped(x, idx) if self.form == "grouped" else self._tiled(x, idx)
+
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        T, D = x.shape
+        E, k = self.cfg.num_experts, self.cfg.top_k
+        e = idx.reshape(T * k)  # [N] expert of each assignment (token-major)
+        order = torch.argsort(e, stable=True)  # [N] assignments grouped by expert
+        count = (e[:, None] == torch.arange(E, device=x.device)).sum(0)  # [E]
+        offs = count.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
+        rows = x[order // k]  # [N, D]
+        h = F.silu(grouped_mm(rows, self.experts_gate, offs)) * grouped_mm(rows, self.experts_up, offs)  # [N, F]
+        out = grouped_mm(h, self.experts_down, offs)  # [N, D] in sorted order
+        return torch.empty_like(out).index_copy(0, order, out).view(T, k, D)  # order is a permutation
+
+    def _tiled(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         T, D = x.shape
         E, k, R = cfg.num_experts, cfg.top_k, cfg.tile
@@ -168,10 +194,19 @@ class MoE(nn.Module):
         tile_expert = (tile_end[None, :] <= tiles[:, None]).sum(1).clamp(max=E - 1)  # [tiles]; spare tiles: E-1
         rows = x[:, None, :].expand(T, k, D).reshape(N, D)  # [N, D]
         packed = x.new_zeros(num_tiles * R, D).index_copy(0, slot, rows).view(num_tiles, R, D)
-        gate = torch.bmm(packed, self.experts_gate[tile_expert].transpose(1, 2))  # [tiles, R, F]
-        up = torch.bmm(packed, self.experts_up[tile_expert].transpose(1, 2))  # [tiles, R, F]
-        out = torch.bmm(F.silu(gate) * up, self.experts_down[tile_expert].transpose(1, 2))  # [tiles, R, D]
+        gate = torch.bmm(packed, self.experts_gate[tile_expert])  # [tiles, R, F]
+        up = torch.bmm(packed, self.experts_up[tile_expert])  # [tiles, R, F]
+        out = torch.bmm(F.silu(gate) * up, self.experts_down[tile_expert])  # [tiles, R, D]
         return out.view(num_tiles * R, D)[slot].view(T, k, D)
+
+
+def set_experts_form(model: nn.Module, form: ExpertsForm) -> None:
+    """Run every MoE block of `model` in `form` (module doc); capture calls it before export."""
+    if form not in EXPERTS_FORMS:
+        raise DlmcError(f"capture.moe_experts: {form!r} is not one of {', '.join(EXPERTS_FORMS)}")
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.form = form
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -189,12 +224,13 @@ def moe_config(where, **fields) -> MoEConfig:
 
 def expert_rules(layer: str, shared: str | None) -> list[tuple[str, str]]:
     """Canonical -> published name rules for an MoE layer whose published prefix is `layer` (with \\1
-    for the layer index): the router `mlp.gate`, the per-expert `mlp.experts.{e}.*_proj`, stacked here,
-    and the shared expert under `shared` (relative to the layer)."""
+    for the layer index): the router `mlp.gate`, the per-expert `mlp.experts.{e}.*_proj`, stacked and
+    transposed here, and the shared expert under `shared` (relative to the layer)."""
     rules = [
         (r"layers\.(\d+)\.mlp\.router\.weight", layer + r".mlp.gate.weight"),
         (r"layers\.(\d+)\.mlp\.expert_bias", layer + r".mlp.gate.expert_bias"),
-        (r"layers\.(\d+)\.mlp\.experts_(gate|up|down)", layer + r".mlp.experts." + STACKED + r".\2_proj.weight"),
+        (r"layers\.(\d+)\.mlp\.experts_(gate|up|down)",
+         layer + r".mlp.experts." + STACKED + r".\2_proj.weight" + TRANSPOSED),
     ]
     if shared is not None:
         rules.append((r"layers\.(\d+)\.mlp\.shared\.(.*)", layer + "." + shared + r".\2"))

@@ -6,6 +6,10 @@ Weights: every transformer linear at the scheme's bits plus one scale (2 bytes, 
 per group, and one zero point per group when asymmetric; embeddings, the output head (kept in float
 by the shipped recipes) and norms at 2 bytes. KV cache (only when a caching pass keeps one):
 2 (K and V) x layers x kv_heads x head_dim x batch x sequence x kv bytes.
+
+Mixture of experts: every expert is stored (quantized per expert, like any linear), the routers and
+expert biases stay in float; a token reads only its top_k experts per layer, which `active` counts
+(the bandwidth a step needs per token, against `weights`, the memory the model needs).
 """
 
 from __future__ import annotations
@@ -22,37 +26,62 @@ GIB = 1 << 30
 class MemoryBudget:
     weights: int
     kv_cache: int
+    active: int = 0
+    """Weight bytes one token reads: all of them for a dense model, the top_k experts for an MoE layer."""
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache
 
     def describe(self) -> str:
-        return (f"weights {self.weights / GIB:.2f} GiB + KV cache {self.kv_cache / GIB:.2f} GiB "
+        active = f" (read per token {self.active / GIB:.2f} GiB)" if self.active < self.weights else ""
+        return (f"weights {self.weights / GIB:.2f} GiB{active} + KV cache {self.kv_cache / GIB:.2f} GiB "
                 f"= {self.total / GIB:.2f} GiB")
 
 
-def linear_shapes(arch: ArchConfig) -> list[tuple[int, int]]:
-    """(out, in) of every linear in the transformer layers (not the head)."""
-    d, hd = arch.hidden_size, arch.head_dim
-    per_layer = [
-        (arch.num_heads * hd, d), (arch.num_kv_heads * hd, d), (arch.num_kv_heads * hd, d), (d, arch.num_heads * hd),
-        (arch.intermediate_size, d), (arch.intermediate_size, d), (d, arch.intermediate_size),
-    ]
-    return per_layer * arch.num_layers
+def linear_shapes(arch: ArchConfig, *, active: bool = False) -> list[tuple[int, int]]:
+    """(out, in) of every linear in the transformer layers (not the head, not the MoE routers). With
+    `active`, an MoE layer's experts count top_k times (what one token reads), else num_experts."""
+    d, hd, moe = arch.hidden_size, arch.head_dim, arch.moe
+    attention = [(arch.num_heads * hd, d), (arch.num_kv_heads * hd, d), (arch.num_kv_heads * hd, d),
+                 (d, arch.num_heads * hd)]  # a fused QKV has the same parameters as q, k, v
+
+    def swiglu(width: int) -> list[tuple[int, int]]:
+        return [(width, d), (width, d), (d, width)]
+
+    shapes: list[tuple[int, int]] = []
+    for n in range(arch.num_layers):
+        shapes += attention
+        if moe is None or n not in moe.layers:
+            shapes += swiglu(arch.intermediate_size)
+            continue
+        shapes += swiglu(moe.expert_size) * (moe.top_k if active else moe.num_experts)
+        if moe.shared_size is not None:
+            shapes += swiglu(moe.shared_size)
+    return shapes
 
 
-def weight_bytes(arch: ArchConfig, scheme: Scheme | None, float_bytes: int = 2, scale_bytes: int = 2) -> int:
+def float_params(arch: ArchConfig) -> int:
+    """Parameters kept in float under any scheme: embeddings and head, norms, MoE routers and biases."""
+    d, moe = arch.hidden_size, arch.moe
+    embeddings = arch.vocab_size * d * (1 if arch.tie_embeddings else 2)
+    norms = d * (2 * arch.num_layers + 1) + (2 * arch.head_dim * arch.num_layers if arch.qk_norm else 0)
+    routers = 0 if moe is None else len(moe.layers) * moe.num_experts * (d + int(moe.expert_bias))
+    return embeddings + norms + routers
+
+
+def weight_bytes(
+    arch: ArchConfig, scheme: Scheme | None, float_bytes: int = 2, scale_bytes: int = 2, *, active: bool = False
+) -> int:
+    """Bytes of the weights under `scheme` (None: all float); `active`: those one token reads (MoE)."""
     total = 0
-    for out, inn in linear_shapes(arch):
+    for out, inn in linear_shapes(arch, active=active):
         if scheme is None:
             total += out * inn * float_bytes
             continue
         groups = inn // (scheme.group_size or inn)
         total += out * inn * scheme.bits // 8 + out * groups * (scale_bytes + (0 if scheme.symmetric else 1))
-    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2)
-    norms = arch.hidden_size * (2 * arch.num_layers + 1)
-    return total + (embeddings + norms) * float_bytes
+    return total + float_params(arch) * float_bytes
 
 
 def kv_cache_bytes(arch: ArchConfig, *, batch: int, seq: int, kv_bytes: int = 2) -> int:
@@ -63,4 +92,5 @@ def memory_budget(
     arch: ArchConfig, scheme: Scheme | None, *, batch: int = 1, seq: int = 0, kv_bytes: int = 2
 ) -> MemoryBudget:
     """Weights under `scheme` (None: fp16/bf16) and a KV cache of batch x seq tokens (seq 0: none)."""
-    return MemoryBudget(weight_bytes(arch, scheme), kv_cache_bytes(arch, batch=batch, seq=seq, kv_bytes=kv_bytes))
+    return MemoryBudget(weight_bytes(arch, scheme), kv_cache_bytes(arch, batch=batch, seq=seq, kv_bytes=kv_bytes),
+                        weight_bytes(arch, scheme, active=True))

@@ -82,6 +82,7 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
     import dlmc.quant.ops  # noqa: F401  (registers the torch.ops.dlmc operators a quantized graph calls)
+    import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     state, constants = load_state(root / entry["files"]["weights"], entry["state"], "cpu")
     graph = (root / entry["files"]["graph"]).read_bytes()
@@ -110,6 +111,8 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
 
 def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     from torch._inductor import aoti_load_package
+
+    import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     if torch.device(device).type != built_for:
         raise DlmcError(

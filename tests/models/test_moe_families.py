@@ -134,5 +134,5 @@ def test_loads_in_checkpoint_dtype_with_experts_stacked(tmp_path):
 
     model = load_model(write_checkpoint("llada2", tmp_path, layers=2, dtype=torch.bfloat16))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert tuple(model.layers[1].mlp.experts_down.shape) == (8, 64, 32)  # [E, hidden, expert width]
+    assert tuple(model.layers[1].mlp.experts_down.shape) == (8, 32, 64)  # [E, expert width, hidden]: [in, out]
     assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
