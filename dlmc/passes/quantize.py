@@ -6,6 +6,13 @@ the linear becomes a call to one of the `torch.ops.dlmc` operators (dlmc.quant.o
 
   W8A16 / W4A16   y = linear_woq(x [* 1/s_awq], q, scale, zero, bias)
   W8A8            y = linear_w8a8((x * 1/s_smooth) @ R_hadamard, q, scale, bias, act_scale?)
+  MoE experts     y = grouped_woq(x, q [E, ...], scale, zero, offs, bits)   (W8A16 / W4A16, RTN only)
+
+The stacked experts of an MoE layer (a [E, in, out] parameter read by torch.ops.dlmc.grouped_mm) are
+layers too, named by their parameter ("layers.1.mlp.experts_gate"; dlmc.quant.experts). The router
+stays float unless a rule names it ("*.mlp.router"): its top-k choice is where rounding would flip
+decisions. Experts captured in the tiled form (the ONNX / TensorRT lowerings) have no quantized form:
+a scheme that reaches them is refused.
 
 Smoothing and rotation are exact in float (x W^T = (x/s)(W s)^T = (x R)(W R)^T); they only change
 what gets rounded. The pass is approximate; its oracle is the same quantization applied in eager
@@ -17,6 +24,7 @@ statistics, scales, SQNR of the layer output) for the compiler to write as quant
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import statistics
 from dataclasses import dataclass, field
@@ -37,6 +45,7 @@ from dlmc.quant.calibration import (
     current_session,
     sequential_stats,
 )
+from dlmc.quant.experts import check_expert_scheme, expert_buffers, quantize_experts, run_experts
 from dlmc.quant.formats import check_group_size
 from dlmc.quant.layer import QuantizedLayer, buffers, quantize_layer, run_layer, transform_input
 from dlmc.quant.scheme import Calibration, Rule, Scheme, scheme_for
@@ -48,6 +57,9 @@ MUL = torch.ops.aten.mul.Tensor
 MATMUL = torch.ops.aten.matmul.default
 UNFLATTEN = torch.ops.aten.unflatten.int
 FLATTEN = torch.ops.aten.flatten.using_ints
+GROUPED_MM = torch.ops.dlmc.grouped_mm.default
+ROUTER = "*.mlp.router"  # dlmc.models.moe's router: float unless a rule names it
+EXPERTS = "*.mlp.experts_*"  # dlmc.models.moe's stacked experts
 META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
@@ -95,11 +107,22 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
     ep = program.exported
     state = dict(ep.state_dict)
     linears = find_linears(gm, kinds, state)
-    chosen = {name: s for name in linears if (s := scheme_for(name, config.rules, config.scheme)) is not None}
+    experts, tiled = find_experts(gm, kinds, state)
+    chosen = {name: s for name in linears if (s := _scheme(name, config)) is not None}
+    chosen |= {name: s for name in experts if (s := _scheme(name, config)) is not None}
+    for name in tiled:
+        if _scheme(name, config) is not None:
+            raise DlmcError(f"quantize: the experts {name} are captured in the tiled form (capture.moe_experts: "
+                            "tiled, the ONNX/TensorRT lowerings), which has no quantized form; keep them float "
+                            "with a rule {match: '*.experts_*', scheme: null}")
     if not chosen:
         return PassResult(program, False), {}
+    key = {name: name if name in experts else name + ".weight" for name in chosen}  # the float parameter
+    linears = linears | experts  # the nodes that read each chosen weight
     for name, scheme in chosen.items():  # every shape problem before any work
-        w = state[name + ".weight"]
+        w = state[key[name]]
+        if name in experts:
+            check_expert_scheme(name, scheme)
         check_group_size(w.shape[1], scheme.group_size, name)
         if scheme.bits == 4 and (scheme.group_size or w.shape[1]) % 2:
             raise DlmcError(f"quantize.group_size: int4 packing needs an even group size ({name})")
@@ -115,15 +138,21 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
         layers: dict[str, QuantizedLayer] = {}
 
         def on_layer(name: str, stats: LayerStats) -> Any:
-            layers[name] = layer = quantize_layer(name, state[name + ".weight"], chosen[name], stats)
-            stored = buffers(layer, state[name + ".weight"].dtype)  # packed once, used for every batch
+            w = state[key[name]]
+            if name in experts:
+                layers[name] = layer = quantize_experts(name, w, chosen[name], stats)
+                stored = expert_buffers(layer, w.dtype)
+                return lambda x, weight, offs: run_experts(x, layer, stored, offs)
+            layers[name] = layer = quantize_layer(name, w, chosen[name], stats)
+            stored = buffers(layer, w.dtype)  # packed once, used for every batch
             return lambda x, weight, bias=None: run_layer(transform_input(x, layer), layer, stored, bias)
 
         sequential_stats(gm, flat_state, batches, watched, on_layer, **options)
     else:
         stats = collect_stats(gm, flat_state, batches, watched, **options)
-        layers = {n: quantize_layer(n, state[n + ".weight"], scheme, stats[n]) for n, scheme in chosen.items()}
-    added = _rewrite(gm, kinds, state, linears, layers)
+        layers = {n: (quantize_experts if n in experts else quantize_layer)(n, state[key[n]], scheme, stats[n])
+                  for n, scheme in chosen.items()}
+    added = _rewrite(gm, kinds, state, linears, layers, key)
     gm.graph.lint()
     gm.recompile()
     report = _report(config, layers, batches)
@@ -152,12 +181,38 @@ def find_linears(
     return found
 
 
+def _scheme(name: str, config: Quantize) -> Scheme | None:
+    """The layer's scheme: the first matching rule, else the default, which a router never gets."""
+    default = None if fnmatch.fnmatchcase(name, ROUTER) else config.scheme
+    return scheme_for(name, config.rules, default)
+
+
+def find_experts(
+    gm: torch.fx.GraphModule, kinds: dict[str, tuple[str, str | None]], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, list[torch.fx.Node]], list[str]]:
+    """Stacked MoE experts: parameter name -> the grouped_mm nodes reading it, and the names of the
+    experts read otherwise (the tiled form's gathers), which cannot be quantized."""
+    found: dict[str, list[torch.fx.Node]] = {}
+    tiled = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        kind, key = kinds.get(node.name, (None, None))
+        if kind != "PARAMETER" or state[key].ndim != 3 or not state[key].is_floating_point():
+            continue
+        users = list(node.users)
+        if users and all(u.target is GROUPED_MM and u.args[1] is node and u.args[0] is not node for u in users):
+            found[key] = users
+        elif fnmatch.fnmatchcase(key, EXPERTS):
+            tiled.append(key)
+    return found, tiled
+
+
 def _rewrite(
     gm: torch.fx.GraphModule,
     kinds: dict[str, tuple[str, str | None]],
     state: dict[str, torch.Tensor],
     linears: dict[str, list[torch.fx.Node]],
     layers: dict[str, QuantizedLayer],
+    key: dict[str, str],
 ) -> dict[str, str]:
     graph = gm.graph
     first_input = next(n for n in graph.find_nodes(op="placeholder") if kinds[n.name][0] == "USER_INPUT")
@@ -187,7 +242,18 @@ def _rewrite(
 
     for name, layer in layers.items():
         weight_node = linears[name][0].args[1]
-        dtype, device = state[name + ".weight"].dtype, state[name + ".weight"].device
+        dtype, device = state[key[name]].dtype, state[key[name]].device
+        if layer.experts is not None:
+            nodes = {suffix: placeholder(f"{name}.{suffix}", value)
+                     for suffix, value in expert_buffers(layer, dtype).items()}
+            for mm in linears[name]:  # grouped_mm(x, weight, offs)
+                new = call(ops.grouped_woq, (mm.args[0], nodes["qweight"], nodes["scale"], nodes.get("zero"),
+                                             mm.args[2], layer.weight.bits), mm)
+                mm.replace_all_uses_with(new)
+                graph.erase_node(mm)
+            graph.erase_node(weight_node)
+            del state[key[name]]
+            continue
         nodes = {
             suffix: placeholder(
                 f"quant.hadamard_{value.shape[0]}_{str(dtype).removeprefix('torch.')}" if suffix.startswith("rotation")
@@ -212,7 +278,7 @@ def _rewrite(
             graph.erase_node(linear)
         if not weight_node.users:
             graph.erase_node(weight_node)
-            del state[name + ".weight"]
+            del state[key[name]]
     return added
 
 
@@ -250,6 +316,7 @@ def _report(
         },
         "summary": {
             "layers": len(layers),
+            "expert_layers": sum(layer.experts is not None for layer in layers.values()),
             "schemes": sorted({layer.report["scheme"] for layer in layers.values()}),
             "output_sqnr_db_median": round(statistics.median(sqnr), 2),
             "output_sqnr_db_min": min(sqnr),

@@ -32,6 +32,7 @@ class QuantizedLayer:
     inv_scale: torch.Tensor | None = None  # [in] x is multiplied by it (AWQ, SmoothQuant)
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # x -> x @ hadamard(in), as (A, B) factors
     act_scale: torch.Tensor | None = None  # [] static per-tensor activation scale
+    experts: int | None = None  # stacked MoE experts (dlmc.quant.experts): weight holds their E * out rows
     report: dict[str, Any] = field(default_factory=dict)
 
 

@@ -14,15 +14,25 @@ module registers them; the runtime imports it before it deserializes a graph tha
       x is quantized to int8 per token (absmax / 127, computed on the fly) or, when act_scale is
       given, per tensor with that static scale; y = (x_q @ qweight^T) * x_scale * scale + bias, the
       product in int32 (aten._int_mm; on CUDA padded to the shapes its int8 GEMM accepts).
+  grouped_woq(x [N, in], qweight, scale, zero?, offs int32 [E], bits) -> [N, out]     MoE experts, weight-only
+      torch.ops.dlmc.grouped_mm with each expert's weight dequantized: the layouts above stacked over E
+      (bits 8: qweight [E, out, in], scale and zero [E, out, G]; bits 4: qweight [E, out, G, gs // 2],
+      scale and zero [E, out * G]). Correctness first: every call dequantizes all E experts into a float
+      [E, in, out] (the float weights' size, transient) before the grouped matmul, so a step reads the
+      small form but also writes and reads back the float one; Inductor fuses the dequantization into one
+      kernel, not into the grouped matmul. What it saves is the memory the weights occupy at rest.
 """
 
 from __future__ import annotations
 
 import torch
 
+import dlmc.models.grouped  # noqa: F401  (registers torch.ops.dlmc.grouped_mm, which grouped_woq calls)
+
 _LIB = torch.library.Library("dlmc", "DEF")
 _LIB.define("linear_woq(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? bias, int bits) -> Tensor")
 _LIB.define("linear_w8a8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias, Tensor? act_scale) -> Tensor")
+_LIB.define("grouped_woq(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor offs, int bits) -> Tensor")
 
 INT8_MAX = 127
 
@@ -57,6 +67,34 @@ def _linear_woq(
     bits: int,
 ) -> torch.Tensor:
     return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, bits).to(x.dtype), bias)
+
+
+def dequantize_experts(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """w [E, in, out] (grouped_mm's layout) in scale's dtype from the stacked layout (module docstring)."""
+    experts, out = qweight.shape[:2]
+    rows = experts * out  # every expert's output channels, one after the other: the 2-D layout's rows
+    if bits == 4:
+        flat_scale, flat_zero = scale.reshape(-1), (zero.reshape(-1) if zero is not None else None)
+    else:
+        flat_scale = scale.reshape(rows, -1)
+        flat_zero = zero.reshape(rows, -1) if zero is not None else None
+    w = dequantize_weight(qweight.reshape(rows, *qweight.shape[2:]), flat_scale, flat_zero, bits)  # [E*out, in]
+    return w.reshape(experts, out, -1).transpose(1, 2)  # [E, in, out]
+
+
+def _grouped_woq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    offs: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    # x: [N, in] rows sorted by expert -> [N, out]; contiguous: the grouped kernel reads [E, in, out] rows
+    w = dequantize_experts(qweight, scale, zero, bits).to(x.dtype).contiguous()
+    return torch.ops.dlmc.grouped_mm(x, w, offs)
 
 
 def _linear_w8a8(
@@ -98,6 +136,8 @@ def padded_int_mm(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
 
 _LIB.impl("linear_woq", _linear_woq, "CompositeImplicitAutograd")
 _LIB.impl("linear_w8a8", _linear_w8a8, "CompositeImplicitAutograd")
+_LIB.impl("grouped_woq", _grouped_woq, "CompositeImplicitAutograd")
 
 linear_woq = torch.ops.dlmc.linear_woq.default
 linear_w8a8 = torch.ops.dlmc.linear_w8a8.default
+grouped_woq = torch.ops.dlmc.grouped_woq.default

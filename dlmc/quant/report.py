@@ -9,8 +9,10 @@ def summary_lines(reports: list[dict[str, Any]], worst: int = 3) -> list[str]:
     lines = []
     for report in reports:
         summary, calibration = report["summary"], report["calibration"]
+        experts = summary.get("expert_layers", 0)
+        what = f"{summary['layers'] - experts} linear layers" + (f" and {experts} expert layers" if experts else "")
         lines.append(
-            f"quantized {summary['layers']} linear layers ({', '.join(summary['schemes'])}) on "
+            f"quantized {what} ({', '.join(summary['schemes'])}) on "
             f"{calibration['samples']} {calibration['source']} samples x {calibration['seq_len']} tokens"
         )
         lines.append(
