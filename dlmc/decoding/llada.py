@@ -120,6 +120,9 @@ class LLaDAConfig:
             rule = self.strategy.rule
             if self.remasking == "random" and not rule.random_remasking:
                 raise DlmcError(f"remasking='random': the {self.strategy.name} strategy ranks by confidence")
+            if self.temperature > 0 and rule.greedy:
+                raise DlmcError(f"temperature={self.temperature}: the {self.strategy.name} strategy decodes at "
+                                "temperature 0 only")
 
     @property
     def num_blocks(self) -> int:
@@ -304,8 +307,13 @@ def _strategy_step(
         scores.entropy = strategies.entropy(logits[lo:hi])[None]  # [1, K]
     if "margin" in rule.outputs:
         scores.margin = strategies.logit_margin(logits[lo:hi])[None]  # [1, K]
+    if "top_probs" in rule.outputs:
+        scores.top_probs = strategies.top_probs(logits[lo:hi])[None]  # [1, K, TOP]
+    if "top_ids" in rule.outputs:
+        scores.top_ids = strategies.top_ids(logits[lo:hi])[None]  # [1, K, TOP]
+    scores.tokens = x0[lo:hi][None]  # [1, K]
     commit = rule.commit(scores, torch.tensor([row.index], device=row.x.device))[0] & masked  # [K]
-    row.x[lo:hi] = torch.where(commit, x0[lo:hi], row.x[lo:hi])
+    row.x[lo:hi] = torch.where(commit, scores.tokens[0], row.x[lo:hi])
     row.steps_taken += 1
     _advance(row, block_end, spec, config, stop_ids)
     if not bool((row.x[row.prompt_len :] == spec.mask_token_id).any()):  # an early commit filled everything

@@ -12,8 +12,9 @@ llada (LLaDA, Fast-dLLM v1; the rows of the current block):
     confidence64 [B, K] float64 the same in float64 (Fast-dLLM's threshold and factor rules)
   With `gumbel: true` it also takes `uniform` [B, K, V] float64 and `temperature` [1] float64.
   With `outputs: [entropy, margin]` (either or both, in that order) it also returns what decoding
-  strategies (`dlmc.strategies`) read: entropy [B, K] float64 (-sum p log p; EB-sampler) and margin
-  [B, K] in the logits dtype (top-1 minus top-2 logit; Prophet, SchED).
+  strategies (`dlmc.strategies`) read: entropy [B, K] float64 (-sum p log p; EB-sampler), margin
+  [B, K] in the logits dtype (top-1 minus top-2 logit; Prophet, SchED), and top_probs [B, K, TOP]
+  float64 / top_ids [B, K, TOP] int64 (each position's TOP = 8 most likely tokens; credit, KLASS).
 
 dream (Dream's `_sample_tokens`, every alg; the masked rows of the generation region):
     tokens [B, K] int64         arg-max of the filtered softmax, or a sample from it
@@ -51,7 +52,7 @@ from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
 from dlmc.passes.block_pick import pick_block, sampling_inputs
-from dlmc.strategies.base import EXTRA_OUTPUTS, entropy, logit_margin
+from dlmc.strategies.base import EXTRA_OUTPUTS, TOP, entropy, logit_margin, top_ids, top_probs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +70,8 @@ class FuseDecode(PassConfig):
     filters: bool = False
     """dream only: take top_p and top_k (a sort of every head row's vocabulary each step)."""
     outputs: tuple[str, ...] = ()
-    """llada only: per-row values a decoding strategy reads, from EXTRA_OUTPUTS (entropy, margin)."""
+    """llada only: per-row values a decoding strategy reads, from EXTRA_OUTPUTS (entropy, margin, top_probs,
+    top_ids)."""
 
     def __post_init__(self) -> None:
         if self.decoder not in ("auto", *RULES):
@@ -120,7 +122,7 @@ def pick_tokens(
     index = tokens.unsqueeze(-1)  # [B, K, 1]
     confidence = torch.softmax(logits, dim=-1).gather(-1, index).squeeze(-1)  # [B, K] logits dtype
     confidence64 = torch.softmax(logits.to(torch.float64), dim=-1).gather(-1, index).squeeze(-1)  # [B, K]
-    extra = {"entropy": entropy, "margin": logit_margin}
+    extra = {"entropy": entropy, "margin": logit_margin, "top_probs": top_probs, "top_ids": top_ids}
     return (tokens, confidence, confidence64, *(extra[name](logits) for name in outputs))  # [B, K] each
 
 
@@ -203,7 +205,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy"), caches=("dual",)),
+    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
 }
@@ -257,12 +259,19 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 
     inputs = [*sig.inputs, TensorSpec("head_rows", "int64", ("batch", "rows")), *extra]
     outputs = [TensorSpec(names[0], "int64", ("batch", "rows"))]
-    outputs += [TensorSpec(n, "float64" if n in rule.float64 else logits_dtype, ("batch", "rows")) for n in names[1:]]
+    outputs += [_output_spec(n, rule, logits_dtype, vocab) for n in names[1:]]
     signature = StepSignature(
         inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache,
         decoder=config.decoder,
     )
     return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
+
+
+def _output_spec(name: str, rule: Rule, logits_dtype: str, vocab: int) -> TensorSpec:
+    if name == "top_ids":
+        return TensorSpec(name, "int64", ("batch", "rows", min(TOP, vocab)))
+    dtype = "float64" if name in rule.float64 else logits_dtype
+    return TensorSpec(name, dtype, ("batch", "rows", min(TOP, vocab)) if name == "top_probs" else ("batch", "rows"))
 
 
 def _module_path(node: torch.fx.Node) -> str | None:

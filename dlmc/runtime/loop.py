@@ -168,9 +168,10 @@ class Decoding:
             confidence=torch.where(eligible, score, float("-inf")), eligible=eligible, masked=masked,
             step=self.steps_in_block, total_step=self.row_nfe - 1, steps_per_block=self.steps_per_block,
             steps=self.steps, entropy=named.get("entropy"), margin=named.get("margin"),
+            top_probs=named.get("top_probs"), top_ids=named.get("top_ids"), tokens=named["tokens"],
         )
         commit = rule.commit(scores, torch.tensor(self.handles, device=self.device)) & masked
-        rows.x.scatter_(1, columns, torch.where(commit, named["tokens"], current))
+        rows.x.scatter_(1, columns, torch.where(commit, scores.tokens, current))
         block_columns = lo[:, None] + torch.arange(bl, device=self.device)  # [B, bl]
         block_tokens = rows.x.gather(1, block_columns)  # [B, bl]
         self.steps_in_block += 1
@@ -238,6 +239,7 @@ class Decoding:
         cut = self.rows.keep(keep)
         rows = torch.tensor(keep, dtype=torch.bool, device=self.device)  # [B]
         self.step_fn.keep(rows, cut)
+        self.rule.forget([h for h, k in zip(self.handles, keep) if not k])  # stable handles: never reused
         self.handles = [h for h, k in zip(self.handles, keep) if k]
         self.generators = [g for g, k in zip(self.generators, keep) if k]
         for name in ("block", "steps_in_block", "row_nfe", "num_blocks", "steps_per_block", "steps", "stop_at_eos"):

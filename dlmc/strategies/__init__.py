@@ -17,10 +17,14 @@ import dataclasses
 from typing import Any
 
 from dlmc.errors import DlmcError
-from dlmc.strategies.base import EXTRA_OUTPUTS, Scores, Strategy, StrategyConfig, entropy, logit_margin
+from dlmc.strategies.base import (
+    EXTRA_OUTPUTS, Scores, Strategy, StrategyConfig, entropy, logit_margin, top_ids, top_probs,
+)
+from dlmc.strategies.credit import CreditConfig
 from dlmc.strategies.eb import EBConfig
 from dlmc.strategies.factor import FactorConfig
 from dlmc.strategies.hierarchical import HierarchicalConfig
+from dlmc.strategies.klass import KLASSConfig
 from dlmc.strategies.local_leap import LocalLeapConfig
 from dlmc.strategies.prophet import ProphetConfig
 from dlmc.strategies.sched import SchEDConfig
@@ -36,6 +40,8 @@ STRATEGIES: dict[str, type[StrategyConfig]] = {
     "local_leap": LocalLeapConfig,
     "prophet": ProphetConfig,
     "sched": SchEDConfig,
+    "credit": CreditConfig,
+    "klass": KLASSConfig,
 }
 """Closed registry: strategy name -> its config class."""
 
@@ -76,7 +82,7 @@ def resolve(decode) -> StrategyConfig:
 
 
 __all__ = [
-    "EXTRA_OUTPUTS", "STRATEGIES", "Scores", "Strategy", "StrategyConfig", "EBConfig", "FactorConfig",
-    "HierarchicalConfig", "LocalLeapConfig", "ProphetConfig", "SchEDConfig", "ThresholdConfig", "TopKConfig",
-    "entropy", "logit_margin", "resolve", "strategy_config",
+    "EXTRA_OUTPUTS", "STRATEGIES", "Scores", "Strategy", "StrategyConfig", "CreditConfig", "EBConfig",
+    "FactorConfig", "HierarchicalConfig", "KLASSConfig", "LocalLeapConfig", "ProphetConfig", "SchEDConfig",
+    "ThresholdConfig", "TopKConfig", "entropy", "logit_margin", "resolve", "strategy_config", "top_ids", "top_probs",
 ]

@@ -19,9 +19,11 @@ from dlmc.errors import DlmcError
 
 SCORES = ("confidence", "confidence64")
 """Which top-1 probability a rule ranks: in the logits dtype (LLaDA) or float64 (Fast-dLLM)."""
-EXTRA_OUTPUTS = ("entropy", "margin")
+EXTRA_OUTPUTS = ("entropy", "margin", "top_probs", "top_ids")
 """Per-position values beyond the token and its probability that a rule may read; a fused step
-carries one only when compiled for it (fuse_decode `outputs`)."""
+carries one only when compiled for it (fuse_decode `outputs`). top_probs / top_ids are [B, K, TOP]."""
+TOP = 8
+"""How many candidates per position `top_probs` / `top_ids` summarise (fewer when the vocabulary is smaller)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,13 @@ class Scores:
     """float64 entropy -sum p log p of each position's distribution (rules with `outputs` 'entropy')."""
     margin: torch.Tensor | None = None
     """top-1 minus top-2 logit (rules with `outputs` 'margin')."""
+    top_probs: torch.Tensor | None = None
+    """[B, K, TOP] float64: each position's highest probabilities, descending (`outputs` 'top_probs')."""
+    top_ids: torch.Tensor | None = None
+    """[B, K, TOP] int64: their token ids (`outputs` 'top_ids')."""
+    tokens: torch.Tensor | None = None
+    """[B, K] int64: the token each position commits; set by every caller, which writes it after `commit`
+    (a rule that re-ranks the candidates, `credit`, replaces it)."""
 
 
 class Strategy:
@@ -76,6 +85,8 @@ class Strategy:
     """Reads every generated column each step (an early commit fills all of them), not only the block's."""
     random_remasking: ClassVar[bool] = False
     """Can rank by remasking='random' draws instead of confidence."""
+    greedy: ClassVar[bool] = False
+    """Decodes at temperature 0 only (it re-ranks or compares the step's distributions, not a draw)."""
 
     def __init__(self, config: StrategyConfig, decode):
         self.config = config
@@ -86,6 +97,29 @@ class Strategy:
         that finished leave the batch), for a rule keeping per-row state. -> [B, K] bool, a subset of
         `scores.masked` (of `scores.eligible` unless the rule commits beyond the block)."""
         raise NotImplementedError
+
+    def forget(self, handles: list[int]) -> None:
+        """Rows that left the batch: drop whatever the rule kept for them."""
+
+
+class RowState:
+    """A rule's per-row tensors, kept by row handle so that rows can join and leave between steps."""
+
+    def __init__(self):
+        self.kept: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def load(self, rows: torch.Tensor, reset: torch.Tensor, fresh: tuple[torch.Tensor, ...]) -> tuple:
+        """Each row's tensors stacked [B, ...]; `fresh` (one row's) where `reset` [B] or the row is new."""
+        chosen = [fresh if r or h not in self.kept else self.kept[h] for h, r in zip(rows.tolist(), reset.tolist())]
+        return tuple(torch.stack(parts) for parts in zip(*chosen))
+
+    def store(self, rows: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:
+        for b, handle in enumerate(rows.tolist()):
+            self.kept[handle] = tuple(t[b] for t in tensors)
+
+    def forget(self, handles: list[int]) -> None:
+        for handle in handles:
+            self.kept.pop(handle, None)
 
 
 def best(confidence: torch.Tensor) -> torch.Tensor:
@@ -104,6 +138,16 @@ def logit_margin(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 minus top-2 logit (Prophet, SchED), in the logits dtype. [..., V] -> [...]"""
     top2 = logits.topk(2, dim=-1).values  # [..., 2]
     return top2[..., 0] - top2[..., 1]
+
+
+def top_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The TOP highest float64 probabilities, descending (KLASS, credit). [..., V] -> [..., TOP] float64"""
+    return torch.softmax(logits.to(torch.float64), dim=-1).topk(min(TOP, logits.shape[-1]), dim=-1).values
+
+
+def top_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Their token ids, ranked as `top_probs`. [..., V] -> [..., TOP] int64"""
+    return torch.softmax(logits.to(torch.float64), dim=-1).topk(min(TOP, logits.shape[-1]), dim=-1).indices
 
 
 def check_probability(name: str, value: float) -> None:

@@ -200,7 +200,8 @@ def test_the_strategy_outputs_option():
     from dlmc.passes.fuse_decode import pick_tokens
 
     assert FuseDecode(outputs=("margin", "entropy")).outputs == ("entropy", "margin")  # one order
-    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: unknown output 'logits' \(known: entropy, margin\)$"):
+    with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: unknown output 'logits' \(known: entropy, margin, "
+                       r"top_probs, top_ids\)$"):
         FuseDecode(outputs=("logits",))
     with pytest.raises(DlmcError, match=r"^fuse_decode.outputs: only the llada rule takes extra outputs \(strategies\), not dream$"):
         FuseDecode(decoder="dream", outputs=("entropy",))
@@ -210,3 +211,7 @@ def test_the_strategy_outputs_option():
     p = torch.tensor([1.0, 1.0, torch.e ** -1], dtype=torch.float64) / (2 + torch.e ** -1)
     assert torch.allclose(entropy, -(p * p.log()).sum().reshape(1, 1))
     assert margin.tolist() == [[0.0]]
+    # the top candidates (all 3 here: fewer than TOP), most likely first; ties keep one order in both paths
+    *_, probs, ids = pick_tokens(logits, outputs=("top_probs", "top_ids"))
+    assert probs.shape == ids.shape == (1, 1, 3) and ids[0, 0, 2] == 2
+    assert torch.allclose(probs, p.sort(descending=True).values.reshape(1, 1, 3))

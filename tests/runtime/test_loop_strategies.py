@@ -76,3 +76,26 @@ def test_strategies_it_was_not_compiled_for_are_one_line(checkpoints, tmp_path):
         engine.generate([[5, 6]], config=config("prophet"))
     # rules reading only the confidence run on any fused artifact, with the dual cache too
     engine.generate([[5, 6]], config=config("hierarchical"))
+
+
+# credit and klass read each position's top candidates and decode at temperature 0 only; the fixture's
+# top-1 probabilities (0.022-0.025) gain about 1.3x from one step's credit; its top-8 KLs between steps lie
+# about 0.36-4.4 (the top-8 sets of a flat prediction change from step to step).
+GREEDY = {
+    "credit": {"name": "credit", "threshold": 0.03},
+    "klass": {"name": "klass", "confidence": 0.022, "kl": 0.8, "history": 1},
+}
+
+
+def test_credit_and_klass_give_the_reference_tokens(checkpoints, tmp_path):
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", outputs=("top_probs", "top_ids"))
+    model = load_model(checkpoints["llada"])
+    nfe = {}
+    for name, strategy in GREEDY.items():
+        for prompts in (PROMPTS[:1], PROMPTS):
+            nfe[name] = assert_same(engine, model, config(strategy), prompts).nfe
+        assert_same(engine, model, config(strategy, stop_at_eos=True), PROMPTS)
+    assert max(nfe.values()) < 8, nfe  # several at once
+    with pytest.raises(DlmcError, match=r"^strategy: credit reads top_probs, top_ids, which"):
+        plain = compile_fused(checkpoints["llada"], tmp_path / "plain", "eager", outputs=())
+        plain.generate([[5, 6]], config=config("credit"))
