@@ -12,6 +12,7 @@ from dlmc.decoding.block import BlockConfig
 from dlmc.decoding.common import fill_undecided
 from dlmc.decoding.dream import DreamConfig
 from dlmc.decoding.llada import LLaDAConfig
+from dlmc.decoding.llada2 import LLaDA2Config, LLaDA2EditConfig
 from dlmc.decoding.wedlm import WeDLMConfig
 from tests.decoding.conftest import MASK, TinyDenoiser, toy_spec
 
@@ -27,6 +28,11 @@ CASES = {
     "sdar": (
         "block", BLOCK_CAUSAL,
         BlockConfig(gen_length=9, remasking="low_confidence_static", denoising_steps=2, temperature=0.7, top_k=6),
+    ),
+    "llada2": ("llada2", BLOCK_CAUSAL, LLaDA2Config(gen_length=10, threshold=0.3, temperature=0.8, top_p=0.9)),
+    "llada2_edit": (
+        "llada2_edit", BLOCK_CAUSAL,
+        LLaDA2EditConfig(gen_length=10, threshold=0.3, editing_threshold=0.2, temperature=0.8, max_post_steps=2),
     ),
     "wedlm": ("wedlm", {"attention": "causal"}, WeDLMConfig(max_new_tokens=10, window_size=4, temperature=0.8)),
 }
