@@ -25,7 +25,7 @@ DECODERS: dict[str, tuple[type, Callable[..., Generation]]] = {
 }
 """Closed registry: decoder name -> (config type, generate function)."""
 
-CANVAS_DECODERS: tuple[str, ...] = ("llada", "dream")
+CANVAS_DECODERS: tuple[str, ...] = ("llada", "dream", "block", "wedlm", "llada2", "llada2_edit")
 """Decoders whose generate takes `on_canvas` (see `dlmc.decoding.common.CanvasCallback`)."""
 
 

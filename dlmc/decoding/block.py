@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from dlmc.decoding.common import (
+    CanvasCallback,
     Generation,
     Model,
     StepCallback,
@@ -161,6 +162,7 @@ def generate(
     *,
     seed: int = 0,
     on_step: StepCallback | None = None,
+    on_canvas: CanvasCallback | None = None,
 ) -> Generation:
     validate(spec, prompts, config)
     plan = _plan(spec, config)
@@ -185,6 +187,8 @@ def generate(
                 _denoise_step(row, row_logits, spec, config, plan)
         if on_step is not None:
             on_step(nfe, sum(_decided(row, spec) for row in rows))
+        if on_canvas is not None:
+            on_canvas(torch.stack([_canvas(row, spec, config) for row in rows]))  # [B, G]
     return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe, row_nfe=[r.nfe for r in rows])
 
 
@@ -347,6 +351,14 @@ def _filtered_sample(
 
 def _decided(row: _Row, spec: DenoiserSpec) -> int:
     return int((row.tokens[row.prompt_len : row.target_len] != spec.mask_token_id).sum())
+
+
+def _canvas(row: _Row, spec: DenoiserSpec, config: BlockConfig) -> torch.Tensor:
+    """The row's generated region [G] int64, masks where undecided or not reached yet. Decided tokens are
+    never rewritten (both rules commit masked positions only), so its settled prefix only grows."""
+    generated = row.tokens[row.prompt_len : row.target_len]  # [<= G] int64
+    rest = generated.new_full((config.gen_length - len(generated),), spec.mask_token_id)  # [G - len] int64
+    return torch.cat([generated, rest])
 
 
 def _output(row: _Row, spec: DenoiserSpec, config: BlockConfig) -> list[int]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from dlmc.decoding.common import (
+    CanvasCallback,
     Generation,
     Model,
     StepCallback,
@@ -171,8 +172,11 @@ def _drive(
     prepare: Callable[[_Row], None] | None,
     seed: int,
     on_step: StepCallback | None,
+    on_canvas: CanvasCallback | None,
+    editing: bool,
 ) -> Generation:
-    """The batch loop both samplers share: one forward over every unfinished row per step."""
+    """The batch loop both samplers share: one forward over every unfinished row per step. `editing`:
+    decided tokens of the open block may still change (2.1), so the canvas shows closed blocks only."""
     block_length = config.block_length or spec.block_size
     device = model_device(model)
     rows = [_new_row(prompt, spec, config, block_length, seed, device) for prompt in prompts]
@@ -192,6 +196,8 @@ def _drive(
             step(row, row_logits[row.block_start :])  # [block_length, V]
         if on_step is not None:
             on_step(nfe, sum(_decided(row, spec) for row in rows))
+        if on_canvas is not None:
+            on_canvas(torch.stack([_canvas(row, spec, config, editing) for row in rows]))  # [B, G]
     return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe, row_nfe=[r.nfe for r in rows])
 
 
@@ -204,6 +210,7 @@ def generate(
     *,
     seed: int = 0,
     on_step: StepCallback | None = None,
+    on_canvas: CanvasCallback | None = None,
 ) -> Generation:
     """LLaDA2.0's sampler."""
     validate(spec, prompts, config)
@@ -233,7 +240,7 @@ def generate(
             if not row.done:
                 _open_block(row, block_length, spec)
 
-    return _drive(model, spec, prompts, config, step, None, seed, on_step)
+    return _drive(model, spec, prompts, config, step, None, seed, on_step, on_canvas, editing=False)
 
 
 @torch.no_grad()
@@ -245,6 +252,7 @@ def generate_edit(
     *,
     seed: int = 0,
     on_step: StepCallback | None = None,
+    on_canvas: CanvasCallback | None = None,
 ) -> Generation:
     """LLaDA2.1's sampler with token editing."""
     validate(spec, prompts, config)
@@ -290,7 +298,7 @@ def generate_edit(
         if not masked.any() and not edit.any():
             close_block(row)
 
-    return _drive(model, spec, prompts, config, step, prepare, seed, on_step)
+    return _drive(model, spec, prompts, config, step, prepare, seed, on_step, on_canvas, editing=True)
 
 
 def _sample(
@@ -367,6 +375,21 @@ def _open_block(row: _Row, block_length: int, spec: DenoiserSpec) -> None:
 
 def _decided(row: _Row, spec: DenoiserSpec) -> int:
     return int((row.tokens[row.prompt_len : row.target_len] != spec.mask_token_id).sum())
+
+
+def _canvas(row: _Row, spec: DenoiserSpec, config: _Common, editing: bool) -> torch.Tensor:
+    """The row's generated region [G] int64, masks where undecided or not reached yet. With `editing`, an
+    unfinished row's open block reads as masks too: an edit may still replace any token in it, while a
+    closed block never changes. A full block out of post steps is closed by the next loop head (the
+    `prepare` of generate_edit) without another step, so it counts as closed already."""
+    generated = row.tokens[row.prompt_len : row.target_len]  # [<= G] int64
+    assert not editing or isinstance(config, LLaDA2EditConfig)
+    full = not (row.tokens[row.block_start :] == spec.mask_token_id).any()
+    closing = editing and full and row.post_steps + 1 > config.max_post_steps
+    if editing and not row.done and not closing:
+        generated = generated[: max(row.block_start - row.prompt_len, 0)]
+    rest = generated.new_full((config.gen_length - len(generated),), spec.mask_token_id)  # [G - len] int64
+    return torch.cat([generated, rest])
 
 
 def _output(row: _Row, spec: DenoiserSpec, config: _Common) -> list[int]:

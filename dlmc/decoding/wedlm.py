@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmc.decoding.common import (
+    CanvasCallback,
     Generation,
     Model,
     StepCallback,
@@ -112,6 +113,7 @@ def generate(
     *,
     seed: int = 0,
     on_step: StepCallback | None = None,
+    on_canvas: CanvasCallback | None = None,
 ) -> Generation:
     validate(spec, prompts, config)
     device = model_device(model)
@@ -136,6 +138,8 @@ def generate(
                 _fill(row, mask_logits, config)
         if on_step is not None:
             on_step(nfe, sum(len(row.committed) - row.prompt_len for row in rows))
+        if on_canvas is not None:
+            on_canvas(torch.stack([_canvas(row, spec, stop_ids, config) for row in rows]))  # [B, G]
     return Generation(output_ids=[_output(row, spec, config) for row in rows], nfe=nfe, row_nfe=[r.nfe for r in rows])
 
 
@@ -219,6 +223,18 @@ def _sample(logits: torch.Tensor, config: WeDLMConfig, generator: torch.Generato
         logits = top_p_filter(logits, config.top_p, float("-inf"))
     probs = torch.softmax(logits / config.temperature, dim=-1)  # [M, V]
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [M]
+
+
+def _canvas(row: _Row, spec: DenoiserSpec, stop_ids: tuple[int, ...], config: WeDLMConfig) -> torch.Tensor:
+    """The row's generated region [G] int64: the committed tokens, then the window's leading filled slots
+    up to and including a stop token (the next step commits exactly these), masks after. A filled slot
+    behind a mask is not shown: a stop token filled before it later would drop it."""
+    ready = row.window[: row.leading_filled]
+    at = next((i for i, token in enumerate(ready) if token in stop_ids), None)
+    ready = ready if at is None else ready[: at + 1]
+    generated = torch.cat([row.committed[row.prompt_len :], row.committed.new_tensor(ready)])  # [N] int64
+    rest = generated.new_full((config.max_new_tokens - len(generated),), spec.mask_token_id)  # [G - N] int64
+    return torch.cat([generated, rest])
 
 
 def _output(row: _Row, spec: DenoiserSpec, config: WeDLMConfig) -> list[int]:

@@ -60,9 +60,14 @@ def _filters(config: BlockConfig) -> tuple[int | None, float | None]:
 
 
 def generate(
-    engine, prompts: list[list[int]], config: BlockConfig, seed: int = 0, on_step: Callable | None = None
+    engine,
+    prompts: list[list[int]],
+    config: BlockConfig,
+    seed: int = 0,
+    on_step: Callable | None = None,
+    on_canvas: Callable | None = None,
 ) -> Generation:
-    """`on_step` as the reference decoder calls it (`dlmc.decoding.common`)."""
+    """`on_step` and `on_canvas` as the reference decoder calls them (`dlmc.decoding.common`)."""
     spec, sig, device = engine.spec, engine.signature, engine.device
     check_supported(sig, "block", config)
     validate(spec, prompts, config)
@@ -93,6 +98,7 @@ def generate(
     cache = _Cache(sig, B, W, device) if sig.cache is not None else None
     sampling = _Sampling(sig, config, B, K, device)
     offsets = torch.arange(K, device=device)  # [K]
+    generated = P[:, None] + torch.arange(config.gen_length, device=device)  # [B, G]: each row's region
     nfe = 0
     while True:
         if threshold_rule:  # Fast-dLLM v2 stops a row before any forward once a stop token is settled
@@ -152,6 +158,8 @@ def generate(
         if on_step is not None:
             decided = (x != mask) & (col >= P[:, None]) & (col < target[:, None])  # [B, W]
             on_step(nfe, int(decided.sum()))
+        if on_canvas is not None:
+            on_canvas(x.gather(1, generated))  # [B, G]: the canvas holds masks where undecided
     out = torch.where(x == mask, fill_token_id(spec), x)  # [B, W]
     outputs = [out[b, len(p) : len(p) + config.gen_length].tolist() for b, p in enumerate(prompts)]
     return Generation(outputs, nfe, row_nfe.tolist())

@@ -139,3 +139,17 @@ def test_settings_it_cannot_run_are_one_line(checkpoints, tmp_path):
         greedy.generate([[5, 6]] * 5, config=BlockConfig(gen_length=4))
     with pytest.raises(DlmcError, match="returns decoded tokens"):
         greedy.step(torch.tensor([[5, 6]]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_on_canvas_is_the_references_and_changes_nothing(checkpoints, tmp_path, family):
+    engine = compile_fused(checkpoints[family], tmp_path / "fused")
+    model, config = load_model(checkpoints[family]), CONFIGS["sub_blocks"]
+    margins = BlockMargins(model, config.threshold)
+    expected: list = []
+    reference = generate(margins, model.spec, PROMPTS, config, seed=3, on_canvas=lambda g: expected.append(g.tolist()))
+    margins.assert_clear()  # every decision clears the rounding tolerance: the canvases are the same tokens
+    canvases: list = []
+    actual = engine.generate(PROMPTS, config=config, seed=3, on_canvas=lambda g: canvases.append(g.tolist()))
+    assert actual == engine.generate(PROMPTS, config=config, seed=3) == reference  # the hook changes nothing
+    assert canvases == expected and len(canvases) == actual.nfe

@@ -1,6 +1,14 @@
-"""The settled prefix and the text pieces built from it."""
+"""The settled prefix, the text pieces built from it, and decoders that stream them step by step."""
 
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dlmc.models import load_model
+from dlmc.serve import ServedModel, ServeSettings, create_app
 from dlmc.serve.stream import TextStream, settled
+from dlmc.tokenizer import load_tokenizer
 
 MASK, EOS, EOT = 3, 0, 2
 
@@ -26,3 +34,19 @@ def test_pieces_add_up_and_never_split_a_character():
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + stream.finish("aé€b") == "aé€b"
     assert pieces[1] == "" and pieces[2] == "é"  # held back until the character's second byte arrives
+
+
+@pytest.mark.parametrize("family", ["sdar", "wedlm"])
+def test_block_and_wedlm_stream_step_by_step(checkpoints, family):
+    """A block-causal (SDAR) and a causal (WeDLM) model stream their settled prefix in several pieces
+    before the end, and the pieces add up to the non-streamed text."""
+    model = load_model(checkpoints[family])
+    served = ServedModel(model, model.spec, load_tokenizer(checkpoints[family]), {}, family)
+    body = {"model": family, "prompt": "count 417:", "max_tokens": 16}
+    with TestClient(create_app(served, ServeSettings())) as client:
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]
+        with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(texts) == whole["text"] and chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+    assert sum(bool(t) for t in texts[:-1]) > 1  # pieces arrived before the end, not all of it at once
