@@ -115,7 +115,8 @@ def test_bad_checkpoint_is_one_line_and_debug_shows_traceback(tmp_path):
     result = invoke("inspect", tmp_path)
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'config.json'}: unknown architecture 'Nope' " + \
-        "(supported: DiffusionGemmaForBlockDiffusion, DreamModel, Fast_dLLM_QwenForCausalLM, LLaDA2MoeModelLM, LLaDAMoEModelLM, LLaDAModelLM, " + \
+        "(supported: DiffusionGemmaForBlockDiffusion, DreamModel, Fast_dLLM_QwenForCausalLM, LLaDA2MoeModelLM, " + \
+        "LLaDAMoEModelLM, LLaDAModelLM, " + \
         "SDARForCausalLM, SDARMoeForCausalLM, WeDLMForCausalLM)"
     debug = invoke("inspect", tmp_path, "--debug")
     assert debug.exit_code != 0 and debug.exception is not None

@@ -19,7 +19,7 @@ import torch
 
 from dlmc.errors import DlmcError
 from dlmc.kernels.dispatch import LazyKernel, cdiv, dot_settings, next_power_of_2, use_triton
-from dlmc.quant.ops import dequantize_weight
+from dlmc.quant.ops import linear_woq_eager
 
 try:
     import triton.language as tl
@@ -29,16 +29,7 @@ except ImportError:  # the reference still runs; use_triton says why the kernel 
 GEMV_ROWS = 4
 
 
-def linear_woq_reference(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    bits: int,
-) -> torch.Tensor:
-    """dlmc.quant.ops.linear_woq's maths: y [..., out] = x @ dequantize(qweight)^T + bias."""
-    return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, bits).to(x.dtype), bias)
+linear_woq_reference = linear_woq_eager  # the op's own maths: y = x @ dequantize(qweight)^T + bias
 
 
 @LazyKernel

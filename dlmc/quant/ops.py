@@ -58,7 +58,7 @@ def dequantize_weight(
     return (q * scale.reshape(out, groups, 1)).reshape(out, -1)
 
 
-def _linear_woq(
+def linear_woq_eager(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,
@@ -66,6 +66,7 @@ def _linear_woq(
     bias: torch.Tensor | None,
     bits: int,
 ) -> torch.Tensor:
+    """The op's maths in plain torch (its CPU implementation, and the Triton kernel's reference)."""
     return torch.nn.functional.linear(x, dequantize_weight(qweight, scale, zero, bits).to(x.dtype), bias)
 
 
@@ -134,7 +135,7 @@ def padded_int_mm(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     return acc[: a.shape[0] - 16, :out]
 
 
-_LIB.impl("linear_woq", _linear_woq, "CompositeImplicitAutograd")
+_LIB.impl("linear_woq", linear_woq_eager, "CompositeImplicitAutograd")
 _LIB.impl("linear_w8a8", _linear_w8a8, "CompositeImplicitAutograd")
 _LIB.impl("grouped_woq", _grouped_woq, "CompositeImplicitAutograd")
 
