@@ -101,7 +101,7 @@ def main() -> None:
     program = run_passes(capture(model, recipe.capture), recipe.passes)
     ids, block = canvas(spec, sizes)
     query = block if program.signature.cache is not None else torch.ones_like(block)
-    inputs = step_inputs(program.signature, ids, query)
+    inputs = step_inputs(program.signature, ids, query, sizes.block)
     print(f"{args.model} {args.recipe}: {int(query.sum())} query rows x {len(ids)} keys, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
 
