@@ -385,6 +385,10 @@ def _bench_sweep(artifact, model, sweep, plot, per_task, seed, as_json, debug) -
         if per_task is not None and per_task < 1:
             raise DlmcError(f"--per-task {per_task} must be at least 1")
         plan = load_sweep(sweep)
+        if plot is not None:
+            from dlmc.pareto import check_plotting
+
+            check_plotting()  # before the sweep runs, not after
         rows = run_sweep(plan, model, per_task=per_task, seed=seed,
                          on_row=None if as_json else lambda r: typer.echo(f"{r.name}: done", err=True))
         if plot is not None:
