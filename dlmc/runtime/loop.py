@@ -188,8 +188,8 @@ class Decoding:
         done = ((self.block == self.num_blocks) | stopped).tolist()  # one host sync per step
         if not any(done):
             return []
-        rows = zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
-        finished = [Finished(h, g.clone(), n) for h, g, n, d in rows if d]
+        leaving = zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
+        finished = [Finished(h, g.clone(), n) for h, g, n, d in leaving if d]
         self._leave([not d for d in done])
         return finished
 

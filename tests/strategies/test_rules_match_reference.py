@@ -1,10 +1,12 @@
-"""The fused loop's commit rules on [B, K] tensors choose exactly what the reference decoder chooses."""
+"""The strategies' commit rules (the fused loop's) on [B, K] tensors choose exactly what the reference decoder chooses."""
 
 import pytest
 import torch
 
 from dlmc.decoding.llada import _factor_choice, _threshold_choice
-from dlmc.runtime import transfer
+from dlmc.strategies.factor import factor_prefix
+from dlmc.strategies.threshold import above_threshold
+from dlmc.strategies.top_k import top_k
 
 
 def confidences(seed: int, batch: int = 6, k: int = 8) -> torch.Tensor:
@@ -24,7 +26,7 @@ def chosen(mask_row: torch.Tensor) -> set[int]:
 @pytest.mark.parametrize("threshold", [0.5, 0.9, 1.0])
 def test_threshold_is_the_reference_choice(seed, threshold):
     conf = confidences(seed)
-    commit = transfer.above_threshold(conf, threshold)
+    commit = above_threshold(conf, threshold)
     for row, mask in zip(conf, commit):
         candidates = int((row > float("-inf")).sum())
         assert chosen(mask) == set(_threshold_choice(row, candidates, threshold).tolist())
@@ -34,7 +36,7 @@ def test_threshold_is_the_reference_choice(seed, threshold):
 @pytest.mark.parametrize("factor", [0.2, 1.0, 3.0])
 def test_factor_is_the_reference_choice(seed, factor):
     conf = confidences(seed)
-    commit = transfer.factor_prefix(conf, factor)
+    commit = factor_prefix(conf, factor)
     for row, mask in zip(conf, commit):
         assert chosen(mask) == set(_factor_choice(row, row > float("-inf"), factor).tolist())
 
@@ -42,13 +44,13 @@ def test_factor_is_the_reference_choice(seed, factor):
 def test_factor_accepts_everything_on_a_failure_at_the_last_candidate():
     # the official off-by-one, as `factor_accept_count` reproduces it
     conf = torch.tensor([[0.99, 0.98, 0.10, float("-inf")]], dtype=torch.float64)
-    assert chosen(transfer.factor_prefix(conf, 1.0)[0]) == {0, 1, 2}
+    assert chosen(factor_prefix(conf, 1.0)[0]) == {0, 1, 2}
 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_top_k_takes_the_most_confident(k):
     conf = confidences(0)
     counts = torch.arange(len(conf)) % k + 1  # each row its own count, as rows at different steps
-    commit = transfer.top_k(conf, counts)
+    commit = top_k(conf, counts)
     for row, mask, n in zip(conf, commit, counts.tolist()):
         assert chosen(mask) == set(torch.topk(row, n).indices.tolist())
