@@ -9,7 +9,8 @@ import torch
 
 from dlmc.capture import CaptureConfig, capture
 from dlmc.models import load_model
-from dlmc.passes.layer_skip import Calibration, LayerSkip, resolve
+from dlmc.passes.layer_skip import LayerSkip, resolve
+from dlmc.passes.skip_calibration import Calibration
 from dlmc.tokenizer import load_tokenizer
 
 

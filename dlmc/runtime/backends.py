@@ -30,8 +30,9 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "tensorrt": (("torch_tensorrt",), "trt"),
 }
 """Backend -> (modules it imports, the dlmc extra that installs them)."""
-FILES = {"eager": ("graph", "weights"), "inductor": ("package", "weights"), "onnxrt": ("model",), "tensorrt": ("program",)}
-"""Backend -> the files its manifest entry must name (backend.files)."""
+FILES = {"eager": ("graph", "weights"), "inductor": ("package",), "onnxrt": ("model",), "tensorrt": ("program",)}
+"""Backend -> the files its manifest entry must name (backend.files); an inductor package names its
+weights file unless it was frozen with them."""
 STATE = ("parameters", "buffers", "constants")
 """What backend.state lists for a backend whose weights live in a safetensors file."""
 
@@ -49,7 +50,7 @@ def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
     missing = [role for role in FILES[name] if role not in entry.get("files", {})]
     if missing:
         raise DlmcError(f"{manifest}: backend.files.{missing[0]}: required by the {name} backend")
-    if "weights" in FILES[name] and not all(role in entry.get("state", {}) for role in STATE):
+    if "weights" in entry["files"] and name != "onnxrt" and not all(role in entry.get("state", {}) for role in STATE):
         raise DlmcError(f"{manifest}: backend.state: needs the lists {', '.join(STATE)}")
     built_for = torch.device(entry.get("device", "cpu")).type
     check_device(device)
@@ -105,7 +106,7 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
 
 
 # ---------------------------------------------------------------------------------------------
-# inductor: an AOTInductor package without weights + safetensors
+# inductor: an AOTInductor package + safetensors (or, frozen, the package alone)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -123,6 +124,8 @@ def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str
         runner = aoti_load_package(str(package), device_index=cuda_index(device))
     except Exception as e:
         raise DlmcError(f"{package}: cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
+    if "weights" not in entry["files"]:  # frozen: the package carries its (prepacked) weights
+        return runner
     state, constants = load_state(root / entry["files"]["weights"], entry["state"], device)
     try:
         attach_weights(runner, {**state, **constants})

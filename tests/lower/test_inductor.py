@@ -11,7 +11,7 @@ from dlmc.models import load_model
 from dlmc.passes.fold_constants import FoldConstants, fold_constants
 from dlmc.runtime.backends import load_inductor
 from dlmc.testing.fixtures import write_checkpoint
-from tests.helpers import padded_batch
+from tests.helpers import padded_batch, rounding_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,22 @@ def test_bf16_step_is_bit_identical_to_the_captured_one(tmp_path):
     expected = program(*inputs)
     assert torch.equal(lower(program, InductorSettings(), "cpu")(*inputs), expected)
     assert not torch.equal(lower(program, InductorSettings(exact_casts=False), "cpu")(*inputs), expected)
+
+
+def test_frozen_package_carries_prepacked_weights_and_no_safetensors(tmp_path):
+    """freeze: the weights are folded into the library (prepacked for the CPU's GEMM library), so the
+    artifact names no weights file; another GEMM kernel rounds differently, so up to bf16 rounding."""
+    model_dir = write_checkpoint("llada", tmp_path / "llada", layers=1, hidden=128, intermediate=256, seed=5)
+    program = capture(load_model(model_dir, dtype=torch.bfloat16), CaptureConfig(max_batch=2))
+    step = lower(program, InductorSettings(freeze=True), "cpu")
+    entry = step.save(tmp_path)
+    assert entry["files"] == {"package": "step.pt2"} and "state" not in entry
+    assert not (tmp_path / "weights.safetensors").exists()
+    reloaded = load_inductor(tmp_path, entry, "cpu", "cpu")  # nothing to attach
+    inputs = padded_batch([9, 5], 9)
+    expected = program(*inputs)
+    actual = step(*inputs)
+    # a random bf16 model's logits are too flat for an arg-max check; closeness is the claim
+    tol = rounding_tolerance(torch.bfloat16, 256, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=0)
+    assert torch.equal(reloaded(*inputs), actual)

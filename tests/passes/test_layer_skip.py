@@ -13,7 +13,8 @@ from dlmc.lower.inductor import InductorSettings
 from dlmc.models import load_model
 from dlmc.passes.fold_constants import FoldConstants
 from dlmc.passes.blocks import find_blocks, layer_of
-from dlmc.passes.layer_skip import LayerSkip, calibration_batches, choose_layers, layer_skip, resolve
+from dlmc.passes.layer_skip import LayerSkip, layer_skip, resolve
+from dlmc.passes.skip_calibration import calibration_batches, choose_layers
 from dlmc.pipeline import check_program, run_passes
 from dlmc.recipe import Recipe, RecipeError, parse_recipe
 from dlmc.generation import default_model_dir
@@ -171,7 +172,7 @@ def test_task_canvases_are_partly_masked_and_never_the_held_out_prompts():
 def _tasks_training(count):
     import random
 
-    from dlmc.passes.layer_skip import _training_examples
+    from dlmc.passes.skip_calibration import _training_examples
 
     return _training_examples(random.Random(0), count)
 
