@@ -77,21 +77,6 @@ def _decoder_options(**given) -> dict:
     return {key: value for key, value in given.items() if value is not None}
 
 
-def _strategy_option(name: str | None, options: str | None) -> dict | None:
-    """--strategy and --strategy-config as the {"name": ..., **options} an LLaDA config takes."""
-    if name is None:
-        if options is not None:
-            raise DlmcError("--strategy-config needs a --strategy to configure")
-        return None
-    try:
-        fields = json.loads(options) if options is not None else {}
-    except json.JSONDecodeError as e:
-        raise DlmcError(f"--strategy-config is not JSON: {e}") from None
-    if not isinstance(fields, dict):
-        raise DlmcError(f"--strategy-config must be a JSON object of options, got {options}")
-    return {"name": name, **fields}
-
-
 def _torch_dtype(dtype: str | None):
     from dlmc.loading import torch_dtype
 
@@ -147,6 +132,7 @@ def run(
 ) -> None:
     """Generate from a checkpoint directory, a compiled artifact, or the embedded default model."""
     from dlmc.generation import decoder_config, encode_prompts, generate, generation_length
+    from dlmc.strategies import strategy_option
 
     try:
         model, spec, tokenizer, defaults = _load(path, device, dtype)
@@ -156,7 +142,7 @@ def run(
             cfg_scale=cfg_scale, remasking=remasking, threshold=threshold, factor=factor, alg=alg,
             top_p=top_p, top_k=top_k, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
             num_to_transfer=num_to_transfer, minimal_topk=minimal_topk, eos_early_stop=eos_early_stop,
-            stop_at_eos=stop_at_eos or None, strategy=_strategy_option(strategy, strategy_config),
+            stop_at_eos=stop_at_eos or None, strategy=strategy_option(strategy, strategy_config),
         )
         name, config = decoder_config(spec, decoder, options, defaults)
         total = len(prompts) * generation_length(config)
@@ -375,27 +361,13 @@ def bench(
 
 
 def _bench_sweep(artifact, model, sweep, plot, per_task, seed, as_json, debug) -> None:
-    from dlmc.sweep import format_sweep, load_sweep, run_sweep
+    from dlmc.sweep import format_sweep, sweep_and_plot
 
     try:
-        if sweep is None:
-            raise DlmcError("--plot needs --sweep FILE")
         if artifact is not None:
             raise DlmcError(f"{artifact}: with --sweep, name artifacts in the sweep file (artifact: PATH)")
-        if per_task is not None and per_task < 1:
-            raise DlmcError(f"--per-task {per_task} must be at least 1")
-        plan = load_sweep(sweep)
-        if plot is not None:
-            from dlmc.pareto import check_plotting
-
-            check_plotting()  # before the sweep runs, not after
-        rows = run_sweep(plan, model, per_task=per_task, seed=seed,
-                         on_row=None if as_json else lambda r: typer.echo(f"{r.name}: done", err=True))
-        if plot is not None:
-            from dlmc.pareto import plot_pareto
-
-            plot_pareto([r.name for r in rows], [r.tokens_per_s for r in rows], [r.accuracy for r in rows], plot,
-                        title=f"{sweep.name}: {rows[0].config.get('gen_length', '')} tokens per prompt")
+        rows = sweep_and_plot(sweep, model, plot, per_task=per_task, seed=seed,
+                              on_row=None if as_json else lambda r: typer.echo(f"{r.name}: done", err=True))
     except DlmcError as e:
         _fail(e, debug)
     if as_json:

@@ -253,3 +253,25 @@ def format_sweep(rows: list[SweepRow]) -> str:
             f"{r.nfe / base.nfe:9.2f} {r.accuracy:9.1%} {r.agreement:7.1%}"
         )
     return "\n".join(lines)
+
+
+def sweep_and_plot(path: Path | None, model: str | Path | None, plot: Path | None, *, per_task: int | None,
+                   seed: int, on_row=None) -> list[SweepRow]:
+    """`dlmc bench --sweep FILE [--plot PNG]`: run the sweep file and draw its Pareto plot. Checks that
+    plotting works before the sweep runs, not after."""
+    if path is None:
+        raise DlmcError("--plot needs --sweep FILE")
+    if per_task is not None and per_task < 1:
+        raise DlmcError(f"--per-task {per_task} must be at least 1")
+    plan = load_sweep(path)
+    if plot is not None:
+        from dlmc.pareto import check_plotting
+
+        check_plotting()
+    rows = run_sweep(plan, model, per_task=per_task, seed=seed, on_row=on_row)
+    if plot is not None:
+        from dlmc.pareto import plot_pareto
+
+        plot_pareto([r.name for r in rows], [r.tokens_per_s for r in rows], [r.accuracy for r in rows], plot,
+                    title=f"{path.name}: {rows[0].config.get('gen_length', '')} tokens per prompt")
+    return rows

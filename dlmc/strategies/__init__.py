@@ -14,6 +14,7 @@ own fields choose today's rule (`resolve`).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from dlmc.errors import DlmcError
@@ -81,7 +82,24 @@ def resolve(decode) -> StrategyConfig:
     return TopKConfig()
 
 
+def strategy_option(name: str | None, options: str | None) -> dict | None:
+    """The command line's --strategy NAME and --strategy-config JSON as the {"name": ..., **options} an
+    LLaDA config takes (None: no strategy given)."""
+    if name is None:
+        if options is not None:
+            raise DlmcError("--strategy-config needs a --strategy to configure")
+        return None
+    try:
+        fields = json.loads(options) if options is not None else {}
+    except json.JSONDecodeError as e:
+        raise DlmcError(f"--strategy-config is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise DlmcError(f"--strategy-config must be a JSON object of options, got {options}")
+    return {"name": name, **fields}
+
+
 __all__ = [
+    "strategy_option",
     "EXTRA_OUTPUTS", "STRATEGIES", "Scores", "Strategy", "StrategyConfig", "CreditConfig", "EBConfig",
     "FactorConfig", "HierarchicalConfig", "KLASSConfig", "LocalLeapConfig", "ProphetConfig", "SchEDConfig",
     "ThresholdConfig", "TopKConfig", "entropy", "logit_margin", "resolve", "strategy_config", "top_ids", "top_probs",
