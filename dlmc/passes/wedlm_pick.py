@@ -71,7 +71,8 @@ def pick_wedlm(
     adjusted = torch.where(valid, adjusted, float("inf"))
     below = (adjusted < entropy_threshold.to(adjusted.dtype)) & valid  # [B, K]
     lowest = torch.arange(logits.shape[1], device=logits.device) == adjusted.argmin(-1, keepdim=True)  # [B, K]
-    fill = torch.where(below.any(-1, keepdim=True), below, lowest & valid)  # [B, K]
+    # boolean logic, not a where on bools: ONNX Runtime's CPU Where has no bool kernel
+    fill = below | (lowest & valid & ~below.any(-1, keepdim=True))  # [B, K]
     return tokens, fill, entropy
 
 
