@@ -167,6 +167,7 @@ class _Rule:
         if self.temperature > 0:
             for a in fills.nonzero().squeeze(1).tolist():
                 g, m = generators[int(active[a])], int(M[a])
-                noise[a, :m] = torch.empty(m, self.vocab, dtype=self.dtype, device=g.device).exponential_(1, generator=g)
+                draws = torch.empty(m, self.vocab, dtype=self.dtype, device=g.device)  # [M, V]: multinomial's shape
+                noise[a, :m] = draws.exponential_(1, generator=g)
         pos_penalty, threshold, *sampling = self.fixed
         return (pos_penalty, threshold, noise, *sampling)
