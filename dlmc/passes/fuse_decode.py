@@ -30,10 +30,18 @@ block (Fast-dLLM v2's and SDAR's samplers, block-causal models; the open block's
   With `gumbel: true` it also takes `noise` [B, K, V] (Exp(1), logits dtype), `temperature`, `top_k`
   and `top_p` (`dlmc.passes.block_pick`).
 
+wedlm (WeDLM's window fill rule, causal models; the window's masks):
+    tokens [B, K] int64         arg-max of softmax(logits), or a draw after top-k / top-p / temperature
+    fill [B, K] bool            the masks to fill: adjusted entropy below the threshold, else the lowest
+    entropy [B, K]              the unfiltered distribution's entropy (logits dtype)
+  It takes `slots` [B, K] (each mask's position), `pos_penalty` and `entropy_threshold` [1] float64,
+  and with `gumbel: true` the block rule's four sampling inputs (`dlmc.passes.wedlm_pick`).
+
 Then the step's other outputs (the K/V of a cached step). The runtime draws the random inputs from the
 reference decoder's per-row generators, so sampling stays token-identical at any temperature. The
 choice of which tokens to commit reads only [B, K] tensors and stays in the runtime loop
-(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`). It must be the recipe's
+(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`,
+`dlmc.runtime.wedlm_loop`). It must be the recipe's
 last pass. The step's signature records the decoder, so the runtime knows which loop drives it.
 """
 
@@ -52,6 +60,7 @@ from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
 from dlmc.passes.block_pick import pick_block, sampling_inputs
+from dlmc.passes.wedlm_pick import pick_wedlm, rule_inputs
 from dlmc.strategies.base import EXTRA_OUTPUTS, TOP, entropy, logit_margin, top_ids, top_probs
 
 
@@ -82,7 +91,7 @@ class FuseDecode(PassConfig):
         unknown = [name for name in self.outputs if name not in EXTRA_OUTPUTS]
         if unknown:
             raise DlmcError(f"fuse_decode.outputs: unknown output '{unknown[0]}' (known: {', '.join(EXTRA_OUTPUTS)})")
-        if self.outputs and self.decoder in ("dream", "block"):
+        if self.outputs and self.decoder != "llada":
             raise DlmcError(f"fuse_decode.outputs: only the llada rule takes extra outputs (strategies), not "
                             f"{self.decoder}")
         # one order, whatever the recipe's, so the step's outputs say what they are
@@ -180,6 +189,10 @@ def _block_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec
     return sampling_inputs(vocab, dtype) if config.gumbel else []
 
 
+def _wedlm_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
+    return rule_inputs(vocab, dtype, config.gumbel)
+
+
 def _dream_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec]:
     inputs = []
     if config.gumbel:
@@ -194,12 +207,13 @@ def _dream_inputs(config: FuseDecode, vocab: int, dtype: str) -> list[TensorSpec
 class Rule:
     """One decoder's per-row math: the step inputs it adds after head_rows (from the config, the vocab
     size and the logits dtype), the function computing its outputs (FUSED_OUTPUTS[decoder]) from the
-    head rows' logits and those inputs, and which of its outputs are float64 (the rest after the
-    tokens are in the logits dtype)."""
+    head rows' logits and those inputs, and which of its outputs are float64 or bool (the rest after
+    the tokens are in the logits dtype)."""
 
     inputs: Callable[[FuseDecode, int, str], list[TensorSpec]]
     pick: Callable[..., tuple[torch.Tensor, ...]]
     float64: tuple[str, ...] = ()
+    boolean: tuple[str, ...] = ()
     caches: tuple[str, ...] = ()
     """The cache policies its runtime loop drives (uncached always)."""
 
@@ -208,6 +222,7 @@ RULES: dict[str, Rule] = {
     "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
+    "wedlm": Rule(_wedlm_inputs, pick_wedlm, boolean=("fill",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 
@@ -228,6 +243,9 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
     if config.decoder == "block" and program.spec.attention != "block_causal":
         raise DlmcError(f"fuse_decode.decoder: block needs a block-causal model, not {program.spec.attention} "
                         "attention")
+    if config.decoder == "wedlm" and (program.spec.attention != "causal" or program.spec.shift_logits):
+        raise DlmcError("fuse_decode.decoder: wedlm needs a causal model with same-position logits, not "
+                        f"{program.spec.attention} attention{' with shifted logits' * program.spec.shift_logits}")
     gm = program.exported.module()  # unlifted: new inputs are plain placeholders
     graph = gm.graph
     final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
@@ -270,7 +288,7 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 def _output_spec(name: str, rule: Rule, logits_dtype: str, vocab: int) -> TensorSpec:
     if name == "top_ids":
         return TensorSpec(name, "int64", ("batch", "rows", min(TOP, vocab)))
-    dtype = "float64" if name in rule.float64 else logits_dtype
+    dtype = "float64" if name in rule.float64 else "bool" if name in rule.boolean else logits_dtype
     return TensorSpec(name, dtype, ("batch", "rows", min(TOP, vocab)) if name == "top_probs" else ("batch", "rows"))
 
 

@@ -18,7 +18,7 @@ from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
-from dlmc.runtime import block_loop, dream_loop, loop
+from dlmc.runtime import block_loop, dream_loop, loop, wedlm_loop
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
@@ -32,10 +32,12 @@ FUSED_INPUTS = (
     ("head_rows", "exponential", "temperature"), ("head_rows", "top_p", "top_k"),  # dream
     ("head_rows", "exponential", "temperature", "top_p", "top_k"),
     ("head_rows", "noise", "temperature", "top_k", "top_p"),  # block
+    ("head_rows", "slots", "pos_penalty", "entropy_threshold"),  # wedlm
+    ("head_rows", "slots", "pos_penalty", "entropy_threshold", "noise", "temperature", "top_k", "top_p"),
 )
 """Step inputs this runtime knows how to feed: the plain step, optionally with a K/V cache, optionally
 fused with the decoding rule; an artifact asking for others needs a newer runtime."""
-FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop}
+FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop, "wedlm": wedlm_loop}
 """Closed registry: the decoder whose rule a fused step carries -> its loop (check_supported, generate)."""
 
 

@@ -166,12 +166,27 @@ def test_auto_takes_the_models_sampler(steps):
     assert FuseDecode(decoder="auto").resolved(steps["llada"].spec).decoder == "llada"
     fused = fuse_decode(steps["dream"], FuseDecode(decoder="auto")).program
     assert fused.signature.fused_decoder == "dream"
-    with pytest.raises(DlmcError, match="auto picks this model's sampler, wedlm, which has no fused rule"):
-        fuse_decode(steps["wedlm"], FuseDecode(decoder="auto"))
+    wedlm = fuse_decode(steps["wedlm"], FuseDecode(decoder="auto")).program
+    assert wedlm.signature.fused_decoder == "wedlm"
     with pytest.raises(DlmcError, match="fuse_decode.filters: only the dream rule"):
         FuseDecode(decoder="auto", filters=True).resolved(steps["llada"].spec)
-    with pytest.raises(DlmcError, match="fuse_decode.decoder: unknown decoder 'wedlm'"):
-        FuseDecode(decoder="wedlm")
+    with pytest.raises(DlmcError, match="fuse_decode.decoder: unknown decoder 'sdar'"):
+        FuseDecode(decoder="sdar")
+
+
+def test_wedlm_rule_signature_and_refusals(steps):
+    """The wedlm rule's inputs and outputs (fill is bool); it needs a causal model with same-position
+    logits, and takes no strategy outputs."""
+    fused = fuse_decode(steps["wedlm"], FuseDecode(decoder="wedlm", gumbel=True)).program
+    check_program(fused)
+    assert [(t.name, t.dtype) for t in fused.signature.outputs[:3]] == [
+        ("tokens", "int64"), ("fill", "bool"), ("entropy", "float32")]
+    assert fused.signature.names[-8:] == ["head_rows", "slots", "pos_penalty", "entropy_threshold", "noise",
+                                          "temperature", "top_k", "top_p"]
+    with pytest.raises(DlmcError, match="wedlm needs a causal model with same-position logits, not bidirectional"):
+        fuse_decode(steps["llada"], FuseDecode(decoder="wedlm"))
+    with pytest.raises(DlmcError, match="fuse_decode.outputs: only the llada rule takes extra outputs"):
+        FuseDecode(decoder="wedlm", outputs=("entropy",))
 
 
 def test_dream_rule_runs_uncached(steps):
@@ -188,8 +203,8 @@ def test_dream_recipe_checks():
 
     assert "fuses the dream decoder's rule, not llada's" in problems([{"fuse_decode": {"decoder": "dream"}}],
                                                                       {"decoder": "llada"})
-    assert "fuses the llada or dream or block decoder's rule, not wedlm's" in problems(
-        [{"fuse_decode": {"decoder": "auto"}}], {"decoder": "wedlm"})
+    assert "fuses the llada or dream or block or wedlm decoder's rule, not llada2's" in problems(
+        [{"fuse_decode": {"decoder": "auto"}}], {"decoder": "llada2"})
     dual = {"block_cache": {"mode": "dual"}}
     refused = problems([dual, {"fuse_decode": {"decoder": "dream"}}])
     assert "fuse_decode {decoder: dream} cannot run after block_cache (dream's loop runs uncached only)" in refused
