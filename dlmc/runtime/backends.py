@@ -81,6 +81,7 @@ def load_state(path: Path, kinds: dict[str, list[str]], device: str) -> tuple[di
 def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
+    import dlmc.kernels.ops  # noqa: F401  (torch.ops.dlmc_kernels, which a triton_kernels step calls)
     import dlmc.quant.ops  # noqa: F401  (registers the torch.ops.dlmc operators a quantized graph calls)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
@@ -112,6 +113,7 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
 def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     from torch._inductor import aoti_load_package
 
+    import dlmc.kernels.ops  # noqa: F401  (AOTInductor calls a triton_kernels step's ops through the dispatcher)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     if torch.device(device).type != built_for:
