@@ -81,12 +81,13 @@ def load_state(path: Path, kinds: dict[str, list[str]], device: str) -> tuple[di
 def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
-    import dlmc.kernels.ops  # noqa: F401  (torch.ops.dlmc_kernels, which a triton_kernels step calls)
     import dlmc.quant.ops  # noqa: F401  (registers the torch.ops.dlmc operators a quantized graph calls)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     state, constants = load_state(root / entry["files"]["weights"], entry["state"], "cpu")
     graph = (root / entry["files"]["graph"]).read_bytes()
+    if b"dlmc_kernels" in graph:  # a triton_kernels step: register its ops (importing them imports triton)
+        import dlmc.kernels.ops  # noqa: F401
     try:
         # State and constants are passed as tensors, so the deserializer unpickles nothing.
         exported = deserialize(SerializedArtifact(graph, state, constants, b""))
