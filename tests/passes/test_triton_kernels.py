@@ -67,7 +67,8 @@ def launches(monkeypatch):
     import dlmc.kernels.woq_gemm as woq
 
     seen = []
-    for module, name in ((head, "unmask_head_triton"), (woq, "linear_woq_triton"), (attention, "cached_attention_triton")):
+    kernels = ((head, "unmask_head_triton"), (woq, "linear_woq_triton"), (attention, "cached_attention_triton"))
+    for module, name in kernels:
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
     return seen
@@ -145,3 +146,23 @@ def test_recipe_checks():
         parse_recipe({"passes": [kernels, {"fuse_decode": {}}]})
     with pytest.raises(DlmcError, match="choose at least one"):
         parse_recipe({"passes": [{"triton_kernels": {}}]})
+
+
+@needs_triton
+def test_an_eager_artifact_with_the_kernels_saves_loads_and_decodes(checkpoints, tmp_path, interpreter, launches):
+    import dlmc.runtime
+    from dlmc.compiler import compile_model
+    from dlmc.decoding.llada import LLaDAConfig
+
+    def recipe(*kernels):
+        return parse_recipe({"passes": [{"block_cache": {"mode": "dual", "block_length": 4}}, {"fuse_decode": {}},
+                                        *kernels], "lower": {"backend": "eager"}})
+
+    config = LLaDAConfig(gen_length=8, steps=8, block_length=4)
+    kernels = {"triton_kernels": {"head": True, "attention": True, "cpu_test": True}}
+    ids = {}
+    for name, r in (("plain", recipe()), ("kernels", recipe(kernels))):
+        engine = dlmc.runtime.load(compile_model(checkpoints["llada"], r, tmp_path / name))
+        ids[name] = engine.generate([[5, 6, 7], [9, 10, 11, 12, 13]], "llada", config).output_ids
+    assert {"unmask_head_triton", "cached_attention_triton"} <= set(launches)
+    assert ids["kernels"] == ids["plain"]  # float32: the kernels' rounding is far below this model's margins
