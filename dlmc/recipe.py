@@ -205,6 +205,8 @@ def _pass_checks(
                 problems.append(f"passes: rotate must come before {name}")
     if "fuse_decode" in names:
         problems += _fuse_checks(passes, decode)
+    if "triton_kernels" in names and names[-1] != "triton_kernels":
+        problems.append("passes: triton_kernels must be the last pass (it rewrites what the others left)")
     caches = [p for p in passes if p.kv_cache]
     if caches and "layer_skip" in names[names.index(caches[0].name):]:
         # layer_skip finds a block by the residual stream alone; after a cache pass each block also
@@ -226,8 +228,10 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     """fuse_decode replaces the logits with decoded rows, so nothing may follow it; each fused rule's
     loop runs uncached or under the cache policies its Rule names (llada: dual; block: exact)."""
     problems = []
-    if passes[-1].name != "fuse_decode":
-        problems.append("passes: fuse_decode must be the last pass (it replaces the step's logits)")
+    last = [p.name for p in passes if p.name != "triton_kernels"][-1]  # the kernels may replace its head
+    if last != "fuse_decode":
+        problems.append("passes: fuse_decode must be the last pass, or followed only by triton_kernels (it "
+                        "replaces the step's logits)")
     fused = next(p.decoder for p in passes if p.name == "fuse_decode")
     allowed = tuple(RULES) if fused == "auto" else (fused,)
     for p in passes:
@@ -267,7 +271,8 @@ def check_target(recipe: Recipe, device: str, checkpoint_dtype: str | None = Non
     option the backend cannot honour (such as a compute dtype it has no kernels for)."""
     dtypes = {recipe.capture.dtype or checkpoint_dtype or "float32"}
     dtypes |= {p.dtype for p in recipe.passes if isinstance(getattr(p, "dtype", None), str)}
-    return check_backend(recipe.lower, device, frozenset(dtypes))
+    kernels = [p.device_problem(device) for p in recipe.passes if p.name == "triton_kernels"]
+    return [p for p in kernels if p] + check_backend(recipe.lower, device, frozenset(dtypes))
 
 
 # ---------------------------------------------------------------------------------------------

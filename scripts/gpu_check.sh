@@ -5,7 +5,9 @@
 #      tests that need it skip;
 #   2. runs the gpu-marked tests (pytest -m gpu: every backend's exact recipe against the reference
 #      decoder on CUDA, cuda:N, the cache manager, the quantized operators, TensorRT when present);
-#   3. runs benchmarks/gpu_floor.py (8B-shaped LLaDA: ms/step against this GPU's floors).
+#   3. runs the CUDA-graph and Triton-kernel step tests (tests/runtime/test_cuda_graph.py): token identity
+#      of the graphed fused loop with the plain one, and of a triton_kernels step with the plain step;
+#   4. runs benchmarks/gpu_floor.py (8B-shaped LLaDA: ms/step against this GPU's floors).
 # Usage: scripts/gpu_check.sh [output dir, default ./gpu_check]   (in an environment with dlmc installed
 # and a CUDA build of torch). Prints one summary at the end; exits non-zero if a stage failed.
 set -uo pipefail
@@ -35,11 +37,13 @@ python -c 'import onnxruntime as o, sys; sys.exit(0 if "CUDAExecutionProvider" i
 if [ "${DLMC_GPU_TRT:-0}" = 1 ]; then
   stage install-trt 150 python -m pip install -q --extra-index-url https://pypi.nvidia.com -e '.[trt]'
 fi
-stage gpu-tests 300 python -m pytest -m gpu -q -p no:cacheprovider -rs tests
+stage gpu-tests 300 python -m pytest -m gpu -q -p no:cacheprovider -rs --ignore=tests/runtime/test_cuda_graph.py tests
+# CUDA graphs of the fused loop and the triton_kernels pass (the kernels inside an AOTInductor package)
+stage gpu-graphs-kernels 150 python -m pytest -m gpu -q -p no:cacheprovider -rs tests/runtime/test_cuda_graph.py
 stage gpu-floor 150 python benchmarks/gpu_floor.py --json "$out/gpu_floor.json" --calls 5
 
 echo "== dlmc gpu check: $(python -c 'import torch; print(torch.cuda.get_device_name(), "torch", torch.__version__)')"
 for line in "${summary[@]}"; do echo "$line"; done
-grep -E '^(FAILED|ERROR) ' "$out/gpu-tests.log" | sed 's/^/    /'
+grep -hE '^(FAILED|ERROR) ' "$out/gpu-tests.log" "$out/gpu-graphs-kernels.log" | sed 's/^/    /'
 grep -E 'ms/step' "$out/gpu-floor.log" | sed 's/^/    /'
 exit $status

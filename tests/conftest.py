@@ -10,6 +10,12 @@ from dlmc.testing.fixtures import FAMILIES, MOE_FAMILIES, write_checkpoint
 # that no test depends on the single-threaded kernels.
 torch.set_num_threads(int(os.environ.get("DLMC_TEST_THREADS", "1")))
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the setting when
+# triton.language is first imported (dlmc.passes imports the kernel modules), so it is set before any test
+# module is collected; the kernel ops still run their reference on CPU unless a test sets DLMC_TRITON_CPU=1.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, object]:

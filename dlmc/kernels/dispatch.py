@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -14,11 +15,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+CPU_INTERPRETER = "DLMC_TRITON_CPU"
+"""Set to 1 (with TRITON_INTERPRET=1) to run the kernels on CPU tensors in Triton's interpreter: how the
+CPU tests drive a step rewritten by the triton_kernels pass through the kernels themselves."""
+
+
 def use_triton(device: str | torch.device) -> bool:
-    """True on CUDA (the Triton kernel runs), False elsewhere (the plain-torch reference runs). On CUDA
-    without triton it is an error, never a silent fall back to the slower reference."""
+    """True on CUDA (the Triton kernel runs), False elsewhere (the plain-torch reference runs) unless
+    DLMC_TRITON_CPU=1 asks for Triton's interpreter. On CUDA without triton it is an error, never a silent
+    fall back to the slower reference."""
     if torch.device(device).type != "cuda":
-        return False
+        if os.environ.get(CPU_INTERPRETER) != "1":
+            return False
+        if not triton_available() or not interpreting():
+            raise DlmcError(f"kernels: {CPU_INTERPRETER}=1 runs Triton's interpreter on CPU; it needs triton "
+                            "installed and TRITON_INTERPRET=1 set before the first kernel runs")
+        return True
     if not triton_available():
         raise DlmcError("kernels: triton is not installed on this CUDA machine (pip install 'dlmc[kernels]')")
     return True

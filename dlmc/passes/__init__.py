@@ -209,6 +209,7 @@ from dlmc.passes import (  # noqa: E402
     mixed_precision,
     quantize,
     rotate,
+    triton_kernels,
     window_pruning,
 )
 
@@ -230,5 +231,6 @@ __all__ = [
     "reexport",
     "register",
     "rotate",
+    "triton_kernels",
     "window_pruning",
 ]

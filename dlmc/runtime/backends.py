@@ -87,6 +87,8 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
 
     state, constants = load_state(root / entry["files"]["weights"], entry["state"], "cpu")
     graph = (root / entry["files"]["graph"]).read_bytes()
+    if b"dlmc_kernels" in graph:  # a triton_kernels step: register its ops (importing them imports triton)
+        import dlmc.kernels.ops  # noqa: F401
     try:
         # State and constants are passed as tensors, so the deserializer unpickles nothing.
         exported = deserialize(SerializedArtifact(graph, state, constants, b""))
@@ -113,6 +115,7 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
 def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
     from torch._inductor import aoti_load_package
 
+    import dlmc.kernels.ops  # noqa: F401  (AOTInductor calls a triton_kernels step's ops through the dispatcher)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     if torch.device(device).type != built_for:

@@ -1,4 +1,6 @@
 """The fused LLaDA step over the rows of a `Rows` canvas, uncached or with Fast-dLLM v1's dual cache.
+Both call the compiled step through `run` (`dlmc.runtime.cuda_graph.step_runner`: replayed as CUDA
+graphs on CUDA, `engine.run_step` elsewhere).
 
 Both are called with every row's block (its first column `lo` [B] and its index `block` [B]), the
 columns [B, K] the decoding rule reads and the rows' draws, and hand back the step's first `outputs`
@@ -18,13 +20,13 @@ from dlmc.runtime.canvas import Rows
 class Uncached:
     """The step over every column of every row's canvas; the head on the block's rows."""
 
-    def __init__(self, engine, rows: Rows, shift: int, outputs: int):
-        self.engine, self.rows, self.shift, self.outputs = engine, rows, shift, outputs
+    def __init__(self, run, rows: Rows, shift: int, outputs: int):
+        self.run, self.rows, self.shift, self.outputs = run, rows, shift, outputs
 
     def __call__(self, lo: torch.Tensor, block: torch.Tensor, columns: torch.Tensor, draws: tuple[torch.Tensor, ...]):
         head_rows = (columns - self.shift).clamp(min=0)  # [B, K]: the rows predicting the columns
         r = self.rows
-        return self.engine.run_step(r.x, r.real, r.positions, head_rows, *draws)[: self.outputs]
+        return self.run(r.x, r.real, r.positions, head_rows, *draws)[: self.outputs]
 
     def append(self, count: int, grown: int) -> None:
         """`count` rows joined; every older row was padded by `grown` columns on the left."""
@@ -41,8 +43,8 @@ class DualCache:
     buffer. A row that joins has no buffer yet, so its first step is a full one, whatever the others do:
     joining at any step is exact."""
 
-    def __init__(self, engine, rows: Rows, block_length: int, shift: int, refresh: int | None, outputs: int):
-        self.engine, self.rows, self.refresh, self.outputs = engine, rows, refresh, outputs
+    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, refresh: int | None, outputs: int):
+        self.run, self.signature, self.rows, self.refresh, self.outputs = run, signature, rows, refresh, outputs
         self.block_length, self.shift = block_length, shift
         self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before
         device = rows.device
@@ -105,8 +107,8 @@ class DualCache:
         """The whole canvas, nothing cached; keep the K/V of every column outside the block's span."""
         r = self.rows
         head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
-        inputs = (r.x[rows], r.real[rows], r.positions[rows], *empty_cache(self.engine.signature, len(rows), r.device))
-        *decoded, keys, values = self.engine.run_step(*inputs, head_rows, *draws)
+        inputs = (r.x[rows], r.real[rows], r.positions[rows], *empty_cache(self.signature, len(rows), r.device))
+        *decoded, keys, values = self.run(*inputs, head_rows, *draws)
         columns = torch.arange(self.index.shape[1], device=first.device)  # [C]
         index = columns + (columns >= first[:, None]) * self.span  # [n, C]: every column but the span's
         layers, _, heads, _, dim = keys.shape
@@ -131,7 +133,7 @@ class DualCache:
             keys, values = self.keys[:, rows], self.values[:, rows]
         inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
                   real.gather(1, index), positions.gather(1, index), keys, values)
-        return self.engine.run_step(*inputs, head_rows, *draws)[: self.outputs]
+        return self.run(*inputs, head_rows, *draws)[: self.outputs]
 
 
 def _rows(draws: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

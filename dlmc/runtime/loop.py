@@ -30,6 +30,7 @@ from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_g
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
 from dlmc.runtime.canvas import Rows
+from dlmc.runtime.cuda_graph import step_runner
 from dlmc.runtime.fused_step import DualCache, Uncached
 from dlmc.runtime.policies import policy_from_dict
 
@@ -101,6 +102,7 @@ class Decoding:
     def __init__(self, engine):
         self.engine, spec, sig = engine, engine.spec, engine.signature
         self.device = engine.device
+        self.run = step_runner(engine)  # CUDA graphs on CUDA, kept for the life of the loop
         self.mask_id, self.shift = spec.mask_token_id, int(spec.shift_logits)
         self.rows = Rows(self.mask_id, pad_token_id(spec), self.device)
         self.stops = torch.tensor(stop_token_ids(spec, None), dtype=torch.long, device=self.device)
@@ -230,10 +232,10 @@ class Decoding:
         # the columns the rule reads each step: the block's, or every generated one
         self.read_width = config.gen_length if self.rule.sees_generation else bl
         if sig.cache is None:
-            self.step_fn = Uncached(self.engine, self.rows, self.shift, len(self.outputs))
+            self.step_fn = Uncached(self.run, self.rows, self.shift, len(self.outputs))
         else:
             refresh = policy_from_dict(sig.cache).refresh
-            self.step_fn = DualCache(self.engine, self.rows, bl, self.shift, refresh, len(self.outputs))
+            self.step_fn = DualCache(self.run, sig, self.rows, bl, self.shift, refresh, len(self.outputs))
 
     def _leave(self, keep: list[bool]) -> None:
         cut = self.rows.keep(keep)

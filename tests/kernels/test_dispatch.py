@@ -34,3 +34,15 @@ def test_dot_settings_keep_float32_ieee(monkeypatch):
 
 def test_next_power_of_2():
     assert [dispatch.next_power_of_2(n) for n in (1, 2, 3, 16, 17)] == [1, 2, 4, 16, 32]
+
+
+def test_cpu_runs_the_interpreter_only_when_asked(monkeypatch):
+    monkeypatch.setenv("DLMC_TRITON_CPU", "1")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: True)
+    assert dispatch.use_triton("cpu") is True
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    with pytest.raises(DlmcError, match="TRITON_INTERPRET=1"):
+        dispatch.use_triton("cpu")
+    monkeypatch.setenv("DLMC_TRITON_CPU", "0")
+    assert dispatch.use_triton("cpu") is False
