@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,36 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def label_groups(
+    speed: Sequence[float], quality: Sequence[float], *, near_x: float = 0.1, near_y: float = 0.03
+) -> list[list[int]]:
+    """Points whose labels would overlap, grouped so that each group gets one label (its names stacked).
+
+    Distances are fractions of the plotted span, on the log speed axis and the linear quality axis: a
+    label runs to the right of its point, so two points on one accuracy level collide over a wider
+    horizontal distance (`near_x`) than vertical (`near_y`, about one line of text). Points closer than
+    that on both axes, directly or through a chain of such points, form one group. Groups and their
+    members keep the input order."""
+    xs = [math.log(s) for s in speed]
+    x_span = (max(xs) - min(xs)) or 1.0
+    y_span = (max(quality) - min(quality)) or 1.0
+    parent = list(range(len(xs)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(len(xs)):
+        for j in range(i):
+            if abs(xs[i] - xs[j]) / x_span < near_x and abs(quality[i] - quality[j]) / y_span < near_y:
+                parent[max(root(i), root(j))] = min(root(i), root(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(xs)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
 def check_plotting() -> None:
     """One line before any work when matplotlib (the `plot` extra) is missing."""
     try:
@@ -33,7 +64,8 @@ def plot_pareto(
     names: Sequence[str], speed: Sequence[float], quality: Sequence[float], path: str | Path, *,
     xlabel: str = "tokens / s", ylabel: str = "task accuracy", title: str = "speed vs quality",
 ) -> Path:
-    """Every point labelled with its name; the front drawn as a line through its points, the others grey."""
+    """Every point labelled with its name (points too close to label apart share one label); the front
+    drawn as a line through its points, the others grey."""
     check_plotting()
     from matplotlib.figure import Figure
 
@@ -47,8 +79,10 @@ def plot_pareto(
     ordered = sorted(front, key=lambda i: speed[i])
     ax.plot([speed[i] for i in ordered], [quality[i] for i in ordered], "o-", color="tab:red", markersize=8,
             label="Pareto front", zorder=3)
-    for i, name in enumerate(names):
-        ax.annotate(name, (speed[i], quality[i]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for group in label_groups(speed, quality):  # coinciding points share one label, names stacked
+        first = group[0]
+        ax.annotate("\n".join(names[i] for i in group), (speed[first], quality[first]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
