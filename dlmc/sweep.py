@@ -1,6 +1,6 @@
 """`dlmc bench --sweep FILE`: decoding settings (and optionally other artifacts or recipes) side by side on
-the same held-out task prompts of the embedded model: tokens/s, NFE (per batch and per prompt), exact-match accuracy and token
-agreement with the first entry, the baseline.
+the same held-out task prompts of the embedded model: tokens/s, NFE (per batch and per prompt), exact-match
+accuracy and token agreement with the first entry, the baseline.
 
 A sweep file is YAML:
 
