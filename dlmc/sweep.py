@@ -1,6 +1,6 @@
 """`dlmc bench --sweep FILE`: decoding settings (and optionally other artifacts or recipes) side by side on
-the same held-out task prompts of the embedded model: tokens/s, NFE, exact-match accuracy and token
-agreement with the first entry, the baseline.
+the same held-out task prompts of the embedded model: tokens/s, NFE (per batch and per prompt), exact-match
+accuracy and token agreement with the first entry, the baseline.
 
 A sweep file is YAML:
 
@@ -65,6 +65,10 @@ class SweepRow:
     tokens_per_s: float
     seconds: float
     nfe: int
+    """Model calls summed over the batches: a batch calls the model until its slowest row is done."""
+    nfe_per_prompt: float
+    """Each prompt's own model calls, averaged: its cost when served alone or batched step by step
+    (rows join and leave between steps), where a fast row does not wait for the batch's slowest."""
     accuracy: float
     per_task: dict[str, float]
     agreement: float
@@ -236,6 +240,7 @@ def _measure(entry: SweepEntry, loaded, decoder: str, config, per_task: int, bat
         tokens_per_s=generated / seconds,
         seconds=seconds,
         nfe=report.nfe,
+        nfe_per_prompt=sum(c.nfe for c in report.completions) / len(report.completions),
         accuracy=report.accuracy,
         per_task=report.per_task,
         agreement=token_agreement(outputs, baseline or outputs),
@@ -246,11 +251,12 @@ def _measure(entry: SweepEntry, loaded, decoder: str, config, per_task: int, bat
 def format_sweep(rows: list[SweepRow]) -> str:
     base = rows[0]
     width = max(12, *(len(r.name) for r in rows))
-    lines = [f"{'':{width}} {'tok/s':>9} {'speed-up':>9} {'NFE':>7} {'NFE ratio':>9} {'accuracy':>9} {'agree':>7}"]
+    lines = [f"{'':{width}} {'tok/s':>9} {'speed-up':>9} {'NFE':>7} {'NFE ratio':>9} {'NFE/prompt':>10} "
+             f"{'accuracy':>9} {'agree':>7}"]
     for r in rows:
         lines.append(
             f"{r.name:{width}} {r.tokens_per_s:9.1f} {r.tokens_per_s / base.tokens_per_s:8.2f}x {r.nfe:7d} "
-            f"{r.nfe / base.nfe:9.2f} {r.accuracy:9.1%} {r.agreement:7.1%}"
+            f"{r.nfe / base.nfe:9.2f} {r.nfe_per_prompt:10.2f} {r.accuracy:9.1%} {r.agreement:7.1%}"
         )
     return "\n".join(lines)
 

@@ -45,7 +45,7 @@ def test_sweep_prints_every_entry_and_writes_the_pareto_png(tmp_path):
     assert rows[0]["agreement"] == rows[1]["agreement"] == 1.0
     assert rows[1]["accuracy"] == rows[0]["accuracy"]
     assert rows[1]["nfe"] < rows[0]["nfe"] == 16
-    assert rows[0]["decoder"] == "llada" and rows[0]["config"]["steps"] == 16
+    assert rows[0]["decoder"] == "llada" and rows[0]["config"]["steps"] == 16 and rows[0]["nfe_per_prompt"] == 16
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -55,8 +55,12 @@ def test_threshold_entry_disagrees_and_saves_calls(tmp_path):
     rows = run_sweep(sweep)
     assert rows[1].nfe < rows[0].nfe
     assert 0 < rows[1].agreement <= 1 and rows[1].config["threshold"] == 0.5
+    # one batch of 4 prompts: one per step costs every prompt 16 calls; a threshold row that is done
+    # leaves the batch, so the prompts' mean is at most the batch's count
+    assert rows[0].nfe_per_prompt == 16
+    assert 1 <= rows[1].nfe_per_prompt <= rows[1].nfe
     table = format_sweep(rows)
-    assert "one-per-step" in table and "freedave" in table and "NFE ratio" in table
+    assert "one-per-step" in table and "freedave" in table and "NFE ratio" in table and "NFE/prompt" in table
 
 
 def test_every_shipped_entry_builds_a_config():
