@@ -7,8 +7,8 @@ the floor of each step, max(FLOPs at those rates, bytes read once / bandwidth); 
 LLaDA-format checkpoint of benchmarks/compile_ratio.py (stored in bf16) and the embedded default model,
 each compiled with recipes/cpu-bf16.yaml (the full step over the whole canvas) and
 recipes/cpu-bf16-dual.yaml (Fast-dLLM dual cache: the block's rows over the whole canvas's keys), and
-each recipe also without its last pass, fuse_decode (the baseline: the reference decoder on the step's
-full-canvas logits). For each: the compiled step alone (`engine.run_step`, median of --calls) and the
+each recipe also without its last pass, fuse_decode, and without `freeze` (the baseline: the reference
+decoder on the unfrozen step's full-canvas logits), and fused but unfrozen (what freezing adds). For each: the compiled step alone (`engine.run_step`, median of --calls) and the
 whole decode (llada decoder, temperature 0) in ms per model call. Every number comes from this one run.
 """
 
@@ -40,6 +40,7 @@ from dlmc.testing.fixtures import write_checkpoint
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 ARTIFACTS = {"full": "cpu-bf16", "dual": "cpu-bf16-dual"}  # step kind -> recipe
+VARIANTS = ("unfused", "unfrozen", "recipe")
 
 
 @dataclass(frozen=True)
@@ -231,13 +232,15 @@ def bench_model(name: str, model_dir: Path, args, sizes: Sizes, rates: Rates) ->
     ids, block = canvas(spec, sizes)
     length, prompts = len(ids), [ids[: sizes.prompt].tolist()]
     rows = []
-    for (kind, recipe), fused in itertools.product(ARTIFACTS.items(), (False, True)):
-        label = recipe if fused else f"{recipe} unfused"  # baseline: the recipe without fuse_decode
+    for (kind, recipe), variant in itertools.product(ARTIFACTS.items(), args.variants):
+        label = recipe if variant == "recipe" else f"{recipe} {variant}"
         out = args.workdir / f"{name}-{label.replace(' ', '-')}"
         start = time.perf_counter()
         if not (args.reuse and (out / "manifest.json").is_file()):
             resolved = load_recipe(RECIPES / f"{recipe}.yaml")
-            if not fused:
+            if variant != "recipe":  # both baselines unfrozen
+                resolved = dataclasses.replace(resolved, lower=dataclasses.replace(resolved.lower, freeze=False))
+            if variant == "unfused":  # the recipe without fuse_decode
                 resolved = dataclasses.replace(resolved, passes=resolved.passes[:-1])
             compile_model(model_dir, resolved, out, force=True)
         compile_s = time.perf_counter() - start
@@ -270,13 +273,13 @@ def bench_model(name: str, model_dir: Path, args, sizes: Sizes, rates: Rates) ->
     return rows
 
 
-HEADER = (f"{'artifact':26} {'rows x keys':>11} {'step ms':>8} {'decode ms/step':>14} {'overhead':>8} "
+HEADER = (f"{'artifact':30} {'rows x keys':>11} {'step ms':>8} {'decode ms/step':>14} {'overhead':>8} "
           f"{'floor ms':>8} {'binds':>7} {'step/floor':>10} {'GEMM+SDPA':>9} {'iter floor':>10} {'decode/floor':>12}")
 
 
 def format_row(r: dict) -> str:
     f = r["floor"]
-    return (f"{r['artifact']:26} {r['rows_x_keys']:>11} {r['step_ms']:8.2f} {r['decode_ms_per_step']:14.2f} "
+    return (f"{r['artifact']:30} {r['rows_x_keys']:>11} {r['step_ms']:8.2f} {r['decode_ms_per_step']:14.2f} "
             f"{r['overhead_ms']:8.2f} {f['floor_ms']:8.2f} {f['binds']:>7} {r['ratio']:9.2f}x "
             f"{f['gemms_cold_ms'] + f['attention_ms']:9.2f} {r['iteration_floor_ms']:10.2f} {r['decode_ratio']:11.2f}x")
 
@@ -294,6 +297,8 @@ def main() -> None:
                     "second OpenMP thread waits on a descheduled peer and GEMMs run 10-100x slower)")
     ap.add_argument("--models", nargs="*", default=["134m", "default"], choices=["134m", "default"])
     ap.add_argument("--reuse", action="store_true", help="keep artifacts already in --workdir")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS,
+                    help="unfused: no fuse_decode, no freeze (the baseline); unfrozen: fused, no freeze; recipe: as shipped")
     ap.add_argument("--quick", action="store_true", help="embedded model only, short canvas, few calls")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
