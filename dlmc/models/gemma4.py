@@ -18,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlmc.models.grouped import grouped_mm
+from dlmc.models.moe import RoutedExperts, grouped_experts, tiled_experts
+
 LayerType = Literal["sliding_attention", "full_attention"]
 LAYER_TYPES: tuple[str, ...] = ("sliding_attention", "full_attention")
+TILE = 8
+"""Rows per tile of the experts' tiled form (a speed setting only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,18 +197,39 @@ class Gemma4Router(nn.Module):
         return weights * _upcast(self.per_expert_scale)[idx], idx
 
 
-class Gemma4Experts(nn.Module):
-    """Stacked experts as published: gate_up_proj [E, 2F, d] (gate rows first), down_proj [E, d, F]. The
-    reference loop runs each expert on the tokens routed to it."""
+class Gemma4Experts(RoutedExperts):
+    """Stacked experts as published: gate_up_proj [E, 2F, d] (gate rows first), down_proj [E, d, F]. They
+    run in the form set_experts_form chose (dlmc.models.moe): grouped (torch.ops.dlmc.grouped_mm reads the
+    published [out, in] matrices in place, as transposed views) or tiled (standard ops, for ONNX). `loop` is
+    the per-expert reference, which torch.export cannot capture (data-dependent expert ids)."""
 
     def __init__(self, cfg: Gemma4Config):
         super().__init__()
         E, f, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, f))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x: [T, d]; weights, idx: [T, k] -> [T, d]
+        if self.form == "grouped":
+            outputs = grouped_experts(x, idx, self.num_experts, self._grouped_mlp)  # [T, k, d]
+        else:
+            outputs = tiled_experts(x, idx, self.num_experts, TILE, self._tiled_mlp)  # [T, k, d]
+        return (outputs * weights.to(x.dtype)[..., None]).sum(1)
+
+    def _grouped_mlp(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        # rows: [N, d] sorted by expert -> [N, d]
+        gate, up = grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)  # [N, F] each
+        return grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(1, 2), offs)
+
+    def _tiled_mlp(self, packed: torch.Tensor, tile_expert: torch.Tensor) -> torch.Tensor:
+        # packed: [tiles, R, d] -> [tiles, R, d]
+        gate, up = torch.bmm(packed, self.gate_up_proj[tile_expert].transpose(1, 2)).chunk(2, dim=-1)
+        return torch.bmm(F.gelu(gate, approximate="tanh") * up, self.down_proj[tile_expert].transpose(1, 2))
+
+    def loop(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The reference: each expert on the tokens routed to it. x [T, d]; weights, idx [T, k] -> [T, d]."""
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             token, slot = (idx == e).nonzero(as_tuple=True)  # [n], [n]
