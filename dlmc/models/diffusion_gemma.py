@@ -138,14 +138,14 @@ class GemmaCache:
     def layer_positions(self, layer: int) -> torch.Tensor:
         return self.positions[:, self.positions.shape[1] - self.keys[layer].shape[2] :]  # [B, C_l]
 
-    def extend(self, keys, values, mask, positions, arch: Gemma4Config) -> GemmaCache:
+    def extend(self, keys, values, mask, positions, layer_types, sliding_window: int) -> GemmaCache:
         """This cache with one encoder call's k, v (per layer [B, Hkv, L, D]), mask and positions [B, L]
         appended; sliding layers then keep their last sliding_window - 1 positions."""
         new_keys, new_values = [], []
-        for n, kind in enumerate(arch.layer_types):
+        for n, kind in enumerate(layer_types):
             k, v = torch.cat([self.keys[n], keys[n]], 2), torch.cat([self.values[n], values[n]], 2)
             if kind == "sliding_attention":
-                start = k.shape[2] - min(arch.sliding_window - 1, k.shape[2])
+                start = k.shape[2] - min(sliding_window - 1, k.shape[2])
                 k, v = k[:, :, start:], v[:, :, start:]
             new_keys.append(k)
             new_values.append(v)
@@ -190,9 +190,10 @@ class DiffusionGemma(nn.Module):
     def forward(self, *args, **kwargs):
         raise DlmcError(f"the {FAMILY} model runs only with its own decoder ('{FAMILY}'): it has no mask token")
 
-    def embed_scale(self) -> torch.Tensor:
-        # sqrt(d) cast to the weight dtype first, as the reference does (53.0 in bf16, not 53.07)
-        return torch.tensor(self.arch.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype)
+    def embed_scale(self) -> float:
+        # sqrt(d) rounded to the weight dtype first, as the reference does (53.0 in bf16, not 53.07). A Python
+        # number, not a tensor: the product is the same, and a captured graph then holds no tensor constant.
+        return float(torch.tensor(self.arch.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype))
 
     def empty_cache(self, batch: int, device) -> GemmaCache:
         dtype = self.embed_tokens.weight.dtype
@@ -214,7 +215,8 @@ class DiffusionGemma(nn.Module):
         input_ids [B, L] (left-padded: attention_mask [B, L] bool, logical position_ids [B, L]), appended to
         `cache`."""
         keys, values = self.encode_layers(input_ids, attention_mask, position_ids, cache)
-        return cache.extend(keys, values, attention_mask.bool(), position_ids, self.arch)
+        arch = self.arch
+        return cache.extend(keys, values, attention_mask.bool(), position_ids, arch.layer_types, arch.sliding_window)
 
     def encode_layers(self, input_ids, attention_mask, position_ids, cache: GemmaCache):
         """The encoder pass itself: per layer this call's k, v [B, Hkv, L, D] (what `encode` appends)."""

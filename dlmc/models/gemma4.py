@@ -114,8 +114,8 @@ def rope_cos_sin(
     compute = torch.promote_types(dtype, torch.float32)
     angles_n = int(fraction * head_dim // 2)
     exponents = torch.arange(0, 2 * angles_n, 2, device=positions.device).to(compute) / head_dim
-    inv_freq = torch.zeros(head_dim // 2, dtype=compute, device=positions.device)
-    inv_freq[:angles_n] = 1.0 / theta**exponents
+    zero = torch.zeros(head_dim // 2 - angles_n, dtype=compute, device=positions.device)
+    inv_freq = torch.cat([1.0 / theta**exponents, zero])  # not an in-place write: a captured graph keeps none
     angles = positions[:, None, :, None].to(compute) * inv_freq  # [B, 1, L, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -156,10 +156,10 @@ class Gemma4Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, Hkv, C + L, D]
-        groups = self.num_heads // self.kv_heads
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)  # [B, H, L, D]
+        # enable_gqa, not repeat_interleave: torch.export cannot prove the latter's strides for a dynamic length
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)  # [B,H,L,D]
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), k, v
+
 
 
 class GatedMLP(nn.Module):
