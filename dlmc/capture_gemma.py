@@ -11,8 +11,8 @@ K/V cache (over the prompt, then over each committed canvas) and as a bidirectio
             `window` there and `cache` on full layers).
   decoder   (canvas, position_ids [B, C], the same cache inputs, soft [B, C, d], temperature [1],
              entropy_bound [1], exponential [B, C, V], fresh [B, C])
-            -> canvas [B, C] (accepted samples, the rest renoised with `fresh`), argmax [B, C],
-               mean_entropy [B], soft [B, C, d].
+            -> next_canvas [B, C] (accepted samples, the rest renoised with `fresh`), argmax_canvas
+               [B, C], mean_entropy [B], next_soft [B, C, d].
 
 The decoder iteration carries the sampler's per-step maths (dlmc.decoding.diffusion_gemma): logits / T,
 the sample argmax(softmax / q) that torch.multinomial draws from q ~ Exp(1) (the runtime draws q and the
@@ -47,7 +47,8 @@ def empty_slots(arch) -> int:
     (torch.export specialises dims of size 0 and 1, and a full cache no longer than a sliding one)."""
     return max(2, arch.sliding_window)
 
-DECODER_OUTPUTS = ("canvas", "argmax", "mean_entropy", "soft")
+DECODER_OUTPUTS = ("next_canvas", "argmax_canvas", "mean_entropy", "next_soft")
+"""Names unlike the inputs' and torch's node names (ONNX wants every name once)."""
 
 
 def cache_names(num_layers: int) -> list[str]:
@@ -168,8 +169,9 @@ def capture_gemma(model, config: CaptureConfig) -> tuple[dict[str, StepProgram],
                 spec_of("soft", decoder_inputs[-5], ("batch", C, d)), TensorSpec("temperature", "float32", (1,)),
                 TensorSpec("entropy_bound", "float32", (1,)), TensorSpec("exponential", "float32", ("batch", C, V)),
                 spec_of("fresh", canvas, ("batch", C))),
-        outputs=(spec_of("canvas", canvas, ("batch", C)), spec_of("argmax", canvas, ("batch", C)),
-                 TensorSpec("mean_entropy", "float32", ("batch",)), spec_of("soft", decoder_inputs[-5], ("batch", C, d))),
+        outputs=(spec_of(DECODER_OUTPUTS[0], canvas, ("batch", C)), spec_of(DECODER_OUTPUTS[1], canvas, ("batch", C)),
+                 TensorSpec(DECODER_OUTPUTS[2], "float32", ("batch",)),
+                 spec_of(DECODER_OUTPUTS[3], decoder_inputs[-5], ("batch", C, d))),
         seq=(C, C), decoder="diffusion_gemma", **bounds,
     )
     programs = {"encoder": StepProgram(exported=encoder, signature=encoder_sig, spec=spec),
