@@ -158,11 +158,12 @@ def capture_gemma(model, config: CaptureConfig) -> tuple[dict[str, StepProgram],
                    *(spec_of(name, keys[0], kv_shape[i % n]) for i, name in enumerate(cache_names(n)[2:])))
     new_kv = tuple(spec_of(f"{part}_{i}", keys[0], kv_shape[i][:2] + ("seq", kv_shape[i][3]))
                    for part in ("keys", "values") for i in range(n))
-    bounds = {"batch": (1, config.max_batch)}
+    # seq: the longest context (prompt + canvases) the programs take, which a server bounds requests by
+    bounds = {"batch": (1, config.max_batch), "seq": (2, spec.max_length)}
     encoder_sig = StepSignature(
         inputs=(spec_of("input_ids", ids, ("batch", "seq")), spec_of("attention_mask", mask, ("batch", "seq")),
                 spec_of("position_ids", pos, ("batch", "seq")), *cache_specs),
-        outputs=new_kv, seq=(2, spec.max_length), **bounds,
+        outputs=new_kv, **bounds,
     )
     decoder_sig = StepSignature(
         inputs=(spec_of("canvas", canvas, ("batch", C)), spec_of("position_ids", pos, ("batch", C)), *cache_specs,
@@ -172,7 +173,7 @@ def capture_gemma(model, config: CaptureConfig) -> tuple[dict[str, StepProgram],
         outputs=(spec_of(DECODER_OUTPUTS[0], canvas, ("batch", C)), spec_of(DECODER_OUTPUTS[1], canvas, ("batch", C)),
                  TensorSpec(DECODER_OUTPUTS[2], "float32", ("batch",)),
                  spec_of(DECODER_OUTPUTS[3], decoder_inputs[-5], ("batch", C, d))),
-        seq=(C, C), decoder="diffusion_gemma", **bounds,
+        decoder="diffusion_gemma", **bounds,
     )
     programs = {"encoder": StepProgram(exported=encoder, signature=encoder_sig, spec=spec),
                 "decoder": StepProgram(exported=decoder, signature=decoder_sig, spec=spec)}

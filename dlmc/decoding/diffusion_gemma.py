@@ -86,6 +86,12 @@ def accept(entropies: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.zeros_like(chosen).scatter(-1, order, chosen)
 
 
+def validate(spec: DenoiserSpec, prompts: list[list[int]], config: DiffusionGemmaConfig) -> None:
+    """The checks that need no model (a server makes them before queueing): the prompts' ids. Whether whole
+    canvases fit max_length needs the canvas length, which `generate` checks (count_canvases)."""
+    check_prompts(spec, prompts)
+
+
 def count_canvases(spec: DenoiserSpec, prompts: list[list[int]], config: DiffusionGemmaConfig, C: int) -> int:
     """Canvases of C tokens the run needs, after checking the prompts and that they fit max_length."""
     check_prompts(spec, prompts)
