@@ -30,8 +30,8 @@ def test_passes_the_programs_cannot_take_are_one_line(checkpoint, tmp_path, pass
 
 
 def test_manifest_records_both_programs(checkpoint, tmp_path):
-    recipe = parse_recipe({"capture": {"max_batch": 2}, "passes": [{"fold_constants": {}}, {"fuse_decode": {"decoder": "auto"}}],
-                           "lower": {"backend": "eager"}})
+    passes = [{"fold_constants": {}}, {"fuse_decode": {"decoder": "auto"}}]
+    recipe = parse_recipe({"capture": {"max_batch": 2}, "passes": passes, "lower": {"backend": "eager"}})
     manifest = json.loads((compile_model(checkpoint, recipe, tmp_path / "art") / "manifest.json").read_text())
     programs = manifest["programs"]
     assert programs["layout"]["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]

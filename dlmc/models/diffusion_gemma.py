@@ -149,7 +149,8 @@ class GemmaCache:
                 k, v = k[:, :, start:], v[:, :, start:]
             new_keys.append(k)
             new_values.append(v)
-        return GemmaCache(new_keys, new_values, torch.cat([self.mask, mask], 1), torch.cat([self.positions, positions], 1))
+        mask, positions = torch.cat([self.mask, mask], 1), torch.cat([self.positions, positions], 1)
+        return GemmaCache(new_keys, new_values, mask, positions)
 
 
 class SelfConditioning(nn.Module):

@@ -81,7 +81,8 @@ def float_params(arch: ArchConfig | Gemma4Config) -> int:
 
 
 def weight_bytes(
-    arch: ArchConfig | Gemma4Config, scheme: Scheme | None, float_bytes: int = 2, scale_bytes: int = 2, *, active: bool = False
+    arch: ArchConfig | Gemma4Config, scheme: Scheme | None, float_bytes: int = 2, scale_bytes: int = 2, *,
+    active: bool = False,
 ) -> int:
     """Bytes of the weights under `scheme` (None: all float); `active`: those one token reads (MoE)."""
     total = 0

@@ -29,7 +29,8 @@ def served(request, checkpoint, tmp_path_factory):
     if request.param == "eager":
         model, tokenizer = load_model(checkpoint), load_tokenizer(checkpoint)
         return ServedModel(model, model.spec, tokenizer, {}, "gemma")
-    engine = dlmc.runtime.load(compile_model(checkpoint, "recipes/cpu-eager.yaml", tmp_path_factory.mktemp("a") / "art"))
+    artifact = compile_model(checkpoint, "recipes/cpu-eager.yaml", tmp_path_factory.mktemp("a") / "art")
+    engine = dlmc.runtime.load(artifact)
     return ServedModel(engine, engine.spec, engine.tokenizer, engine.manifest.get("decode") or {}, "gemma")
 
 
