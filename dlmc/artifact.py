@@ -44,6 +44,7 @@ FUSED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "dream": ("tokens", "probability", "margin", "neg_entropy"),
     "block": ("tokens", "confidence", "confidence64"),
     "wedlm": ("tokens", "fill", "entropy"),
+    "diffusion_gemma": ("next_canvas", "argmax_canvas", "mean_entropy", "next_soft"),  # dlmc.capture_gemma
 }
 """Closed registry: decoder -> the first outputs of a step with that decoder's per-row rule fused onto
 it (the fuse_decode pass). The signature records the decoder; the outputs tell a fused step from a
@@ -332,8 +333,7 @@ def summarize(manifest: dict[str, Any]) -> dict[str, str]:
     """The lines `dlmc inspect` prints for an artifact: label -> value."""
     spec, sig, backend = manifest["spec"], manifest["signature"], manifest["backend"]
     attention = spec["attention"] + (f" (block size {spec['block_size']})" if spec.get("block_size") else "")
-    inputs = ", ".join(f"{t['name']}[{','.join(map(str, t['shape']))}] {t['dtype']}" for t in sig["inputs"])
-    outputs = ", ".join(f"{t['name']}[{','.join(map(str, t['shape']))}] {t['dtype']}" for t in sig["outputs"])
+    inputs, outputs = _tensors(sig["inputs"]), _tensors(sig["outputs"])
     buckets = f", seq buckets {sig['seq_buckets']}" if sig.get("seq_buckets") else ""
     passes = ", ".join(f"{p['name']}{'' if p['exact'] else ' (approximate)'}" for p in manifest.get("passes", []))
     total = sum(entry["bytes"] for entry in manifest["files"].values())
@@ -355,7 +355,21 @@ def summarize(manifest: dict[str, Any]) -> dict[str, str]:
         "cache": ", ".join(f"{k} {v}" for k, v in sig["cache"].items() if v is not None) if sig.get("cache") else "none",
         "decoder": decode.get("decoder") or "(the model's own)",
         "size": f"{_size(total)} in {len(manifest['files'])} files: {sizes}",
-    }
+    } | _programs(manifest)
+
+
+def _tensors(specs: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{t['name']}[{','.join(map(str, t['shape']))}] {t['dtype']}" for t in specs)
+
+
+def _programs(manifest: dict[str, Any]) -> dict[str, str]:
+    """A multi-program artifact's other programs (DiffusionGemma's encoder; the lines above are its decoder)."""
+    others = {name: entry for name, entry in (manifest.get("programs") or {}).items() if name != "layout"}
+    lines = {}
+    for name, entry in others.items():
+        sig = entry["signature"]
+        lines[f"{name} program"] = f"inputs {_tensors(sig['inputs'])} -> outputs {_tensors(sig['outputs'])}"
+    return lines
 
 
 def _model_line(model: dict[str, Any]) -> str:

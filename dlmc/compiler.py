@@ -21,6 +21,7 @@ import torch
 
 from dlmc.artifact import FUSED_OUTPUTS, check_writable, write_artifact
 from dlmc.capture import StepProgram, capture, example_inputs, experts_form
+from dlmc.compiler_gemma import compile_gemma
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import LoweredStep, lower
 from dlmc.models import default_dtype, load_model, quantization, read_model_config
@@ -42,6 +43,9 @@ ACT_QUANT_TOLERANCE = 0.25
 activation across a rounding boundary, a whole int8 step (measured on the embedded model: 0.05-0.13
 between eager and Inductor / ONNX Runtime, with identical argmax). A broken lowering is off by >> 1."""
 ACT_QUANT_OP = torch.ops.dlmc.linear_w8a8.default
+PROGRAMS = {"diffusion_gemma": compile_gemma}
+"""Closed registry: family -> its multi-program compile path (returns manifest entries, a writer, the main
+step's program); every other family is one captured step."""
 
 
 def compile_model(
@@ -74,6 +78,15 @@ def compile_model(
     stage("load")
     dtype = getattr(torch, recipe.capture.dtype) if recipe.capture.dtype else None
     model = load_model(model_dir, device=device, dtype=dtype)
+    if model.spec.family in PROGRAMS:  # a family that runs as several programs (DiffusionGemma: encoder, decoder)
+        entries, write_step, main = PROGRAMS[model.spec.family](model, recipe, stage)
+        stage("save")
+        manifest = _manifest(recipe, main, stored, model_dir, device) | entries
+
+        def write_programs(staging: Path) -> None:
+            manifest["backend"] = {**write_step(staging), "settings": dump_recipe(recipe)["lower"]}
+
+        return write_artifact(out_dir, manifest, write_programs, tokenizer_from=model_dir, force=force)
 
     stage("capture")
     experts = experts_form(recipe.capture, recipe.lower)  # onnxrt / tensorrt: tiled (no grouped GEMM)

@@ -86,6 +86,35 @@ def accept(entropies: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.zeros_like(chosen).scatter(-1, order, chosen)
 
 
+def validate(spec: DenoiserSpec, prompts: list[list[int]], config: DiffusionGemmaConfig) -> None:
+    """The checks that need no model (a server makes them before queueing): the prompts' ids. Whether whole
+    canvases fit max_length needs the canvas length, which `generate` checks (count_canvases)."""
+    check_prompts(spec, prompts)
+
+
+def count_canvases(spec: DenoiserSpec, prompts: list[list[int]], config: DiffusionGemmaConfig, C: int) -> int:
+    """Canvases of C tokens the run needs, after checking the prompts and that they fit max_length."""
+    check_prompts(spec, prompts)
+    canvases = math.ceil(config.max_new_tokens / C)
+    longest = max(len(p) for p in prompts) + canvases * C
+    if longest > spec.max_length:
+        raise DlmcError(f"prompt + {canvases} canvases = {longest} tokens exceeds spec.max_length={spec.max_length}")
+    return canvases
+
+
+def commit(committed: torch.Tensor, live: list[int], eos: torch.Tensor, pad, out: torch.Tensor, finished: list) -> None:
+    """The live rows' argmax canvases committed [B, C] into out [B, C] (CPU): a row whose canvas holds an
+    EOS id finishes, the tokens after its first EOS becoming pad."""
+    for b in live:
+        tokens = committed[b].clone()
+        hits = torch.isin(tokens, eos).nonzero()
+        if len(hits):
+            finished[b] = True
+            if pad is not None:
+                tokens[int(hits[0]) + 1 :] = pad
+        out[b] = tokens.cpu()
+
+
 class _Row:
     """One prompt's denoising state for the current canvas."""
 
@@ -131,13 +160,9 @@ def generate(
 ) -> Generation:
     if not hasattr(model, "denoise"):
         raise DlmcError("the diffusion_gemma decoder needs a DiffusionGemma model (an encoder and a decoder)")
-    check_prompts(spec, prompts)
     device = model_device(model)
     C, V = model.arch.canvas_length, spec.vocab_size
-    canvases = math.ceil(config.max_new_tokens / C)
-    longest = max(len(p) for p in prompts) + canvases * C
-    if longest > spec.max_length:
-        raise DlmcError(f"prompt + {canvases} canvases = {longest} tokens exceeds spec.max_length={spec.max_length}")
+    canvases = count_canvases(spec, prompts, config, C)
     eos = torch.tensor(stop_token_ids(spec, config.eos_token_ids), dtype=torch.long, device=device)
     pad = spec.pad_token_id
     B = len(prompts)
@@ -173,14 +198,7 @@ def generate(
                 on_step(nfe, sum(C * c + C * rows[b].done for b in live))
         committed = torch.stack([rows[b].argmax if b in rows else torch.zeros(C, dtype=torch.long, device=device)
                                  for b in range(B)])  # [B, C]
-        for b in live:
-            tokens = committed[b].clone()
-            hits = torch.isin(tokens, eos).nonzero()
-            if len(hits):
-                finished[b] = True
-                if pad is not None:
-                    tokens[int(hits[0]) + 1 :] = pad
-            out[b, c * C : (c + 1) * C] = tokens.cpu()
+        commit(committed, live, eos, pad, out[:, c * C : (c + 1) * C], finished)
         if all(finished) or c == canvases - 1:
             break
         cache = model.encode(committed, torch.ones_like(committed, dtype=torch.bool), canvas_pos, cache)

@@ -138,6 +138,20 @@ class GemmaCache:
     def layer_positions(self, layer: int) -> torch.Tensor:
         return self.positions[:, self.positions.shape[1] - self.keys[layer].shape[2] :]  # [B, C_l]
 
+    def extend(self, keys, values, mask, positions, layer_types, sliding_window: int) -> GemmaCache:
+        """This cache with one encoder call's k, v (per layer [B, Hkv, L, D]), mask and positions [B, L]
+        appended; sliding layers then keep their last sliding_window - 1 positions."""
+        new_keys, new_values = [], []
+        for n, kind in enumerate(layer_types):
+            k, v = torch.cat([self.keys[n], keys[n]], 2), torch.cat([self.values[n], values[n]], 2)
+            if kind == "sliding_attention":
+                start = k.shape[2] - min(sliding_window - 1, k.shape[2])
+                k, v = k[:, :, start:], v[:, :, start:]
+            new_keys.append(k)
+            new_values.append(v)
+        mask, positions = torch.cat([self.mask, mask], 1), torch.cat([self.positions, positions], 1)
+        return GemmaCache(new_keys, new_values, mask, positions)
+
 
 class SelfConditioning(nn.Module):
     """inp = rms(e + MLP(pre_norm(softmax(S) @ E * scale))): the previous step's logits S as a soft
@@ -149,12 +163,18 @@ class SelfConditioning(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.post_norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, scale=False)
 
-    def forward(self, e, logits, embedding, scale):
-        # e: [B, L, d]; logits: [B, L, V] or None; embedding: [V, d]
-        if logits is None:
-            return self.post_norm(e)
+    @staticmethod
+    def soft(logits, embedding, scale):
+        """The previous step's logits [B, L, V] as a soft embedding [B, L, d]: all the next step reads of them."""
         soft = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).to(embedding.dtype)
-        return self.post_norm(e + self.mlp(self.pre_norm(soft @ embedding * scale)))
+        return soft @ embedding * scale
+
+    def forward(self, e, soft):
+        # e: [B, L, d]; soft: [B, L, d] or None. A zero soft embedding gives exactly post_norm(e): the MLP of
+        # pre_norm(0) = 0 is 0 (no biases, gelu(0) = 0), which lets a compiled step take zeros at its first step.
+        if soft is None:
+            return self.post_norm(e)
+        return self.post_norm(e + self.mlp(self.pre_norm(soft)))
 
 
 class DiffusionGemma(nn.Module):
@@ -171,9 +191,10 @@ class DiffusionGemma(nn.Module):
     def forward(self, *args, **kwargs):
         raise DlmcError(f"the {FAMILY} model runs only with its own decoder ('{FAMILY}'): it has no mask token")
 
-    def embed_scale(self) -> torch.Tensor:
-        # sqrt(d) cast to the weight dtype first, as the reference does (53.0 in bf16, not 53.07)
-        return torch.tensor(self.arch.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype)
+    def embed_scale(self) -> float:
+        # sqrt(d) rounded to the weight dtype first, as the reference does (53.0 in bf16, not 53.07). A Python
+        # number, not a tensor: the product is the same, and a captured graph then holds no tensor constant.
+        return float(torch.tensor(self.arch.hidden_size**0.5, dtype=self.embed_tokens.weight.dtype))
 
     def empty_cache(self, batch: int, device) -> GemmaCache:
         dtype = self.embed_tokens.weight.dtype
@@ -194,6 +215,12 @@ class DiffusionGemma(nn.Module):
         """Causal encoder pass (sliding layers: a query sees the sliding_window keys up to itself) over
         input_ids [B, L] (left-padded: attention_mask [B, L] bool, logical position_ids [B, L]), appended to
         `cache`."""
+        keys, values = self.encode_layers(input_ids, attention_mask, position_ids, cache)
+        arch = self.arch
+        return cache.extend(keys, values, attention_mask.bool(), position_ids, arch.layer_types, arch.sliding_window)
+
+    def encode_layers(self, input_ids, attention_mask, position_ids, cache: GemmaCache):
+        """The encoder pass itself: per layer this call's k, v [B, Hkv, L, D] (what `encode` appends)."""
         B, L = input_ids.shape
         h = self.embed_tokens(input_ids) * self.embed_scale()
         rope = self._rope(position_ids, h.dtype)
@@ -207,21 +234,19 @@ class DiffusionGemma(nn.Module):
                 allowed &= position_ids[:, :, None] - key_pos[:, None, :] < self.arch.sliding_window
             allowed[:, :, -L:] |= itself
             h, k, v = layer(h, *rope[n], cache.keys[n], cache.values[n], allowed[:, None], encoder=True)
-            keys.append(torch.cat([cache.keys[n], k], 2))
-            values.append(torch.cat([cache.values[n], v], 2))
-            if self.arch.layer_types[n] == "sliding_attention":
-                keep = self.arch.sliding_window - 1
-                start = keys[-1].shape[2] - min(keep, keys[-1].shape[2])
-                keys[-1], values[-1] = keys[-1][:, :, start:], values[-1][:, :, start:]
-        mask = torch.cat([cache.mask, attention_mask.bool()], 1)
-        return GemmaCache(keys, values, mask, torch.cat([cache.positions, position_ids], 1))
+            keys.append(k)
+            values.append(v)
+        return keys, values
 
-    def denoise(self, canvas, position_ids, cache: GemmaCache, sc_logits=None) -> torch.Tensor:
+    def denoise(self, canvas, position_ids, cache: GemmaCache, sc_logits=None, *, soft=None) -> torch.Tensor:
         """One decoder step: canvas [B, C] at position_ids [B, C] attends with no mask to [cache ; canvas];
-        sc_logits [B, C, V] (the previous step's) or None. Returns soft-capped logits [B, C, V] (>= fp32)."""
+        self-conditioning on sc_logits [B, C, V] (the previous step's), or directly on their soft embedding
+        soft [B, C, d] (SelfConditioning.soft), or on nothing. Returns soft-capped logits [B, C, V] (>= fp32)."""
         B, C = canvas.shape
         weight, scale = self.embed_tokens.weight, self.embed_scale()
-        h = self.self_conditioning(self.embed_tokens(canvas) * scale, sc_logits, weight, scale)
+        if sc_logits is not None:
+            soft = self.self_conditioning.soft(sc_logits, weight, scale)
+        h = self.self_conditioning(self.embed_tokens(canvas) * scale, soft)
         rope = self._rope(position_ids, h.dtype)
         for n, layer in enumerate(self.layers):
             valid = torch.cat([cache.layer_mask(n), torch.ones(B, C, dtype=torch.bool, device=h.device)], 1)

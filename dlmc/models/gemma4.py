@@ -18,8 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlmc.models.grouped import grouped_mm
+from dlmc.models.moe import RoutedExperts, grouped_experts, tiled_experts
+
 LayerType = Literal["sliding_attention", "full_attention"]
 LAYER_TYPES: tuple[str, ...] = ("sliding_attention", "full_attention")
+TILE = 8
+"""Rows per tile of the experts' tiled form (a speed setting only)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,8 +114,8 @@ def rope_cos_sin(
     compute = torch.promote_types(dtype, torch.float32)
     angles_n = int(fraction * head_dim // 2)
     exponents = torch.arange(0, 2 * angles_n, 2, device=positions.device).to(compute) / head_dim
-    inv_freq = torch.zeros(head_dim // 2, dtype=compute, device=positions.device)
-    inv_freq[:angles_n] = 1.0 / theta**exponents
+    zero = torch.zeros(head_dim // 2 - angles_n, dtype=compute, device=positions.device)
+    inv_freq = torch.cat([1.0 / theta**exponents, zero])  # not an in-place write: a captured graph keeps none
     angles = positions[:, None, :, None].to(compute) * inv_freq  # [B, 1, L, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -151,10 +156,10 @@ class Gemma4Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # [B, Hkv, C + L, D]
-        groups = self.num_heads // self.kv_heads
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)  # [B, H, L, D]
+        # enable_gqa, not repeat_interleave: torch.export cannot prove the latter's strides for a dynamic length
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)  # [B,H,L,D]
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), k, v
+
 
 
 class GatedMLP(nn.Module):
@@ -192,18 +197,39 @@ class Gemma4Router(nn.Module):
         return weights * _upcast(self.per_expert_scale)[idx], idx
 
 
-class Gemma4Experts(nn.Module):
-    """Stacked experts as published: gate_up_proj [E, 2F, d] (gate rows first), down_proj [E, d, F]. The
-    reference loop runs each expert on the tokens routed to it."""
+class Gemma4Experts(RoutedExperts):
+    """Stacked experts as published: gate_up_proj [E, 2F, d] (gate rows first), down_proj [E, d, F]. They
+    run in the form set_experts_form chose (dlmc.models.moe): grouped (torch.ops.dlmc.grouped_mm reads the
+    published [out, in] matrices in place, as transposed views) or tiled (standard ops, for ONNX). `loop` is
+    the per-expert reference, which torch.export cannot capture (data-dependent expert ids)."""
 
     def __init__(self, cfg: Gemma4Config):
         super().__init__()
         E, f, d = cfg.num_experts, cfg.expert_size, cfg.hidden_size
+        self.num_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, f))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x: [T, d]; weights, idx: [T, k] -> [T, d]
+        if self.form == "grouped":
+            outputs = grouped_experts(x, idx, self.num_experts, self._grouped_mlp)  # [T, k, d]
+        else:
+            outputs = tiled_experts(x, idx, self.num_experts, TILE, self._tiled_mlp)  # [T, k, d]
+        return (outputs * weights.to(x.dtype)[..., None]).sum(1)
+
+    def _grouped_mlp(self, rows: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        # rows: [N, d] sorted by expert -> [N, d]
+        gate, up = grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs).chunk(2, dim=-1)  # [N, F] each
+        return grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(1, 2), offs)
+
+    def _tiled_mlp(self, packed: torch.Tensor, tile_expert: torch.Tensor) -> torch.Tensor:
+        # packed: [tiles, R, d] -> [tiles, R, d]
+        gate, up = torch.bmm(packed, self.gate_up_proj[tile_expert].transpose(1, 2)).chunk(2, dim=-1)
+        return torch.bmm(F.gelu(gate, approximate="tanh") * up, self.down_proj[tile_expert].transpose(1, 2))
+
+    def loop(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The reference: each expert on the tokens routed to it. x [T, d]; weights, idx [T, k] -> [T, d]."""
         out = torch.zeros_like(x)
         for e in idx.unique().tolist():
             token, slot = (idx == e).nonzero(as_tuple=True)  # [n], [n]

@@ -3,7 +3,8 @@ weight where it is stored (no gathered copy). Importing this module registers it
 before it loads a graph that calls it.
 
   grouped_mm(x [N, in], w [E, in, out], offs int32 [E]) -> [N, out]
-      rows offs[e-1]:offs[e] (offs[-1] = 0) times w[e]; offs are the cumulative row counts.
+      rows offs[e-1]:offs[e] (offs[-1] = 0) times w[e]; offs are the cumulative row counts. w may also be
+      the transposed view of contiguous [E, out, in] matrices (the published layout of Gemma-4's experts).
 
 Why an operator of our own rather than aten._grouped_mm directly: aten's shape function (meta) accepts
 bf16 only, so a float32 step would not export, although the CPU kernel runs float32 and float16 too.
@@ -39,4 +40,6 @@ def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 def _has_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[1], w.shape[2]))
-    return x.dtype in _KERNEL_DTYPES and x.dtype == w.dtype and x.is_contiguous() and w.is_contiguous() and aligned
+    # aten's kernel also reads w as the transposed view of contiguous [E, out, in] matrices (published layouts)
+    in_place = w.is_contiguous() or w.transpose(1, 2).is_contiguous()
+    return x.dtype in _KERNEL_DTYPES and x.dtype == w.dtype and x.is_contiguous() and in_place and aligned

@@ -99,7 +99,13 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class MoE(nn.Module):
+class RoutedExperts(nn.Module):
+    """Any module whose experts run in one of EXPERTS_FORMS; set_experts_form sets `form` on each."""
+
+    form: ExpertsForm = "grouped"
+
+
+class MoE(RoutedExperts):
     def __init__(self, cfg: MoEConfig, hidden_size: int):
         super().__init__()
         self.cfg = cfg
@@ -165,39 +171,56 @@ class MoE(nn.Module):
         return self._grouped(x, idx) if self.form == "grouped" else self._tiled(x, idx)
 
     def _grouped(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        T, D = x.shape
-        E, k = self.cfg.num_experts, self.cfg.top_k
-        e = idx.reshape(T * k)  # [N] expert of each assignment (token-major)
-        order = torch.argsort(e, stable=True)  # [N] assignments grouped by expert
-        count = (e[:, None] == torch.arange(E, device=x.device)).sum(0)  # [E]
-        offs = count.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
-        rows = x[order // k]  # [N, D]
-        h = F.silu(grouped_mm(rows, self.experts_gate, offs)) * grouped_mm(rows, self.experts_up, offs)  # [N, F]
-        out = grouped_mm(h, self.experts_down, offs)  # [N, D] in sorted order
-        return torch.empty_like(out).index_copy(0, order, out).view(T, k, D)  # order is a permutation
+        def mlp(rows, offs):  # rows [N, D] sorted by expert -> [N, D]
+            h = F.silu(grouped_mm(rows, self.experts_gate, offs)) * grouped_mm(rows, self.experts_up, offs)
+            return grouped_mm(h, self.experts_down, offs)
+
+        return grouped_experts(x, idx, self.cfg.num_experts, mlp)
 
     def _tiled(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        T, D = x.shape
-        E, k, R = cfg.num_experts, cfg.top_k, cfg.tile
-        N = T * k
-        e = idx.reshape(N)  # [N] expert of each assignment (token-major)
-        onehot = (e[:, None] == torch.arange(E, device=x.device)).long()  # [N, E]
-        count = onehot.sum(0)  # [E] assignments per expert
-        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [N] place among its expert's assignments
-        tiles_of = (count + R - 1) // R  # [E]
-        tile_end = tiles_of.cumsum(0)  # [E]
-        slot = (tile_end - tiles_of)[e] * R + rank  # [N] row in the tiled buffer, unique
-        # Each used tile holds rows of one expert; nonempty experts number at most min(E, N).
-        num_tiles = torch.sym_min(N, (N + E * (R - 1)) // R)
-        tiles = torch.arange(num_tiles, device=x.device)
-        tile_expert = (tile_end[None, :] <= tiles[:, None]).sum(1).clamp(max=E - 1)  # [tiles]; spare tiles: E-1
-        rows = x[:, None, :].expand(T, k, D).reshape(N, D)  # [N, D]
-        packed = x.new_zeros(num_tiles * R, D).index_copy(0, slot, rows).view(num_tiles, R, D)
-        gate = torch.bmm(packed, self.experts_gate[tile_expert])  # [tiles, R, F]
-        up = torch.bmm(packed, self.experts_up[tile_expert])  # [tiles, R, F]
-        out = torch.bmm(F.silu(gate) * up, self.experts_down[tile_expert])  # [tiles, R, D]
-        return out.view(num_tiles * R, D)[slot].view(T, k, D)
+        def mlp(packed, tile_expert):  # packed [tiles, R, D], tile_expert [tiles] -> [tiles, R, D]
+            gate = torch.bmm(packed, self.experts_gate[tile_expert])  # [tiles, R, F]
+            up = torch.bmm(packed, self.experts_up[tile_expert])  # [tiles, R, F]
+            return torch.bmm(F.silu(gate) * up, self.experts_down[tile_expert])
+
+        return tiled_experts(x, idx, self.cfg.num_experts, self.cfg.tile, mlp)
+
+
+def grouped_experts(x: torch.Tensor, idx: torch.Tensor, num_experts: int, mlp) -> torch.Tensor:
+    """The grouped form (module doc) for any expert MLP: x [T, D], idx [T, k] -> [T, k, D], where
+    mlp(rows [N, D] sorted by expert, offs int32 [E]) -> [N, D] runs grouped_mm products."""
+    T, D = x.shape
+    k = idx.shape[1]
+    e = idx.reshape(T * k)  # [N] expert of each assignment (token-major)
+    order = torch.argsort(e, stable=True)  # [N] assignments grouped by expert
+    count = (e[:, None] == torch.arange(num_experts, device=x.device)).sum(0)  # [E]
+    offs = count.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
+    out = mlp(x[order // k], offs)  # [N, D] in sorted order
+    return torch.empty_like(out).index_copy(0, order, out).view(T, k, D)  # order is a permutation
+
+
+def tiled_experts(x: torch.Tensor, idx: torch.Tensor, num_experts: int, tile: int, mlp) -> torch.Tensor:
+    """The tiled form (module doc) for any expert MLP: x [T, D], idx [T, k] -> [T, k, D], where
+    mlp(packed [tiles, R, D], tile_expert [tiles]) -> [tiles, R, D] runs batched matmuls against the
+    tiles' experts' gathered weights."""
+    T, D = x.shape
+    E, k, R = num_experts, idx.shape[1], tile
+    N = T * k
+    e = idx.reshape(N)  # [N] expert of each assignment (token-major)
+    onehot = (e[:, None] == torch.arange(E, device=x.device)).long()  # [N, E]
+    count = onehot.sum(0)  # [E] assignments per expert
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [N] place among its expert's assignments
+    tiles_of = (count + R - 1) // R  # [E]
+    tile_end = tiles_of.cumsum(0)  # [E]
+    slot = (tile_end - tiles_of)[e] * R + rank  # [N] row in the tiled buffer, unique
+    # Each used tile holds rows of one expert; nonempty experts number at most min(E, N).
+    num_tiles = torch.sym_min(N, (N + E * (R - 1)) // R)
+    tiles = torch.arange(num_tiles, device=x.device)
+    tile_expert = (tile_end[None, :] <= tiles[:, None]).sum(1).clamp(max=E - 1)  # [tiles]; spare tiles: E-1
+    rows = x[:, None, :].expand(T, k, D).reshape(N, D)  # [N, D]
+    packed = x.new_zeros(num_tiles * R, D).index_copy(0, slot, rows).view(num_tiles, R, D)
+    out = mlp(packed, tile_expert)  # [tiles, R, D]
+    return out.view(num_tiles * R, D)[slot].view(T, k, D)
 
 
 def set_experts_form(model: nn.Module, form: ExpertsForm) -> None:
@@ -205,7 +228,7 @@ def set_experts_form(model: nn.Module, form: ExpertsForm) -> None:
     if form not in EXPERTS_FORMS:
         raise DlmcError(f"capture.moe_experts: {form!r} is not one of {', '.join(EXPERTS_FORMS)}")
     for module in model.modules():
-        if isinstance(module, MoE):
+        if isinstance(module, RoutedExperts):
             module.form = form
 
 

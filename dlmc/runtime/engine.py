@@ -18,7 +18,7 @@ from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
-from dlmc.runtime import block_loop, dream_loop, loop, wedlm_loop
+from dlmc.runtime import block_loop, dream_loop, gemma_loop, loop, wedlm_loop
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
@@ -37,13 +37,17 @@ FUSED_INPUTS = (
 )
 """Step inputs this runtime knows how to feed: the plain step, optionally with a K/V cache, optionally
 fused with the decoding rule; an artifact asking for others needs a newer runtime."""
-FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop, "wedlm": wedlm_loop}
+FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop, "wedlm": wedlm_loop,
+               "diffusion_gemma": gemma_loop}
 """Closed registry: the decoder whose rule a fused step carries -> its loop (check_supported, generate)."""
 
 
 class Engine:
-    def __init__(self, root: Path, manifest: dict[str, Any], step: Step, device: torch.device):
+    def __init__(self, root: Path, manifest: dict[str, Any], step: Step, device: torch.device,
+                 encoder: Step | None = None):
         self.root = root
+        self._encoder = encoder
+        """The encoder program of a multi-program artifact (DiffusionGemma); `step` is then its decoder."""
         self.manifest = manifest
         self.spec = DenoiserSpec.from_dict(manifest["spec"])
         self.signature = StepSignature.from_dict(manifest["signature"])
@@ -92,6 +96,11 @@ class Engine:
         """The compiled step as is: inputs in signature order (on self.device), outputs as a tuple."""
         # AOTInductor reads inputs with the strides it was compiled for: never hand it a strided view.
         outputs = self._step(*(t.contiguous() for t in inputs))
+        return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+    def encoder_step(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The encoder program of a multi-program artifact, called like run_step."""
+        outputs = self._encoder(*(t.contiguous() for t in inputs))
         return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
     def generate(
@@ -159,6 +168,10 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
         check_device(device)
     manifest = read_manifest(root, verify=True)
     entry = manifest["backend"]
+    if "programs" in manifest:  # DiffusionGemma: the fused decoder (the main step) and its encoder program
+        device = torch.device(device if device is not None else entry.get("device", "cpu"))
+        encoder = load_step(root, manifest["programs"]["encoder"]["backend"], str(device))
+        return Engine(root, manifest, load_step(root, entry, str(device)), device, encoder)
     signature = StepSignature.from_dict(manifest["signature"])
     names = [t.name for t in signature.inputs]
     unknown = [name for name in names if name not in KNOWN_INPUTS + CACHE_INPUTS]

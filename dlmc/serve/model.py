@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dlmc.decoding import CANVAS_DECODERS, DECODERS, block, default_decoder, dream, llada, llada2, wedlm
+from dlmc.decoding import diffusion_gemma
 from dlmc.decoding.common import CanvasCallback, check_prompts
 from dlmc.errors import DlmcError
 from dlmc.generation import decoder_config, generate, generation_length
@@ -21,7 +22,7 @@ from dlmc.tokenizer import TextTokenizer
 
 VALIDATE = {
     "llada": llada.validate, "dream": dream.validate, "block": block.validate, "wedlm": wedlm.validate,
-    "llada2": llada2.validate, "llada2_edit": llada2.validate,
+    "llada2": llada2.validate, "llada2_edit": llada2.validate, "diffusion_gemma": diffusion_gemma.validate,
 }
 """Each decoder's checks that need the spec and the prompts (its config checks itself)."""
 
