@@ -10,6 +10,7 @@ from dlmc.compiler import compile_model
 from dlmc.decoding.block import BlockConfig
 from dlmc.decoding.dream import DreamConfig
 from dlmc.decoding.llada import LLaDAConfig
+from dlmc.decoding.wedlm import WeDLMConfig
 from dlmc.errors import DlmcError
 from dlmc.lower.eager import EagerSettings
 from dlmc.lower.inductor import InductorSettings
@@ -200,19 +201,22 @@ def test_generic_bf16_recipes_fit_any_llada_or_dream_checkpoint(checkpoints, tmp
         assert engine.generate(prompts, "llada", LLaDAConfig(gen_length=16, block_length=8, steps=4)).nfe == 4
 
 
-@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar"])
-def test_generic_causal_bf16_recipe_fits_any_block_causal_checkpoint(checkpoints, tmp_path, family):
+@pytest.mark.parametrize("family", ["fast_dllm_v2", "sdar", "wedlm"])
+def test_generic_causal_bf16_recipe_fits_any_block_causal_or_causal_checkpoint(checkpoints, tmp_path, family):
     recipe = load_recipe(RECIPE_DIR / "cpu-bf16-causal.yaml")
     assert recipe.capture.dtype == "bfloat16" and isinstance(recipe.lower, InductorSettings)
     assert recipe.decode.decoder is None and recipe.exact  # nothing tied to one model; exact
     assert [p.name for p in recipe.passes[-2:]] == ["causal_cache", "fuse_decode"]
-    # lowered eagerly here for time (AOTInductor: tests/runtime/test_block_loop.py and the CLI check)
+    # lowered eagerly here for time (AOTInductor: tests/runtime/test_block_loop.py, test_wedlm_loop.py, the CLI)
     engine = dlmc.runtime.load(compile_model(checkpoints[family], dataclasses.replace(recipe, lower=EagerSettings()),
                                              tmp_path / "out"))
-    assert engine.manifest["decode"]["decoder"] == "block"
-    result = engine.generate([[5, 6, 7, 8, 9, 10]], config=BlockConfig(gen_length=16))  # the manifest's decoder
+    decoder, config = ("wedlm", WeDLMConfig(max_new_tokens=16)) if family == "wedlm" else ("block", BlockConfig(
+        gen_length=16))
+    assert engine.manifest["decode"]["decoder"] == decoder  # auto: the model's own sampler
+    assert engine.signature.cache["policy"] == "exact"
+    result = engine.generate([[5, 6, 7, 8, 9, 10]], config=config)  # the manifest's decoder
     assert len(result.output_ids[0]) == 16
-    with pytest.raises(DlmcError, match="fuses the block decoder's rule, not llada's"):
+    with pytest.raises(DlmcError, match=f"fuses the {decoder} decoder's rule, not llada's"):
         engine.generate([[5, 6]], "llada")
 
 

@@ -222,7 +222,7 @@ RULES: dict[str, Rule] = {
     "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
-    "wedlm": Rule(_wedlm_inputs, pick_wedlm, boolean=("fill",)),
+    "wedlm": Rule(_wedlm_inputs, pick_wedlm, boolean=("fill",), caches=("exact",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 

@@ -33,6 +33,7 @@ from dlmc.decoding.common import (
     stop_token_ids,
 )
 from dlmc.errors import DlmcError
+from dlmc.runtime.kv_buffer import CommittedKV
 
 
 def check_supported(signature, decoder: str, config: BlockConfig) -> None:
@@ -95,7 +96,7 @@ def generate(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]: the calls each row took part in
     generators = [row_generator(seed, device) for _ in prompts]
-    cache = _Cache(sig, B, W, device) if sig.cache is not None else None
+    cache = CommittedKV(sig, B, W, device) if sig.cache is not None else None
     sampling = _Sampling(sig, config, B, K, device)
     offsets = torch.arange(K, device=device)  # [K]
     generated = P[:, None] + torch.arange(config.gen_length, device=device)  # [B, G]: each row's region
@@ -221,31 +222,3 @@ class _Sampling:
                     noise[a] = torch.empty(K, V, dtype=self.dtype, device=g.device).exponential_(1, generator=g)
         return (noise, *self.fixed)
 
-
-class _Cache:
-    """The K/V of every active row's final blocks, [layers, A, H, W + 1, D] in the row's own columns,
-    written in place; column W takes the writes that are not final and is never attended to."""
-
-    def __init__(self, sig, batch: int, width: int, device):
-        spec = sig.inputs[sig.names.index("cache_keys")]
-        layers, _, heads, _, dim = spec.shape
-        self.keys = torch.zeros(layers, batch, heads, width + 1, dim, dtype=getattr(torch, spec.dtype), device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.rows = torch.arange(batch, device=device)  # [A]: the row each slot holds
-        self.columns = torch.arange(width + 1, device=device)  # [W + 1]
-        self.width = width
-
-    def inputs(self, active: torch.Tensor, cached: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """cache_mask, cache_positions, cache_keys, cache_values for the active rows."""
-        if len(active) != len(self.rows):  # rows left since the last step: drop their slots once
-            keep = torch.isin(self.rows, active)
-            self.keys, self.values, self.rows = self.keys[:, keep], self.values[:, keep], self.rows[keep]
-        cache_mask = self.columns < cached[:, None]  # [A, W + 1]
-        positions = self.columns.clamp(max=self.width - 1).expand(len(active), -1)  # [A, W + 1]
-        return cache_mask, positions, self.keys, self.values
-
-    def write(self, cols: torch.Tensor, final: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store the step's K/V [layers, A, H, Q, D] of the query columns cols [A, Q] where final [A, Q]."""
-        index = torch.where(final, cols, self.width)[None, :, None, :, None].expand_as(keys)
-        self.keys.scatter_(3, index, keys)
-        self.values.scatter_(3, index, values)

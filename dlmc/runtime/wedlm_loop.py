@@ -15,8 +15,15 @@ the window's bookkeeping, all as tensors over the batch:
   shape [M, V] from their own generators (what torch.multinomial draws), so sampling replays the
   reference at any temperature.
 
-Rows leave the batch when they finish (length or stop token). The loop reads back the widest input and
-the most masks once per step.
+With the exact K/V cache (`causal_cache`) the committed text's K/V are final (causal attention: a
+column sees only the columns before it, and the committed text never changes). They are written in place
+into a buffer [layers, B, H, T + 1, D] (`dlmc.runtime.kv_buffer`) as the prefix commits: the step that
+commits the leading filled slots computed them right after the committed text, in logical order, so their
+K/V are already those of committed tokens. Each step then runs only the window's rows (reordered) against
+the buffer; the first step runs the prompt too. Uncached, every step runs each row's whole input.
+
+Rows leave the batch when they finish (length or stop token), and their cache slots with them. The loop
+reads back the widest query and the most masks once per step.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from dlmc.decoding.common import Generation, fill_token_id, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.wedlm import WeDLMConfig, validate
 from dlmc.errors import DlmcError
+from dlmc.runtime.kv_buffer import CommittedKV
 
 
 def check_supported(signature, decoder: str, config: WeDLMConfig) -> None:
@@ -37,8 +45,9 @@ def check_supported(signature, decoder: str, config: WeDLMConfig) -> None:
     if config.temperature > 0 and "noise" not in signature.names:
         raise DlmcError(f"temperature={config.temperature}: this artifact decodes at temperature 0 only; "
                         "compile it with fuse_decode {decoder: wedlm, gumbel: true} to sample")
-    if signature.cache is not None:
-        raise DlmcError(f"this artifact's {signature.cache['policy']} cache has no fused wedlm loop; it runs uncached")
+    cache = signature.cache
+    if cache is not None and cache["policy"] != "exact":
+        raise DlmcError(f"this artifact's {cache['policy']} cache has no fused wedlm loop; it runs with causal_cache")
 
 
 def generate(
@@ -69,6 +78,8 @@ def generate(
     limit = P + G  # [B]: no window slot goes past it
     done = torch.zeros(B, dtype=torch.bool, device=device)  # [B]
     row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]
+    cached = torch.zeros(B, dtype=torch.long, device=device)  # [B]: leading columns read from the cache
+    cache = CommittedKV(sig, B, T, device) if sig.cache is not None else None
     stops = torch.tensor(stop_token_ids(spec, config.stop_token_ids), dtype=torch.long, device=device)  # [S]
     generators = [row_generator(seed, device) for _ in prompts]
     rule = _Rule(sig, config, device)
@@ -81,11 +92,12 @@ def generate(
         # topological order: committed (0), filled window slots (1), masks (2), each in logical order
         key = torch.where(col < C[:, None], 0, torch.where(in_window, 2 - fa.long(), 3))  # [A, T + 1]
         order = torch.sort(key, dim=1, stable=True).indices  # [A, T + 1]: logical column of each input slot
-        n = C + N  # [A]: input lengths
+        n, start = C + N, cached[active]  # [A] each: input lengths, input slots read from the cache
         M = N - (fa & in_window).sum(1)  # [A]: masks, the input's last M slots
-        L, K = max(int(n.max()), sig.seq[0]), max(int(M.max()), 1)  # the one read-back per step
-        at = torch.arange(L, device=device) - (L - n)[:, None]  # [A, L]: input slot of each column, < 0 pads
-        real = at >= 0
+        L, K = max(int((n - start).max()), sig.seq[0]), max(int(M.max()), 1)  # the one read-back per step
+        # right-aligned queries: input slot of each column, < start for the left padding
+        at = start[:, None] + torch.arange(L, device=device) - (L - n + start)[:, None]  # [A, L]
+        real = at >= start[:, None]
         positions = torch.where(real, order.gather(1, at.clamp(min=0)), 0)  # [A, L] logical positions
         input_ids = torch.where(real, xa.gather(1, positions), pad)  # [A, L]
         k = torch.arange(K, device=device)  # [K]
@@ -100,11 +112,17 @@ def generate(
         finished = (first_stop <= T) | (C + take - P[active] >= G)  # [A]
         fills = ~finished & (M > 0)  # [A]: the rows the reference fills (and draws for) this step
 
-        tokens, fill, _ = engine.run_step(input_ids, real, positions, head_rows, slots,
-                                          *rule(active, fills, M, K, generators))[:3]  # [A, K] each
+        inputs = (input_ids, real, positions)
+        if cache is not None:
+            inputs += cache.inputs(active, start)
+        tokens, fill, _, *kv_out = engine.run_step(*inputs, head_rows, slots,
+                                                   *rule(active, fills, M, K, generators))  # [A, K] each
         nfe += 1
         row_nfe[active] += 1
         C, N = C + take, torch.where(finished, 0, N - take)
+        if cache is not None:  # the committed columns this step computed (prompt, leading filled slots)
+            cache.write(positions, real & (positions < C[:, None]), *kv_out)
+            cached[active] = C
         target = torch.where(fill & is_mask & fills[:, None], slots, T)  # [A, K]: filled slots, else the dump
         x[active] = xa.scatter(1, target, tokens)
         filled[active] = fa.scatter(1, target, True)

@@ -11,6 +11,7 @@ from dlmc.decoding.dream import DreamConfig, _sample_tokens
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.passes.block_cache import BlockCache, block_cache
+from dlmc.passes.causal_cache import CausalCache, causal_cache
 from dlmc.passes.fuse_decode import FuseDecode, fuse_decode
 from dlmc.pipeline import check_program
 from dlmc.recipe import parse_recipe
@@ -187,6 +188,19 @@ def test_wedlm_rule_signature_and_refusals(steps):
         fuse_decode(steps["llada"], FuseDecode(decoder="wedlm"))
     with pytest.raises(DlmcError, match="fuse_decode.outputs: only the llada rule takes extra outputs"):
         FuseDecode(decoder="wedlm", outputs=("entropy",))
+
+
+def test_wedlm_rule_runs_uncached_or_under_the_exact_cache(steps):
+    """After causal_cache the fused step keeps the cache inputs and outputs (the fused wedlm loop feeds
+    them); an approximate cache is refused in the recipe."""
+    cached = causal_cache(steps["wedlm"], CausalCache()).program
+    fused = fuse_decode(cached, FuseDecode(decoder="auto")).program
+    check_program(fused)
+    assert fused.signature.cache == {"policy": "exact"} and fused.signature.fused_decoder == "wedlm"
+    assert [t.name for t in fused.signature.outputs] == ["tokens", "fill", "entropy", "keys", "values"]
+    with pytest.raises(DlmcError, match=r"cannot run after block_cache \(wedlm's loop runs uncached or under the "
+                                        r"exact cache\)"):
+        parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, {"fuse_decode": {"decoder": "wedlm"}}]})
 
 
 def test_dream_rule_runs_uncached(steps):

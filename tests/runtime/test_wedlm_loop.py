@@ -1,7 +1,9 @@
 """The fused WeDLM loop (fuse_decode {decoder: wedlm} artifacts) gives the reference decoder's tokens:
 greedy and sampled (top-k, top-p, temperature), one fill per step and parallel fills below the entropy
-threshold, batch 1 and a batch of different prompt lengths, on eager, AOTInductor and ONNX Runtime;
-stop tokens take rows out of the batch; settings the artifact was not built for are one line."""
+threshold, batch 1 and a batch of different prompt lengths, on eager, AOTInductor and ONNX Runtime, and
+under causal_cache (the committed text's K/V in the loop's buffer, each step computing the window only)
+on eager and AOTInductor; stop tokens take rows out of the batch (and the cache); settings the artifact
+was not built for are one line."""
 
 import dataclasses
 
@@ -31,10 +33,11 @@ SAMPLED = {
 }
 
 
-def compile_wedlm(checkpoint, out, backend="eager", gumbel=True):
-    fuse = {"decoder": "auto", "gumbel": gumbel}  # auto: the model's own sampler, wedlm
-    recipe = parse_recipe({"capture": {"max_batch": 4}, "lower": {"backend": backend},
-                           "passes": [{"fold_constants": {}}, {"fuse_decode": fuse}]})
+def compile_wedlm(checkpoint, out, backend="eager", gumbel=True, cache=False, fuse=True):
+    passes = [{"fold_constants": {}}, *([{"causal_cache": {}}] if cache else [])]
+    if fuse:  # auto: the model's own sampler, wedlm
+        passes.append({"fuse_decode": {"decoder": "auto", "gumbel": gumbel}})
+    recipe = parse_recipe({"capture": {"max_batch": 4}, "lower": {"backend": backend}, "passes": passes})
     return dlmc.runtime.load(compile_model(checkpoint, recipe, out, force=True))
 
 
@@ -93,10 +96,53 @@ def test_reference_tokens(checkpoints, tmp_path, backend):
     assert_reference_tokens(engine, load_model(checkpoints["wedlm"]), GREEDY | SAMPLED)
 
 
-def test_stop_tokens_take_rows_out_of_the_batch(checkpoints, tmp_path):
-    """A stop token row 0 generates early: row 0 leaves the batch, row 1 decodes on; on_step and
-    on_canvas see what the reference's callbacks see."""
-    engine = compile_wedlm(checkpoints["wedlm"], tmp_path / "fused")
+class QueryRecorder:
+    """Wraps a cached engine's run_step: checks that every call computes each row's uncached columns
+    only (the cached columns and the real query positions tile [0, n) exactly, no column twice) and
+    records, per call, how many columns were cached and how many computed."""
+
+    def __init__(self, engine):
+        self.run_step, self.calls = engine.run_step, []
+        engine.run_step = self
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache_mask, *rest):
+        for real, positions, cached in zip(attention_mask, position_ids, cache_mask.sum(1).tolist(), strict=True):
+            columns = torch.cat([torch.arange(cached), positions[real]]).sort().values  # [n]
+            assert torch.equal(columns, torch.arange(len(columns))), "a column computed twice or skipped"
+            self.calls.append((cached, int(real.sum())))
+        return self.run_step(input_ids, attention_mask, position_ids, cache_mask, *rest)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_cached_reference_tokens(checkpoints, tmp_path, backend):
+    """Under causal_cache: the reference decoder's tokens and NFE, greedy and sampled, batch 1 and mixed
+    lengths; once the prompt is cached a call computes at most the window and its refill (2 window_size
+    rows per sequence), never the committed text."""
+    engine = compile_wedlm(checkpoints["wedlm"], tmp_path / "fused", backend, cache=True)
+    assert engine.signature.cache["policy"] == "exact" and engine.signature.fused_decoder == "wedlm"
+    calls = QueryRecorder(engine).calls
+    assert_reference_tokens(engine, load_model(checkpoints["wedlm"]), GREEDY | SAMPLED)
+    widest = max(c.window_size for c in (GREEDY | SAMPLED).values())
+    assert all(computed <= 2 * widest for cached, computed in calls if cached)
+    assert sum(cached for cached, _ in calls) > sum(computed for _, computed in calls)  # most columns came cached
+
+
+def test_cached_matches_the_unfused_cached_artifact(checkpoints, tmp_path):
+    """The fusion changes nothing: the same recipe without fuse_decode (the reference decoder driving the
+    cache manager) gives the same tokens and NFE."""
+    fused = compile_wedlm(checkpoints["wedlm"], tmp_path / "fused", cache=True)
+    unfused = compile_wedlm(checkpoints["wedlm"], tmp_path / "unfused", cache=True, fuse=False)
+    for name, config in (GREEDY | SAMPLED).items():
+        for prompts in BATCHES:
+            expected = unfused.generate(prompts, "wedlm", config, seed=3)
+            assert fused.generate(prompts, config=config, seed=3) == expected, (name, len(prompts))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_stop_tokens_take_rows_out_of_the_batch(checkpoints, tmp_path, cache):
+    """A stop token row 0 generates early: row 0 leaves the batch (and its cache slot), row 1 decodes on;
+    on_step and on_canvas see what the reference's callbacks see."""
+    engine = compile_wedlm(checkpoints["wedlm"], tmp_path / "fused", cache=cache)
     model = load_model(checkpoints["wedlm"])
     for name in ("parallel", "sampled"):
         config = (GREEDY | SAMPLED)[name]
