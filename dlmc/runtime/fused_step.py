@@ -1,6 +1,7 @@
-"""The fused LLaDA step over the rows of a `Rows` canvas: uncached, or with Fast-dLLM v1's dual or
-prefix cache. Each calls the compiled step through `run` (`dlmc.runtime.cuda_graph.step_runner`:
-replayed as CUDA graphs on CUDA, `engine.run_step` elsewhere).
+"""The fused LLaDA step over the rows of a `Rows` canvas: uncached, with Fast-dLLM v1's dual or prefix
+cache, or with Window-Diffusion's pruning (window) on the dual cache. Each calls the compiled step
+through `run` (`dlmc.runtime.cuda_graph.step_runner`: replayed as CUDA graphs on CUDA,
+`engine.run_step` elsewhere).
 
 Each is called with every row's block (its first column `lo` [B] and its index `block` [B]), the
 columns [B, K] the decoding rule reads and the rows' draws, and hand back the step's first `outputs`
@@ -15,6 +16,7 @@ import torch
 
 from dlmc.runtime.cache import empty_cache
 from dlmc.runtime.canvas import Rows
+from dlmc.runtime.policies import CachePolicy, Window
 
 
 class Uncached:
@@ -44,8 +46,10 @@ class BlockCache:
     whatever the others do: joining at any step is exact. The buffer's slots are canvas columns in order,
     so left padding (a wider row joining) adds slots at the front and cutting padding drops them there."""
 
-    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, refresh: int | None, outputs: int):
-        self.run, self.signature, self.rows, self.refresh, self.outputs = run, signature, rows, refresh, outputs
+    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, policy: CachePolicy, outputs: int):
+        """`policy`: the artifact's (`signature.cache`), for its settings; the block length is the run's."""
+        self.run, self.signature, self.rows, self.outputs = run, signature, rows, outputs
+        self.refresh = policy.refresh
         self.block_length, self.shift = block_length, shift
         device = rows.device
         self.block = torch.empty(0, dtype=torch.long, device=device)  # [B]: block the buffer holds, -1 none
@@ -101,11 +105,11 @@ class BlockCache:
 
     def _full(self, rows: torch.Tensor, first: torch.Tensor, block: torch.Tensor, draws):
         """The whole canvas, nothing cached; the buffer keeps what the policy caches (`_kept`)."""
-        r = self.rows
         head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
-        inputs = (r.x[rows], r.real[rows], r.positions[rows], *empty_cache(self.signature, len(rows), r.device))
+        inputs = (*self._canvas(rows, first), *empty_cache(self.signature, len(rows), self.rows.device))
         *decoded, keys, values = self.run(*inputs, head_rows, *draws)  # keys, values: [layers, n, H, L, D]
         keys, values = self._kept(rows, first, keys, values)  # [layers, n, H, S, D]
+        r = self.rows
         if self.keys is None:
             layers, _, heads, slots, dim = keys.shape
             self.keys = keys.new_zeros(layers, len(r), heads, slots, dim)
@@ -113,6 +117,10 @@ class BlockCache:
         self.keys[:, rows], self.values[:, rows] = keys, values
         self.block[rows], self.since[rows] = block, 0
         return tuple(decoded)
+
+    def _canvas(self, rows: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A full step's tokens, key mask and positions [n, L]: every column of the rows' canvases."""
+        return self.rows.x[rows], self.rows.real[rows], self.rows.positions[rows]
 
     def _kept(self, rows: torch.Tensor, first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
         """The slots a full step of these rows fills, from its K/V of every column [layers, n, H, L, D]."""
@@ -153,8 +161,10 @@ class DualCache(BlockCache):
     def _kept(self, rows, first, keys, values):
         columns = torch.arange(self.index.shape[1], device=first.device)  # [S]
         index = columns + (columns >= first[:, None]) * self.span  # [n, S]: every column but the span's
-        layers, _, heads, _, dim = keys.shape
-        gather = index[None, :, None, :, None].expand(layers, -1, heads, -1, dim)  # [layers, n, H, S, D]
+        layers, _, heads, computed, dim = keys.shape
+        # a full step that computed fewer columns (window pruning) leaves the slots past them masked out
+        within = index.clamp(max=computed - 1)  # [n, S]
+        gather = within[None, :, None, :, None].expand(layers, -1, heads, -1, dim)  # [layers, n, H, S, D]
         self.index[rows] = index
         return keys.gather(3, gather), values.gather(3, gather)
 
@@ -168,9 +178,39 @@ class DualCache(BlockCache):
         else:
             x, real, positions, index = r.x[rows], r.real[rows], r.positions[rows], self.index[rows]
             keys, values = self.keys[:, rows], self.values[:, rows]
+        index, keys, values, cached = self._read(first, real, index, keys, values)
         inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
-                  real.gather(1, index), positions.gather(1, index), keys, values)
+                  cached, positions.gather(1, index), keys, values)
         return self.run(*inputs, head_rows, *draws)[: self.outputs]
+
+    def _read(self, first, real, index, keys, values):
+        """The slots a cached step attends to: index [n, S], keys and values, and which are real [n, S]."""
+        return index, keys, values, real.gather(1, index)
+
+
+class WindowCache(DualCache):
+    """Window-Diffusion's pruning on the dual cache: a row sees its prefix, its block and the first
+    `window` columns after the block (all masks: the llada decoder commits inside its block only); the
+    masks beyond are pruned from every step, the full one included, which runs the canvas only up to
+    the widest row's window."""
+
+    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, policy: Window, outputs: int):
+        super().__init__(run, signature, rows, block_length, shift, policy, outputs)
+        self.window = policy.window
+
+    def _canvas(self, rows, first):
+        r = self.rows
+        seen = first + self.span + self.window  # [n]: each row's first pruned column
+        width = min(r.width, int(seen.max()))  # host sync: the step's width
+        real = r.real[rows, :width] & (torch.arange(width, device=first.device) < seen[:, None])  # [n, W]
+        return r.x[rows, :width], real, r.positions[rows, :width]
+
+    def _read(self, first, real, index, keys, values):
+        # slot s holds column s before the block, s + span after it: the slots before first + window are seen
+        slots = min(index.shape[1], max(1, int(first.max()) + self.window))  # host sync: the step's cache width
+        index, keys, values = index[:, :slots], keys[:, :, :, :slots], values[:, :, :, :slots]
+        seen = real.gather(1, index) & (index < (first + self.span + self.window)[:, None])  # [n, slots]
+        return index, keys, values, seen
 
 
 class PrefixCache(BlockCache):
@@ -205,7 +245,7 @@ class PrefixCache(BlockCache):
         return self.run(*inputs, head_rows, *draws)[: self.outputs]
 
 
-CACHED_STEPS: dict[str, type[BlockCache]] = {"dual": DualCache, "prefix": PrefixCache}
+CACHED_STEPS: dict[str, type[BlockCache]] = {"dual": DualCache, "prefix": PrefixCache, "window": WindowCache}
 """Closed registry: the cache policy a step signature records -> the fused loop's step under it."""
 
 

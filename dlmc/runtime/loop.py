@@ -55,7 +55,7 @@ def check_supported(signature, decoder: str, config) -> None:
     # the loop, not the graph, decides which columns are cached.
     if cache is not None and policy_from_dict(cache).name not in CACHED_STEPS:
         raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; the fused llada loop runs "
-                        f"uncached or with the {' or '.join(CACHED_STEPS)} cache")
+                        f"uncached or with the {'/'.join(CACHED_STEPS)} cache")
     strategy = strategies.resolve(config)
     produced = [t.name for t in signature.outputs]
     missing = [name for name in strategy.rule.outputs if name not in produced]
@@ -238,7 +238,7 @@ class Decoding:
         else:
             policy = policy_from_dict(sig.cache)
             cached = CACHED_STEPS[policy.name]
-            self.step_fn = cached(self.run, sig, self.rows, bl, self.shift, policy.refresh, len(self.outputs))
+            self.step_fn = cached(self.run, sig, self.rows, bl, self.shift, policy, len(self.outputs))
 
     def _leave(self, keep: list[bool]) -> None:
         cut = self.rows.keep(keep)
