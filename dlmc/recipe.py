@@ -226,7 +226,7 @@ def _pass_checks(
 
 def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     """fuse_decode replaces the logits with decoded rows, so nothing may follow it; each fused rule's
-    loop runs uncached or under the cache policies its Rule names (llada: dual, prefix; block: exact)."""
+    loop runs uncached or under the cache policies its Rule names (llada: dual, prefix, window; block: exact)."""
     problems = []
     last = [p.name for p in passes if p.name != "triton_kernels"][-1]  # the kernels may replace its head
     if last != "fuse_decode":

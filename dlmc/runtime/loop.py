@@ -11,11 +11,12 @@ each at its own step of its own block with its own gen_length, steps, stop_at_eo
 counters, per-row top-k through a rank mask). `generate` (the batch API) adds every prompt and steps
 until all have left; `dlmc serve` keeps one `Decoding` running across requests.
 
-With a K/V cache (Fast-dLLM v1, `block_cache {mode: dual}` or `{mode: prefix}`) a row's step at the
-start of its block (or every `refresh` steps) runs the whole canvas and keeps K/V in a buffer: dual
-those of every column outside the block, prefix every column's; the block's other steps run only the
-block's rows (dual) or the block and everything after it (prefix) against that buffer
-(`dlmc.runtime.fused_step`).
+With a K/V cache (Fast-dLLM v1's `block_cache {mode: dual}` or `{mode: prefix}`, Window-Diffusion's
+`window_pruning`) a row's step at the start of its block (or every `refresh` steps) runs the whole
+canvas and keeps K/V in a buffer: dual and window those of every column outside the block, prefix every
+column's; the block's other steps run only the block's rows (dual, window) or the block and everything
+after it (prefix) against that buffer, and window pruning hides the masks past its window from every
+step (`dlmc.runtime.fused_step`). The dKV-Cache policies (`delayed_kv`) have no fused loop.
 """
 
 from __future__ import annotations
