@@ -226,7 +226,7 @@ def _pass_checks(
 
 def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     """fuse_decode replaces the logits with decoded rows, so nothing may follow it; each fused rule's
-    loop runs uncached or under the cache policies its Rule names (llada: dual; block, wedlm: exact)."""
+    loop runs uncached or under the cache policies its Rule names (llada: dual, prefix, window; block, wedlm: exact)."""
     problems = []
     last = [p.name for p in passes if p.name != "triton_kernels"][-1]  # the kernels may replace its head
     if last != "fuse_decode":
@@ -262,7 +262,7 @@ def _strategy_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[s
             f"decode.strategy: {strategy['name']} reads {', '.join(missing)}; add it to fuse_decode.outputs")
     if rule.sees_generation and any(p.kv_cache for p in passes):
         problems.append(f"decode.strategy: {strategy['name']} reads every generated position each step; "
-                        "the fused dual cache computes only the block's")
+                        "a fused cached step decodes the block's rows only")
     return problems
 
 

@@ -4,7 +4,9 @@ At the first step of each semi-autoregressive block the whole canvas is computed
 For the rest of the block only the block's rows are computed (`dual`), or the block and the masked
 suffix after it (`prefix`); the other K/V are reused although the block's new tokens would have changed
 them slightly. `refresh` adds a full step every that many steps within a block. The decoder must be the
-LLaDA decoder with the same block_length (the runtime checks).
+LLaDA decoder with the same block_length (the runtime checks). Either mode may be followed by
+`fuse_decode`: the fused llada loop runs both (`dlmc.runtime.fused_step`), and there the block length
+is the run's setting, not held to this one.
 """
 
 from __future__ import annotations

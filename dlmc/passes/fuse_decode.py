@@ -61,6 +61,7 @@ from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
 from dlmc.passes.block_pick import pick_block, sampling_inputs
 from dlmc.passes.wedlm_pick import pick_wedlm, rule_inputs
+from dlmc.runtime.fused_step import CACHED_STEPS
 from dlmc.strategies.base import EXTRA_OUTPUTS, TOP, entropy, logit_margin, top_ids, top_probs
 
 
@@ -219,7 +220,8 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"), caches=("dual",)),
+    "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"),
+                  caches=tuple(CACHED_STEPS)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
     "wedlm": Rule(_wedlm_inputs, pick_wedlm, boolean=("fill",), caches=("exact",)),

@@ -8,7 +8,9 @@ which therefore costs prefix + block + window rows instead of the whole canvas. 
 refresh every that many steps within a block.
 
 The paper slides an active set over the leftmost masks without blocks; here the LLaDA decoder's block
-plays the active set, so the decoder must use the same block_length (the runtime checks).
+plays the active set, so the decoder must use the same block_length (the runtime checks). It may be
+followed by `fuse_decode`: the fused llada loop runs it (`dlmc.runtime.fused_step.WindowCache`), with
+the block length the run's setting.
 """
 
 from __future__ import annotations

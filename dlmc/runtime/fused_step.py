@@ -1,12 +1,13 @@
-"""The fused LLaDA step over the rows of a `Rows` canvas, uncached or with Fast-dLLM v1's dual cache.
-Both call the compiled step through `run` (`dlmc.runtime.cuda_graph.step_runner`: replayed as CUDA
-graphs on CUDA, `engine.run_step` elsewhere).
+"""The fused LLaDA step over the rows of a `Rows` canvas: uncached, with Fast-dLLM v1's dual or prefix
+cache, or with Window-Diffusion's pruning (window) on the dual cache. Each calls the compiled step
+through `run` (`dlmc.runtime.cuda_graph.step_runner`: replayed as CUDA graphs on CUDA,
+`engine.run_step` elsewhere).
 
-Both are called with every row's block (its first column `lo` [B] and its index `block` [B]), the
+Each is called with every row's block (its first column `lo` [B] and its index `block` [B]), the
 columns [B, K] the decoding rule reads and the rows' draws, and hand back the step's first `outputs`
 per-row results (tokens, confidence, confidence64, then any extras a strategy reads) [B, K]. Rows
-join and leave between calls (`dlmc.runtime.loop.Decoding`): the dual cache's per-row buffers follow
-the canvas through `grow`, `append` and `keep`.
+join and leave between calls (`dlmc.runtime.loop.Decoding`): a cache's per-row buffers follow the
+canvas through `append` and `keep`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from dlmc.runtime.cache import empty_cache
 from dlmc.runtime.canvas import Rows
+from dlmc.runtime.policies import CachePolicy, Window
 
 
 class Uncached:
@@ -35,53 +37,51 @@ class Uncached:
         """Only the rows marked in keep [B] stay; `cut` leading columns were dropped."""
 
 
-class DualCache:
-    """Per row: the K/V of every column outside its block's span, from the row's last full step.
+class BlockCache:
+    """Per row: a buffer of K/V slots from the row's last full step, for the block's other steps.
 
     A row's step at the start of its block (or every `refresh` steps) runs its whole canvas and keeps the
-    K/V of every column outside the block; its block's other steps run only the block's rows against that
-    buffer. A row that joins has no buffer yet, so its first step is a full one, whatever the others do:
-    joining at any step is exact."""
+    K/V of the columns its policy caches; its block's other steps (`_cached`, the policy's) compute fewer
+    rows against that buffer. A row that joins has no buffer yet, so its first step is a full one,
+    whatever the others do: joining at any step is exact. The buffer's slots are canvas columns in order,
+    so left padding (a wider row joining) adds slots at the front and cutting padding drops them there."""
 
-    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, refresh: int | None, outputs: int):
-        self.run, self.signature, self.rows, self.refresh, self.outputs = run, signature, rows, refresh, outputs
+    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, policy: CachePolicy, outputs: int):
+        """`policy`: the artifact's (`signature.cache`), for its settings; the block length is the run's."""
+        self.run, self.signature, self.rows, self.outputs = run, signature, rows, outputs
+        self.refresh = policy.refresh
         self.block_length, self.shift = block_length, shift
-        self.span = block_length + shift  # rows computed: the block's, and for shifted logits the one before
         device = rows.device
         self.block = torch.empty(0, dtype=torch.long, device=device)  # [B]: block the buffer holds, -1 none
         self.since = torch.empty(0, dtype=torch.long, device=device)  # [B]: steps since the last full step
-        self.index = torch.empty(0, 0, dtype=torch.long, device=device)  # [B, C]: cached columns, C = L - span
-        self.keys: torch.Tensor | None = None  # [layers, B, kv_heads, C, head_dim], allocated at the first step
+        self.keys: torch.Tensor | None = None  # [layers, B, kv_heads, S, head_dim], allocated at the first step
         self.values: torch.Tensor | None = None
+
+    def slots(self, width: int) -> int:
+        """How many K/V slots a row's buffer holds on a canvas this wide."""
+        raise NotImplementedError
 
     def append(self, count: int, grown: int) -> None:
         """`count` rows joined (nothing cached for them); every older row was padded by `grown` columns
-        on the left, which shifts the columns its buffer holds and adds that many (masked) ones."""
-        device, old = self.index.device, len(self.block)
-        columns = self.rows.width - self.span
+        on the left, which adds that many (masked) slots at the front of its buffer."""
+        device, old = self.block.device, len(self.block)
         if not old:  # the first rows, or the first since every row left: buffers sized to the new canvas
             self.keys = self.values = None
-        if grown and old:
-            pads = torch.arange(grown, device=device).expand(old, -1)  # [B, grown]
-            self.index = torch.cat([pads, self.index + grown], 1)  # [B, C + grown]
-            if self.keys is not None:
-                layers, _, heads, _, dim = self.keys.shape
-                zeros = self.keys.new_zeros(layers, old, heads, grown, dim)
-                self.keys, self.values = torch.cat([zeros, self.keys], 3), torch.cat([zeros, self.values], 3)
-        fresh = torch.arange(columns, device=device).expand(count, -1)  # [n, C]: replaced by its first step
-        self.index = torch.cat([self.index.reshape(old, columns), fresh])
         self.block = torch.cat([self.block, torch.full((count,), -1, dtype=torch.long, device=device)])
         self.since = torch.cat([self.since, torch.zeros(count, dtype=torch.long, device=device)])
-        if self.keys is not None:
-            layers, _, heads, _, dim = self.keys.shape
-            zeros = self.keys.new_zeros(layers, count, heads, columns, dim)
-            self.keys, self.values = torch.cat([self.keys, zeros], 1), torch.cat([self.values, zeros], 1)
+        if self.keys is None:
+            return
+        layers, _, heads, _, dim = self.keys.shape
+        if grown:
+            zeros = self.keys.new_zeros(layers, old, heads, grown, dim)
+            self.keys, self.values = torch.cat([zeros, self.keys], 3), torch.cat([zeros, self.values], 3)
+        zeros = self.keys.new_zeros(layers, count, heads, self.slots(self.rows.width), dim)
+        self.keys, self.values = torch.cat([self.keys, zeros], 1), torch.cat([self.values, zeros], 1)
 
     def keep(self, keep: torch.Tensor, cut: int) -> None:
         """Only the rows marked in keep [B] stay; `cut` leading columns (padding in every kept row, so
         never one a buffer holds a real K/V for) were dropped."""
         self.block, self.since = self.block[keep], self.since[keep]
-        self.index = self.index[keep, cut:] - cut
         if self.keys is not None:
             self.keys, self.values = self.keys[:, keep, :, cut:], self.values[:, keep, :, cut:]
 
@@ -90,7 +90,7 @@ class DualCache:
         stale = self.block != block  # [B]: a new block (or a refresh) needs the whole canvas
         if self.refresh is not None:
             stale |= self.since >= self.refresh
-        first = lo - self.shift  # [B]: first row computed
+        first = lo - self.shift  # [B]: first row computed (for shifted logits the one before the block)
         if bool(stale.all()):
             out = self._full(torch.arange(len(lo), device=lo.device), first, block, draws)
         elif not bool(stale.any()):
@@ -104,25 +104,72 @@ class DualCache:
         return out
 
     def _full(self, rows: torch.Tensor, first: torch.Tensor, block: torch.Tensor, draws):
-        """The whole canvas, nothing cached; keep the K/V of every column outside the block's span."""
-        r = self.rows
+        """The whole canvas, nothing cached; the buffer keeps what the policy caches (`_kept`)."""
         head_rows = first[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
-        inputs = (r.x[rows], r.real[rows], r.positions[rows], *empty_cache(self.signature, len(rows), r.device))
-        *decoded, keys, values = self.run(*inputs, head_rows, *draws)
-        columns = torch.arange(self.index.shape[1], device=first.device)  # [C]
-        index = columns + (columns >= first[:, None]) * self.span  # [n, C]: every column but the span's
-        layers, _, heads, _, dim = keys.shape
+        inputs = (*self._canvas(rows, first), *empty_cache(self.signature, len(rows), self.rows.device))
+        *decoded, keys, values = self.run(*inputs, head_rows, *draws)  # keys, values: [layers, n, H, L, D]
+        keys, values = self._kept(rows, first, keys, values)  # [layers, n, H, S, D]
+        r = self.rows
         if self.keys is None:
-            self.keys = keys.new_zeros(layers, len(r), heads, len(columns), dim)
+            layers, _, heads, slots, dim = keys.shape
+            self.keys = keys.new_zeros(layers, len(r), heads, slots, dim)
             self.values = torch.zeros_like(self.keys)
-        gather = index[None, :, None, :, None].expand(layers, -1, heads, -1, dim)  # [layers, n, H, C, D]
-        self.keys[:, rows] = keys.gather(3, gather)
-        self.values[:, rows] = values.gather(3, gather)
-        self.index[rows], self.block[rows], self.since[rows] = index, block, 0
+        self.keys[:, rows], self.values[:, rows] = keys, values
+        self.block[rows], self.since[rows] = block, 0
         return tuple(decoded)
 
+    def _canvas(self, rows: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A full step's tokens, key mask and positions [n, L]: every column of the rows' canvases."""
+        return self.rows.x[rows], self.rows.real[rows], self.rows.positions[rows]
+
+    def _kept(self, rows: torch.Tensor, first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """The slots a full step of these rows fills, from its K/V of every column [layers, n, H, L, D]."""
+        raise NotImplementedError
+
     def _cached(self, rows: torch.Tensor | None, first: torch.Tensor, draws):
-        """Only the span's rows, attending to the buffer (rows None: every row)."""
+        """A step inside the block against the buffer (rows None: every row)."""
+        raise NotImplementedError
+
+
+class DualCache(BlockCache):
+    """Fast-dLLM v1's dual cache: the buffer holds every column outside the block's span (the prefix and
+    the masked suffix); a cached step computes only the span's rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.span = self.block_length + self.shift  # rows computed: the block's, and for shifted logits the one before
+        self.index = torch.empty(0, 0, dtype=torch.long, device=self.rows.device)  # [B, S]: each slot's column
+
+    def slots(self, width: int) -> int:
+        return width - self.span
+
+    def append(self, count: int, grown: int) -> None:
+        """As BlockCache; the slots' columns move right by `grown`, the new leading slots are padding."""
+        device, old = self.index.device, len(self.block)
+        if grown and old:
+            pads = torch.arange(grown, device=device).expand(old, -1)  # [B, grown]
+            self.index = torch.cat([pads, self.index + grown], 1)  # [B, S + grown]
+        slots = self.slots(self.rows.width)
+        fresh = torch.arange(slots, device=device).expand(count, -1)  # [n, S]: replaced by its first step
+        self.index = torch.cat([self.index.reshape(old, slots), fresh])
+        super().append(count, grown)
+
+    def keep(self, keep: torch.Tensor, cut: int) -> None:
+        self.index = self.index[keep, cut:] - cut
+        super().keep(keep, cut)
+
+    def _kept(self, rows, first, keys, values):
+        columns = torch.arange(self.index.shape[1], device=first.device)  # [S]
+        index = columns + (columns >= first[:, None]) * self.span  # [n, S]: every column but the span's
+        layers, _, heads, computed, dim = keys.shape
+        # a full step that computed fewer columns (window pruning) leaves the slots past them masked out
+        within = index.clamp(max=computed - 1)  # [n, S]
+        gather = within[None, :, None, :, None].expand(layers, -1, heads, -1, dim)  # [layers, n, H, S, D]
+        self.index[rows] = index
+        return keys.gather(3, gather), values.gather(3, gather)
+
+    def _cached(self, rows, first, draws):
+        """Only the span's rows, attending to the buffer."""
         r = self.rows
         span = first[:, None] + torch.arange(self.span, device=first.device)  # [n, span]
         head_rows = torch.arange(self.block_length, device=first.device).expand(len(first), -1)  # [n, bl]
@@ -131,9 +178,75 @@ class DualCache:
         else:
             x, real, positions, index = r.x[rows], r.real[rows], r.positions[rows], self.index[rows]
             keys, values = self.keys[:, rows], self.values[:, rows]
+        index, keys, values, cached = self._read(first, real, index, keys, values)
         inputs = (x.gather(1, span), real.gather(1, span), positions.gather(1, span),
-                  real.gather(1, index), positions.gather(1, index), keys, values)
+                  cached, positions.gather(1, index), keys, values)
         return self.run(*inputs, head_rows, *draws)[: self.outputs]
+
+    def _read(self, first, real, index, keys, values):
+        """The slots a cached step attends to: index [n, S], keys and values, and which are real [n, S]."""
+        return index, keys, values, real.gather(1, index)
+
+
+class WindowCache(DualCache):
+    """Window-Diffusion's pruning on the dual cache: a row sees its prefix, its block and the first
+    `window` columns after the block (all masks: the llada decoder commits inside its block only); the
+    masks beyond are pruned from every step, the full one included, which runs the canvas only up to
+    the widest row's window."""
+
+    def __init__(self, run, signature, rows: Rows, block_length: int, shift: int, policy: Window, outputs: int):
+        super().__init__(run, signature, rows, block_length, shift, policy, outputs)
+        self.window = policy.window
+
+    def _canvas(self, rows, first):
+        r = self.rows
+        seen = first + self.span + self.window  # [n]: each row's first pruned column
+        width = min(r.width, int(seen.max()))  # host sync: the step's width
+        real = r.real[rows, :width] & (torch.arange(width, device=first.device) < seen[:, None])  # [n, W]
+        return r.x[rows, :width], real, r.positions[rows, :width]
+
+    def _read(self, first, real, index, keys, values):
+        # slot s holds column s before the block, s + span after it: the slots before first + window are seen
+        slots = min(index.shape[1], max(1, int(first.max()) + self.window))  # host sync: the step's cache width
+        index, keys, values = index[:, :slots], keys[:, :, :, :slots], values[:, :, :, :slots]
+        seen = real.gather(1, index) & (index < (first + self.span + self.window)[:, None])  # [n, slots]
+        return index, keys, values, seen
+
+
+class PrefixCache(BlockCache):
+    """Fast-dLLM v1's prefix cache: slot s holds column s's K/V from the full step; a cached step computes
+    the block and every column after it, attending to the buffer's columns before the block.
+
+    Rows end at the same column (right-aligned), so the computed rows are the canvas's last Q columns,
+    Q = the longest row's block-and-after; a row's columns there before its own block are masked out of
+    the queries and read from its buffer instead, as its columns before the block are."""
+
+    def slots(self, width: int) -> int:
+        return width
+
+    def _kept(self, rows, first, keys, values):
+        return keys, values  # every column: a cached step reads the ones before its block
+
+    def _cached(self, rows, first, draws):
+        r = self.rows
+        low, high = torch.stack([first.min(), first.max()]).tolist()  # one host sync: the step's shapes
+        high = max(high, 1)  # the cache inputs are never empty (a row at column 0 masks its one slot)
+        if rows is None:
+            x, real, positions, keys, values = r.x, r.real, r.positions, self.keys, self.values
+        else:
+            x, real, positions = r.x[rows], r.real[rows], r.positions[rows]
+            keys, values = self.keys[:, rows], self.values[:, rows]
+        computed = torch.arange(low, r.width, device=first.device)  # [Q]: the columns computed
+        query_real = real[:, low:] & (computed >= first[:, None])  # [n, Q]: not padding, not in the row's prefix
+        cached = real[:, :high] & (torch.arange(high, device=first.device) < first[:, None])  # [n, C]
+        head_rows = (first - low)[:, None] + torch.arange(self.block_length, device=first.device)  # [n, bl]
+        inputs = (x[:, low:], query_real, positions[:, low:], cached, positions[:, :high],
+                  keys[:, :, :, :high], values[:, :, :, :high])
+        return self.run(*inputs, head_rows, *draws)[: self.outputs]
+
+
+CACHED_STEPS: dict[str, type[BlockCache]] = {"dual": DualCache, "prefix": PrefixCache, "window": WindowCache}
+"""Closed registry: the cache policy a step signature records -> the fused loop's step under it."""
 
 
 def _rows(draws: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

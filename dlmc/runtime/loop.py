@@ -11,10 +11,12 @@ each at its own step of its own block with its own gen_length, steps, stop_at_eo
 counters, per-row top-k through a rank mask). `generate` (the batch API) adds every prompt and steps
 until all have left; `dlmc serve` keeps one `Decoding` running across requests.
 
-With a dual K/V cache (Fast-dLLM v1, `block_cache {mode: dual}`) a row's step at the start of its
-block (or every `refresh` steps) runs the whole canvas and keeps the K/V of every column outside the
-block in a buffer; the block's other steps run only the block's rows against that buffer
-(`dlmc.runtime.fused_step`).
+With a K/V cache (Fast-dLLM v1's `block_cache {mode: dual}` or `{mode: prefix}`, Window-Diffusion's
+`window_pruning`) a row's step at the start of its block (or every `refresh` steps) runs the whole
+canvas and keeps K/V in a buffer: dual and window those of every column outside the block, prefix every
+column's; the block's other steps run only the block's rows (dual, window) or the block and everything
+after it (prefix) against that buffer, and window pruning hides the masks past its window from every
+step (`dlmc.runtime.fused_step`). The dKV-Cache policies (`delayed_kv`) have no fused loop.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
 from dlmc.runtime.canvas import Rows
 from dlmc.runtime.cuda_graph import step_runner
-from dlmc.runtime.fused_step import DualCache, Uncached
+from dlmc.runtime.fused_step import CACHED_STEPS, Uncached
 from dlmc.runtime.policies import policy_from_dict
 
 FUSED_DECODERS = ("llada",)
@@ -52,8 +54,9 @@ def check_supported(signature, decoder: str, config) -> None:
     cache = signature.cache
     # The block length stays a run-time setting: the fused step's row and cache dims are dynamic, and
     # the loop, not the graph, decides which columns are cached.
-    if cache is not None and policy_from_dict(cache).name != "dual":
-        raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; fuse_decode runs with dual")
+    if cache is not None and policy_from_dict(cache).name not in CACHED_STEPS:
+        raise DlmcError(f"this artifact's {cache['policy']} cache has no fused loop; the fused llada loop runs "
+                        f"uncached or with the {'/'.join(CACHED_STEPS)} cache")
     strategy = strategies.resolve(config)
     produced = [t.name for t in signature.outputs]
     missing = [name for name in strategy.rule.outputs if name not in produced]
@@ -66,7 +69,7 @@ def check_supported(signature, decoder: str, config) -> None:
         )
     if strategy.rule.sees_generation and cache is not None:
         raise DlmcError(f"strategy: {strategy.name} reads every generated position each step; this artifact's "
-                        "dual cache computes only the block's (compile it without block_cache)")
+                        f"{cache['policy']} cache decodes the block's rows only (compile it without block_cache)")
 
 
 def share_key(config: LLaDAConfig) -> tuple:
@@ -96,8 +99,8 @@ class Decoding:
 
     A row's tokens are those it gets alone (and the reference decoder's), up to rounding: it draws from
     its own generator, its canvas is left-padded with logical positions, its commit count is its own.
-    Uncached, a row joins at any step. With the dual cache too: its buffer is empty, so its first step
-    is a full one (the cache keeps one buffer per row, filled at the row's own block starts)."""
+    Uncached, a row joins at any step. With a cache too: its buffer is empty, so its first step is a
+    full one (the cache keeps one buffer per row, filled at the row's own block starts)."""
 
     def __init__(self, engine):
         self.engine, spec, sig = engine, engine.spec, engine.signature
@@ -234,8 +237,9 @@ class Decoding:
         if sig.cache is None:
             self.step_fn = Uncached(self.run, self.rows, self.shift, len(self.outputs))
         else:
-            refresh = policy_from_dict(sig.cache).refresh
-            self.step_fn = DualCache(self.run, sig, self.rows, bl, self.shift, refresh, len(self.outputs))
+            policy = policy_from_dict(sig.cache)
+            cached = CACHED_STEPS[policy.name]
+            self.step_fn = cached(self.run, sig, self.rows, bl, self.shift, policy, len(self.outputs))
 
     def _leave(self, keep: list[bool]) -> None:
         cut = self.rows.keep(keep)

@@ -112,6 +112,6 @@ def test_refusals(steps, checkpoints):
     assert "cannot run after block_cache (block's loop runs uncached or under the exact cache)" in problems(
         [{"block_cache": {"mode": "dual"}}, block])
     assert "fuses the block decoder's rule, not llada's" in problems([block], {"decoder": "llada"})
-    assert "cannot run after causal_cache (llada's loop runs uncached or under the dual cache)" in problems(
+    assert "cannot run after causal_cache (llada's loop runs uncached or under the dual/prefix/window cache)" in problems(
         [{"causal_cache": {}}, {"fuse_decode": {}}])
     parse_recipe({"passes": [{"causal_cache": {}}, {**block}], "decode": {"decoder": "block"}})

@@ -102,9 +102,10 @@ def test_recipe_checks():
         return str(e.value)
 
     assert "fuse_decode must be the last pass" in problems([{"fuse_decode": {}}, {"fold_constants": {}}])
-    assert "cannot run after block_cache" in problems([{"block_cache": {"mode": "prefix"}}, {"fuse_decode": {}}])
+    assert "cannot run after delayed_kv" in problems([{"delayed_kv": {}}, {"fuse_decode": {}}])
     assert "not dream's" in problems([{"fuse_decode": {}}], {"decoder": "dream"})
-    parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, {"fuse_decode": {"gumbel": True}}]})
+    for cache in ({"block_cache": {"mode": "dual"}}, {"block_cache": {"mode": "prefix"}}, {"window_pruning": {}}):
+        parse_recipe({"passes": [cache, {"fuse_decode": {"gumbel": True}}]})
 
 
 def dream_reference(logits: torch.Tensor, rows: torch.Tensor, config: DreamConfig, seed: int = 0):
