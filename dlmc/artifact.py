@@ -43,6 +43,7 @@ FUSED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "llada": ("tokens", "confidence", "confidence64"),
     "dream": ("tokens", "probability", "margin", "neg_entropy"),
     "block": ("tokens", "confidence", "confidence64"),
+    "llada2": ("tokens", "confidence", "argmax", "argmax_confidence"),
 }
 """Closed registry: decoder -> the first outputs of a step with that decoder's per-row rule fused onto
 it (the fuse_decode pass). The signature records the decoder; the outputs tell a fused step from a

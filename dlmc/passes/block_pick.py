@@ -61,3 +61,21 @@ def pick_block(
         tokens = (probs / noise).argmax(-1)  # [B, K]: the exponential race (ones at T = 0: the arg-max)
     confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, K]
     return tokens, confidence, confidence.to(torch.float64)
+
+
+def pick_llada2(
+    logits: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA2's samplers (`dlmc.decoding.llada2._sample`) on logits [B, K, V]: (tokens, confidence,
+    argmax, argmax_confidence) [B, K]. tokens / confidence are the block sampler's draw (SDAR's filters
+    are LLaDA2's), the arg-max of the probabilities at T = 0 (2.0's greedy token); argmax /
+    argmax_confidence are the arg-max of the logits and its probability (2.1's greedy token; the two
+    differ only where logits a rounding step apart round to one probability)."""
+    tokens, confidence, _ = pick_block(logits, noise, temperature, top_k, top_p)
+    argmax = logits.argmax(-1)  # [B, K]
+    argmax_confidence = torch.softmax(logits, dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)  # [B, K]
+    return tokens, confidence, argmax, argmax_confidence

@@ -30,11 +30,17 @@ block (Fast-dLLM v2's and SDAR's samplers, block-causal models; the open block's
   With `gumbel: true` it also takes `noise` [B, K, V] (Exp(1), logits dtype), `temperature`, `top_k`
   and `top_p` (`dlmc.passes.block_pick`).
 
+llada2 (LLaDA2.0's `llada2` and LLaDA2.1's `llada2_edit`; block-causal, the open block's rows):
+    tokens, confidence [B, K]   the block sampler's draw and its probability (the arg-max of the
+                                probabilities at T = 0, 2.0's greedy token)
+    argmax, argmax_confidence   the arg-max of the logits and its probability (2.1's greedy token)
+  With `gumbel: true` it takes block's sampling inputs.
+
 Then the step's other outputs (the K/V of a cached step). The runtime draws the random inputs from the
 reference decoder's per-row generators, so sampling stays token-identical at any temperature. The
 choice of which tokens to commit reads only [B, K] tensors and stays in the runtime loop
-(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`). It must be the recipe's
-last pass. The step's signature records the decoder, so the runtime knows which loop drives it.
+(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`, `dlmc.runtime.llada2_loop`).
+It must be the recipe's last pass. The step's signature records the decoder, so the runtime knows which loop drives it.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from dlmc.capture import StepProgram
 from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
-from dlmc.passes.block_pick import pick_block, sampling_inputs
+from dlmc.passes.block_pick import pick_block, pick_llada2, sampling_inputs
 from dlmc.strategies.base import EXTRA_OUTPUTS, TOP, entropy, logit_margin, top_ids, top_probs
 
 
@@ -82,7 +88,7 @@ class FuseDecode(PassConfig):
         unknown = [name for name in self.outputs if name not in EXTRA_OUTPUTS]
         if unknown:
             raise DlmcError(f"fuse_decode.outputs: unknown output '{unknown[0]}' (known: {', '.join(EXTRA_OUTPUTS)})")
-        if self.outputs and self.decoder in ("dream", "block"):
+        if self.outputs and self.decoder in ("dream", "block", "llada2"):
             raise DlmcError(f"fuse_decode.outputs: only the llada rule takes extra outputs (strategies), not "
                             f"{self.decoder}")
         # one order, whatever the recipe's, so the step's outputs say what they are
@@ -200,6 +206,8 @@ class Rule:
     inputs: Callable[[FuseDecode, int, str], list[TensorSpec]]
     pick: Callable[..., tuple[torch.Tensor, ...]]
     float64: tuple[str, ...] = ()
+    int64: tuple[str, ...] = ()
+    """Outputs after the tokens that are token ids too."""
     caches: tuple[str, ...] = ()
     """The cache policies its runtime loop drives (uncached always)."""
 
@@ -208,6 +216,7 @@ RULES: dict[str, Rule] = {
     "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
+    "llada2": Rule(_block_inputs, pick_llada2, int64=("argmax",), caches=("exact",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 
@@ -225,9 +234,9 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         runs = " or ".join(("uncached", *rule.caches))
         raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule's loop runs {runs}, not under a "
                         f"{sig.cache['policy']} cache")
-    if config.decoder == "block" and program.spec.attention != "block_causal":
-        raise DlmcError(f"fuse_decode.decoder: block needs a block-causal model, not {program.spec.attention} "
-                        "attention")
+    if config.decoder in ("block", "llada2") and program.spec.attention != "block_causal":
+        raise DlmcError(f"fuse_decode.decoder: {config.decoder} needs a block-causal model, not "
+                        f"{program.spec.attention} attention")
     gm = program.exported.module()  # unlifted: new inputs are plain placeholders
     graph = gm.graph
     final_norm = [n for n in graph.nodes if _module_path(n) == "norm"]
@@ -270,7 +279,7 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 def _output_spec(name: str, rule: Rule, logits_dtype: str, vocab: int) -> TensorSpec:
     if name == "top_ids":
         return TensorSpec(name, "int64", ("batch", "rows", min(TOP, vocab)))
-    dtype = "float64" if name in rule.float64 else logits_dtype
+    dtype = "float64" if name in rule.float64 else "int64" if name in rule.int64 else logits_dtype
     return TensorSpec(name, dtype, ("batch", "rows", min(TOP, vocab)) if name == "top_probs" else ("batch", "rows"))
 
 
