@@ -149,8 +149,16 @@ def test_tiled_experts_are_refused_unless_a_rule_keeps_them_float(moe_checkpoint
     assert result.modified and report["summary"]["expert_layers"] == 0
 
 
-@pytest.mark.parametrize("scheme", ["{weights: int8}", "{weights: int4, group_size: 32}"], ids=["w8a16", "w4a16"])
-def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, tmp_path, scheme):
+@pytest.mark.parametrize(
+    "scheme, backend, label",
+    [
+        ("{weights: int8}", "eager", "W8A16 rtn per-channel"),
+        ("{weights: int4, group_size: 32}", "eager", "W4A16 rtn g32"),
+        ("{activations: per_token}", "inductor", "W8A8 rtn per-channel per-token"),  # int8 grouped GEMM in AOTI
+    ],
+    ids=["w8a16", "w4a16", "w8a8-aot-inductor"],
+)
+def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, tmp_path, scheme, backend, label):
     from typer.testing import CliRunner
 
     from dlmc.cli import app
@@ -161,7 +169,7 @@ def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, 
         f"passes:\n  - quantize:\n      scheme: {scheme}\n"
         "      rules: [{match: lm_head, scheme: null}]\n"
         "      calibration: {source: random, samples: 4, seq_len: 16}\n"
-        "lower: {backend: eager}\n"
+        f"lower: {{backend: {backend}}}\n"
     )
     runner = CliRunner()
     out = tmp_path / "out"
@@ -171,6 +179,8 @@ def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, 
     assert "and 9 expert layers" in result.stdout
     report = json.loads((out / "quant_report.json").read_text())
     assert sum(".experts_" in name for name in report[0]["layers"]) == 9
+    labels = {layer["scheme"] for name, layer in report[0]["layers"].items() if ".experts_" in name}
+    assert labels == {label}
     run = runner.invoke(app, ["run", str(out), "--prompt-ids", "5,6,7", "--gen-length", "8", "--steps", "8", "--json"])
     assert run.exit_code == 0, run.output
     assert len(json.loads(run.stdout.strip().splitlines()[-1])["output_ids"]) == 8
