@@ -210,13 +210,15 @@ class Rule:
     """Outputs after the tokens that are token ids too."""
     caches: tuple[str, ...] = ()
     """The cache policies its runtime loop drives (uncached always)."""
+    also: tuple[str, ...] = ()
+    """Reference decoders its loop runs besides the one it is named after."""
 
 
 RULES: dict[str, Rule] = {
     "llada": Rule(_llada_inputs, pick_tokens, float64=("confidence64", "entropy", "top_probs"), caches=("dual",)),
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
-    "llada2": Rule(_block_inputs, pick_llada2, int64=("argmax",), caches=("exact",)),
+    "llada2": Rule(_block_inputs, pick_llada2, int64=("argmax",), caches=("exact",), also=("llada2_edit",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 
