@@ -188,7 +188,7 @@ def test_dream_recipe_checks():
 
     assert "fuses the dream decoder's rule, not llada's" in problems([{"fuse_decode": {"decoder": "dream"}}],
                                                                       {"decoder": "llada"})
-    assert "fuses the llada or dream or block decoder's rule, not wedlm's" in problems(
+    assert "fuses the llada or dream or block or llada2 decoder's rule, not wedlm's" in problems(
         [{"fuse_decode": {"decoder": "auto"}}], {"decoder": "wedlm"})
     dual = {"block_cache": {"mode": "dual"}}
     refused = problems([dual, {"fuse_decode": {"decoder": "dream"}}])
