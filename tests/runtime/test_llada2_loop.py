@@ -1,9 +1,11 @@
 """The fused LLaDA2 loop (`fuse_decode {decoder: auto}` on a LLaDA2 checkpoint) gives the reference's tokens,
 NFE and per-row NFE: LLaDA2.0's `llada2` and LLaDA2.1's `llada2_edit`, temperature 0 and > 0 with filters,
 batch 1 and a batch of different lengths (one prompt filling its block, one ending inside one), uncached and
-with the exact K/V cache, on eager and AOTInductor; stop tokens end rows where the reference ends them."""
+with the exact K/V cache, on eager, AOTInductor and ONNX Runtime (uncached); stop tokens end rows where the
+reference ends them."""
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -47,7 +49,8 @@ def model(checkpoint):
 def compile_fused(checkpoint, out, backend="eager", cache=True, gumbel=True):
     passes = [{"fold_constants": {}}, *([{"causal_cache": {}}] if cache else [])]
     passes.append({"fuse_decode": {"decoder": "auto", "gumbel": gumbel}})
-    recipe = parse_recipe({"capture": {"max_batch": 4}, "passes": passes, "lower": {"backend": backend}})
+    capture = {"max_batch": 4, **({"dtype": "float32"} if backend == "onnxrt" else {})}
+    recipe = parse_recipe({"capture": capture, "passes": passes, "lower": {"backend": backend}})
     return dlmc.runtime.load(compile_model(checkpoint, recipe, out, force=True))
 
 
@@ -144,6 +147,12 @@ def test_reference_tokens_uncached(checkpoint, model, tmp_path):
 def test_reference_tokens_inductor(checkpoint, model, tmp_path):
     engine = compile_fused(checkpoint, tmp_path / "a", "inductor")
     assert_reference_tokens(engine, model, {n: CONFIGS[n] for n in ("quota", "sampled", "edit", "edit_sampled")})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_reference_tokens_onnx_runtime(checkpoint, model, tmp_path):
+    engine = compile_fused(checkpoint, tmp_path / "a", "onnxrt", cache=False)
+    assert_reference_tokens(engine, model, {n: CONFIGS[n] for n in ("threshold", "sampled", "edit", "edit_sampled")})
 
 
 @pytest.mark.parametrize("name", ["threshold", "sampled", "edit", "edit_sampled"])
