@@ -192,3 +192,35 @@ def test_settings_it_cannot_run_are_one_line(checkpoint, cached, tmp_path):
         cached.generate([[5, 6]] * 5, config=LLaDA2Config(gen_length=4))
     with pytest.raises(DlmcError, match="block_length=8 differs"):
         cached.generate([[5, 6]], config=LLaDA2Config(gen_length=4, block_length=8))
+
+
+class MaskWins:
+    """The eager model with the mask token's logit raised far above the rest: every sample is the mask."""
+
+    def __init__(self, model):
+        self.model, self.device = model, next(model.parameters()).device
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        logits = self.model(input_ids, attention_mask, position_ids)  # [B, L, V]
+        logits[..., self.model.spec.mask_token_id] += 100
+        return logits
+
+
+def test_when_the_mask_token_wins(cached, model, monkeypatch):
+    """2.0 commits the mask token, leaving positions masked, and moves on when a block's steps run out (as
+    the reference); 2.1 at temperature 0 would loop forever and stops with the reference's one line."""
+    real, mask = cached.run_step, model.spec.mask_token_id
+
+    def masks_win(*inputs):
+        tokens, probability, argmax, argmax_probability, *kv = real(*inputs)
+        wins = (torch.full_like(tokens, mask), torch.full_like(probability, 0.999))
+        return (*wins, *wins, *kv)
+
+    monkeypatch.setattr(cached, "run_step", masks_win)
+    expected = generate(MaskWins(model), model.spec, PROMPTS, CONFIGS["threshold"], seed=3)
+    assert expected.nfe == 3 * 4  # three blocks of four steps, nothing decided
+    assert cached.generate(PROMPTS, "llada2", CONFIGS["threshold"], seed=3) == expected
+    with pytest.raises(DlmcError, match=r"^llada2_edit: the mask token keeps winning at position 3; the block"):
+        generate_edit(MaskWins(model), model.spec, [[5, 6, 7]], CONFIGS["edit"], seed=3)
+    with pytest.raises(DlmcError, match=r"^llada2_edit: the mask token keeps winning at position 3; the block"):
+        cached.generate([[5, 6, 7]], "llada2_edit", CONFIGS["edit"], seed=3)
