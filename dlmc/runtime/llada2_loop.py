@@ -23,7 +23,7 @@ import torch
 from dlmc.decoding.common import Generation, fill_token_id, num_transfer_tokens, row_generator
 from dlmc.decoding.llada2 import LLaDA2Config, LLaDA2EditConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime.block_loop import ExactCache, Sampling
+from dlmc.runtime.block_loop import ExactCache, Sampling, settled_stop
 
 DECODERS = ("llada2", "llada2_edit")
 
@@ -129,7 +129,7 @@ def generate(
             full = ~s.done & ~((s.x == mask) & (s.col >= s.start[:, None]) & (s.col < s.length[:, None])).any(1)
             s.post = s.post + full.long()
             over = full & (s.post > config.max_post_steps)
-            s.close(over, _settled_stop_any(s, stops, config.eos_early_stop))
+            s.close(over, _edit_stop(s, stops, config.eos_early_stop))
         active = (~s.done).nonzero().squeeze(1)  # [A]
         if len(active) == 0:
             break
@@ -166,30 +166,31 @@ def generate(
             _check_progress(masked, changed, block, tokens, probability, positions, config)
         else:
             changed = commit
-        s.x[active] = rows.scatter(1, positions, torch.where(changed, tokens, block))
-        still_masked = torch.zeros(B, dtype=torch.bool, device=device)
-        still_masked[active] = (s.x[active].gather(1, positions) == mask).any(1)
-        stepped = torch.zeros_like(still_masked)
+        decided = torch.where(changed, tokens, block)  # [A, K]: the open block after the step
+        s.x[active] = rows.scatter(1, positions, decided)
+        stepped = torch.zeros(B, dtype=torch.bool, device=device)
         stepped[active] = True
         if editing:  # the block ends at a step begun without masks that edits nothing
             quiet = torch.zeros_like(stepped)
             quiet[active] = ~masked.any(1) & ~edit.any(1)
-            s.close(quiet, _settled_stop_any(s, stops, config.eos_early_stop))
+            s.close(quiet, _edit_stop(s, stops, config.eos_early_stop))
         else:
+            still_masked = torch.zeros_like(stepped)
+            still_masked[active] = (decided == mask).any(1)
             s.steps = s.steps + stepped.long()
             early = torch.zeros_like(stepped)
             if config.eos_early_stop:  # a stop token committed now, with every position before it decided
                 committed = torch.zeros_like(stepped)
                 committed[active] = (torch.isin(tokens, stops) & commit).any(1)
-                early = committed & _settled_stop(s, stops)
+                early = committed & settled_stop(s.x, s.P, s.length, stops, mask)
             s.done |= early
             # the quotas add up to the block, so the steps run out with masks left only when the model
             # committed the mask token itself; the official loop then moves on regardless
             ends = stepped & ~early & (~still_masked | (s.steps == len(schedule)))
             s.close(ends, (torch.isin(s.x, stops) & s.generated()).any(1))
         if on_step is not None:
-            decided = (s.x != mask) & (s.col >= s.P[:, None]) & (s.col < s.target[:, None])  # [B, W]
-            on_step(nfe, int(decided.sum()))
+            output = (s.x != mask) & (s.col >= s.P[:, None]) & (s.col < s.target[:, None])  # [B, W] decided
+            on_step(nfe, int(output.sum()))
         if on_canvas is not None:
             on_canvas(_canvas(s, region, config, editing))  # [B, G]
     out = torch.where(s.x == mask, fill_token_id(spec), s.x)  # [B, W]
@@ -197,20 +198,12 @@ def generate(
     return Generation(outputs, nfe, row_nfe.tolist())
 
 
-def _settled_stop(s: _State, stops: torch.Tensor) -> torch.Tensor:
-    """[B] bool: a generated stop token with no mask before the first one."""
-    generated = s.generated()  # [B, W]
-    W = s.x.shape[1]
-    first = torch.where(torch.isin(s.x, stops) & generated, s.col, W).amin(1)  # [B]: W when none
-    undecided = ((s.x == s.mask) & generated & (s.col < first[:, None])).any(1)  # [B]
-    return (first < W) & ~undecided
-
-
-def _settled_stop_any(s: _State, stops: torch.Tensor, eos_early_stop: bool) -> torch.Tensor:
-    """2.1's stop when a block closes: with eos_early_stop, a generated region free of masks holding a stop."""
-    generated = s.generated()  # [B, W]
+def _edit_stop(s: _State, stops: torch.Tensor, eos_early_stop: bool) -> torch.Tensor:
+    """[B] bool, 2.1's stop when a block closes: with eos_early_stop, a generated region free of masks
+    holding a stop token (without it every block up to gen_length is decoded)."""
     if not eos_early_stop:
         return torch.zeros_like(s.done)
+    generated = s.generated()  # [B, W]
     settled = ~((s.x == s.mask) & generated).any(1)  # [B]
     return settled & (torch.isin(s.x, stops) & generated).any(1)
 
