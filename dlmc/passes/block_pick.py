@@ -46,8 +46,11 @@ def pick_block(
         probs = torch.softmax(logits, dim=-1)  # [B, K, V]
         tokens = probs.argmax(-1)  # [B, K]
     else:
-        t = temperature.to(logits.dtype)  # the reference divides by a Python float: the logits dtype
-        scaled = torch.where(temperature > 0, logits / t, logits)  # [B, K, V]
+        # the reference divides by a Python float: in the op-math type (float32 for bf16 / fp16 logits), the
+        # scalar rounded to it, the quotient rounded back to the logits dtype
+        opmath = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        tempered = (logits.to(opmath) / temperature.to(opmath)).to(logits.dtype)  # [B, K, V]
+        scaled = torch.where(temperature > 0, tempered, logits)  # [B, K, V]
         ranked, order = torch.sort(scaled, dim=-1, descending=True)  # [B, K, V] each
         kth = ranked.gather(-1, (top_k - 1).expand(*ranked.shape[:-1], 1))  # [B, K, 1]
         ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # top-k: ties with the k-th stay

@@ -13,6 +13,7 @@ from dlmc.decoding.block import BlockConfig, _filtered_sample, _nucleus_sample
 from dlmc.decoding.llada2 import LLaDA2Config, _sample
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
+from dlmc.passes.block_pick import pick_llada2
 from dlmc.passes.fuse_decode import FuseDecode, fuse_decode
 from dlmc.pipeline import check_program
 from dlmc.recipe import parse_recipe
@@ -157,3 +158,19 @@ def test_llada2_recipes_serve_both_samplers():
         parse_recipe({"passes": passes, "decode": {"decoder": "block"}})
     with pytest.raises(DlmcError, match="cannot run after block_cache"):
         parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, passes[1]]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llada2_pick_samples_as_the_reference_in_the_logits_dtype(dtype):
+    """On logits alone (no model, so no rounding between two paths): the same draw and the same probability
+    as `llada2`'s sampler, in bf16 too, where the temperature divides in float32 as a Python float does."""
+    logits = 3 * torch.randn(2, 4, 272, generator=torch.Generator().manual_seed(0))  # [B, K, V]
+    logits = logits.to(dtype)
+    config = LLaDA2Config(temperature=0.8, top_k=40, top_p=0.9)
+    noise = torch.stack([torch.empty(4, 272, dtype=dtype).exponential_(1, generator=torch.Generator().manual_seed(b))
+                         for b in range(2)])  # [B, K, V]
+    extra = (torch.tensor([0.8], dtype=torch.float64), torch.tensor([40]), torch.tensor([0.9], dtype=torch.float64))
+    tokens, confidence, _, _ = pick_llada2(logits, noise, *extra)
+    for b in range(2):
+        expected = _sample(logits[b], config, torch.Generator().manual_seed(b), greedy_over_probs=True)
+        assert torch.equal(tokens[b], expected[0]) and torch.equal(confidence[b], expected[1])
