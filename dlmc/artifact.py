@@ -44,6 +44,7 @@ FUSED_OUTPUTS: dict[str, tuple[str, ...]] = {
     "dream": ("tokens", "probability", "margin", "neg_entropy"),
     "block": ("tokens", "confidence", "confidence64"),
     "wedlm": ("tokens", "fill", "entropy"),
+    "llada2": ("tokens", "confidence", "argmax", "argmax_confidence"),
     "diffusion_gemma": ("next_canvas", "argmax_canvas", "mean_entropy", "next_soft"),  # dlmc.capture_gemma
 }
 """Closed registry: decoder -> the first outputs of a step with that decoder's per-row rule fused onto

@@ -239,7 +239,7 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
             runs = "; ".join(f"{d}'s loop runs uncached" + (f" or under the {'/'.join(RULES[d].caches)} cache"
                              if RULES[d].caches else " only") for d in allowed)
             problems.append(f"passes: fuse_decode {{decoder: {fused}}} cannot run after {p.name} ({runs})")
-    if decode.decoder not in (None, *allowed):
+    if decode.decoder not in (None, *allowed, *(also for d in allowed for also in RULES[d].also)):
         rule = " or ".join(allowed)
         problems.append(f"decode.decoder: fuse_decode fuses the {rule} decoder's rule, not {decode.decoder}'s")
     return problems + _strategy_checks(passes, decode)

@@ -46,8 +46,11 @@ def pick_block(
         probs = torch.softmax(logits, dim=-1)  # [B, K, V]
         tokens = probs.argmax(-1)  # [B, K]
     else:
-        t = temperature.to(logits.dtype)  # the reference divides by a Python float: the logits dtype
-        scaled = torch.where(temperature > 0, logits / t, logits)  # [B, K, V]
+        # the reference divides by a Python float: in the op-math type (float32 for bf16 / fp16 logits), the
+        # scalar rounded to it, the quotient rounded back to the logits dtype
+        opmath = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        tempered = (logits.to(opmath) / temperature.to(opmath)).to(logits.dtype)  # [B, K, V]
+        scaled = torch.where(temperature > 0, tempered, logits)  # [B, K, V]
         ranked, order = torch.sort(scaled, dim=-1, descending=True)  # [B, K, V] each
         kth = ranked.gather(-1, (top_k - 1).expand(*ranked.shape[:-1], 1))  # [B, K, 1]
         ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # top-k: ties with the k-th stay
@@ -61,3 +64,21 @@ def pick_block(
         tokens = (probs / noise).argmax(-1)  # [B, K]: the exponential race (ones at T = 0: the arg-max)
     confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, K]
     return tokens, confidence, confidence.to(torch.float64)
+
+
+def pick_llada2(
+    logits: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA2's samplers (`dlmc.decoding.llada2._sample`) on logits [B, K, V]: (tokens, confidence,
+    argmax, argmax_confidence) [B, K]. tokens / confidence are the block sampler's draw (SDAR's filters
+    are LLaDA2's), the arg-max of the probabilities at T = 0 (2.0's greedy token); argmax /
+    argmax_confidence are the arg-max of the logits and its probability (2.1's greedy token; the two
+    differ only where logits a rounding step apart round to one probability)."""
+    tokens, confidence, _ = pick_block(logits, noise, temperature, top_k, top_p)
+    argmax = logits.argmax(-1)  # [B, K]
+    argmax_confidence = torch.softmax(logits, dim=-1).gather(-1, argmax.unsqueeze(-1)).squeeze(-1)  # [B, K]
+    return tokens, confidence, argmax, argmax_confidence

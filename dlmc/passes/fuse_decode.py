@@ -37,12 +37,18 @@ wedlm (WeDLM's window fill rule, causal models; the window's masks):
   It takes `slots` [B, K] (each mask's position), `pos_penalty` and `entropy_threshold` [1] float64,
   and with `gumbel: true` the block rule's four sampling inputs (`dlmc.passes.wedlm_pick`).
 
+llada2 (LLaDA2.0's `llada2` and LLaDA2.1's `llada2_edit`; block-causal, the open block's rows):
+    tokens, confidence [B, K]   the block sampler's draw and its probability (the arg-max of the
+                                probabilities at T = 0, 2.0's greedy token)
+    argmax, argmax_confidence   the arg-max of the logits and its probability (2.1's greedy token)
+  With `gumbel: true` it takes block's sampling inputs.
+
 Then the step's other outputs (the K/V of a cached step). The runtime draws the random inputs from the
 reference decoder's per-row generators, so sampling stays token-identical at any temperature. The
 choice of which tokens to commit reads only [B, K] tensors and stays in the runtime loop
-(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`,
-`dlmc.runtime.wedlm_loop`). It must be the recipe's
-last pass. The step's signature records the decoder, so the runtime knows which loop drives it.
+(`dlmc.runtime.loop`, `dlmc.runtime.dream_loop`, `dlmc.runtime.block_loop`, `dlmc.runtime.wedlm_loop`,
+`dlmc.runtime.llada2_loop`). It must be the recipe's last pass. The step's signature records the decoder,
+so the runtime knows which loop drives it.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from dlmc.capture import StepProgram
 from dlmc.decoding import default_decoder
 from dlmc.errors import DlmcError
 from dlmc.passes import PassConfig, PassResult, reexport, register
-from dlmc.passes.block_pick import pick_block, sampling_inputs
+from dlmc.passes.block_pick import pick_block, pick_llada2, sampling_inputs
 from dlmc.passes.wedlm_pick import pick_wedlm, rule_inputs
 from dlmc.runtime.fused_step import CACHED_STEPS
 from dlmc.strategies.base import EXTRA_OUTPUTS, TOP, entropy, logit_margin, top_ids, top_probs
@@ -215,8 +221,13 @@ class Rule:
     pick: Callable[..., tuple[torch.Tensor, ...]]
     float64: tuple[str, ...] = ()
     boolean: tuple[str, ...] = ()
+    """Outputs that are flags."""
+    int64: tuple[str, ...] = ()
+    """Outputs after the tokens that are token ids too."""
     caches: tuple[str, ...] = ()
     """The cache policies its runtime loop drives (uncached always)."""
+    also: tuple[str, ...] = ()
+    """Reference decoders its loop runs besides the one it is named after."""
 
 
 RULES: dict[str, Rule] = {
@@ -225,6 +236,7 @@ RULES: dict[str, Rule] = {
     "dream": Rule(_dream_inputs, pick_dream),
     "block": Rule(_block_inputs, pick_block, float64=("confidence64",), caches=("exact",)),
     "wedlm": Rule(_wedlm_inputs, pick_wedlm, boolean=("fill",), caches=("exact",)),
+    "llada2": Rule(_block_inputs, pick_llada2, int64=("argmax",), caches=("exact",), also=("llada2_edit",)),
 }
 """Closed registry: decoder name -> its fused rule."""
 
@@ -242,9 +254,9 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
         runs = " or ".join(("uncached", *rule.caches))
         raise DlmcError(f"fuse_decode.decoder: the {config.decoder} rule's loop runs {runs}, not under a "
                         f"{sig.cache['policy']} cache")
-    if config.decoder == "block" and program.spec.attention != "block_causal":
-        raise DlmcError(f"fuse_decode.decoder: block needs a block-causal model, not {program.spec.attention} "
-                        "attention")
+    if config.decoder in ("block", "llada2") and program.spec.attention != "block_causal":
+        raise DlmcError(f"fuse_decode.decoder: {config.decoder} needs a block-causal model, not "
+                        f"{program.spec.attention} attention")
     if config.decoder == "wedlm" and (program.spec.attention != "causal" or program.spec.shift_logits):
         raise DlmcError("fuse_decode.decoder: wedlm needs a causal model with same-position logits, not "
                         f"{program.spec.attention} attention{' with shifted logits' * program.spec.shift_logits}")
@@ -290,7 +302,8 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
 def _output_spec(name: str, rule: Rule, logits_dtype: str, vocab: int) -> TensorSpec:
     if name == "top_ids":
         return TensorSpec(name, "int64", ("batch", "rows", min(TOP, vocab)))
-    dtype = "float64" if name in rule.float64 else "bool" if name in rule.boolean else logits_dtype
+    dtype = ("float64" if name in rule.float64 else "bool" if name in rule.boolean
+             else "int64" if name in rule.int64 else logits_dtype)
     return TensorSpec(name, dtype, ("batch", "rows", min(TOP, vocab)) if name == "top_probs" else ("batch", "rows"))
 
 

@@ -7,6 +7,7 @@ the linear becomes a call to one of the `torch.ops.dlmc` operators (dlmc.quant.o
   W8A16 / W4A16   y = linear_woq(x [* 1/s_awq], q, scale, zero, bias)
   W8A8            y = linear_w8a8((x * 1/s_smooth) @ R_hadamard, q, scale, bias, act_scale?)
   MoE experts     y = grouped_woq(x, q [E, ...], scale, zero, offs, bits)   (W8A16 / W4A16, RTN only)
+                  y = grouped_w8a8(x, q [E, out, in], scale [E, out], offs)  (W8A8 per token, RTN only)
 
 The stacked experts of an MoE layer (a [E, in, out] parameter read by torch.ops.dlmc.grouped_mm) are
 layers too, named by their parameter ("layers.1.mlp.experts_gate"; dlmc.quant.experts). The router
@@ -247,8 +248,11 @@ def _rewrite(
             nodes = {suffix: placeholder(f"{name}.{suffix}", value)
                      for suffix, value in expert_buffers(layer, dtype).items()}
             for mm in linears[name]:  # grouped_mm(x, weight, offs)
-                new = call(ops.grouped_woq, (mm.args[0], nodes["qweight"], nodes["scale"], nodes.get("zero"),
-                                             mm.args[2], layer.weight.bits), mm)
+                if layer.scheme.activations == "per_token":
+                    new = call(ops.grouped_w8a8, (mm.args[0], nodes["qweight"], nodes["scale"], mm.args[2]), mm)
+                else:
+                    new = call(ops.grouped_woq, (mm.args[0], nodes["qweight"], nodes["scale"], nodes.get("zero"),
+                                                 mm.args[2], layer.weight.bits), mm)
                 mm.replace_all_uses_with(new)
                 graph.erase_node(mm)
             graph.erase_node(weight_node)

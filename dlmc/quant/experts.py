@@ -1,13 +1,16 @@
 """The stacked experts of an MoE layer quantized: the numerics behind the quantize pass for a weight
 [E, in, out] that torch.ops.dlmc.grouped_mm reads (dlmc.models.moe), apart from the graph edit.
 
-Weight-only round to nearest, per expert and per output channel or group of input channels: each
-expert's matrix, transposed to the [out, in] of a linear, is quantized exactly as a linear's weight, and
-the experts' results are stacked (ops.grouped_woq's layouts). RTN rounds each output row on its own, so
-quantizing the E experts' rows as one [E * out, in] matrix is the per-expert quantization.
+Round to nearest, per expert and per output channel or group of input channels: each expert's matrix,
+transposed to the [out, in] of a linear, is quantized exactly as a linear's weight, and the experts'
+results are stacked. RTN rounds each output row on its own, so quantizing the E experts' rows as one
+[E * out, in] matrix is the per-expert quantization. Weight-only (W8A16 / W4A16) runs through
+ops.grouped_woq; W8A8 (int8 per-channel weights, activations: per_token) through ops.grouped_w8a8, which
+quantizes each routed token on the fly and multiplies in int8, its weight scales kept in float32.
 
 GPTQ and AWQ are refused for experts: their statistics would have to be each expert's routed inputs,
-which calibration does not separate; int8 activations are refused too (no int8 grouped matmul here).
+which calibration does not separate; so are static per-tensor activation scales and the outlier
+transforms (SmoothQuant, Hadamard), which would need the same per-expert statistics.
 """
 
 from __future__ import annotations
@@ -24,17 +27,21 @@ from dlmc.quant.scheme import Scheme
 
 def check_expert_scheme(name: str, scheme: Scheme) -> None:
     """One line when `scheme` cannot quantize the experts `name` (before any calibration)."""
-    if scheme.activations != "none":
-        raise DlmcError(f"quantize.activations: {scheme.label()} on the experts {name}: experts are "
-                        "weight-only (int8/int4, activations: none); give them a rule")
+    if scheme.activations == "per_tensor":
+        raise DlmcError(f"quantize.activations: {scheme.label()} on the experts {name}: a static scale would need "
+                        "each expert's routed inputs; use activations: per_token (or none) for them")
+    if scheme.outliers != "none":
+        raise DlmcError(f"quantize.outliers: {scheme.outliers} on the experts {name} would need each expert's "
+                        "routed inputs; use outliers: none for them (a rule matching '*.experts_*')")
     if scheme.method != "rtn":
         raise DlmcError(f"quantize.method: {scheme.method} on the experts {name} would need each expert's routed "
                         "inputs to calibrate; use method: rtn for them (a rule matching '*.experts_*')")
 
 
 def quantize_experts(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerStats) -> QuantizedLayer:
-    """Quantize stacked experts w [E, in, out] under an RTN weight-only `scheme`; `stats` (the inputs of
-    the grouped matmul, every expert's rows together) only feed the report: RTN does not read them."""
+    """Quantize stacked experts w [E, in, out] under an RTN `scheme` (weight-only or W8A8 per token); `stats`
+    (the inputs of the grouped matmul, every expert's rows together) only feed the report: RTN does not
+    read them."""
     check_expert_scheme(name, scheme)
     w = w.detach().float().cpu()  # quantization runs on the host
     experts, inn, out = w.shape
@@ -60,11 +67,15 @@ def quantize_experts(name: str, w: torch.Tensor, scheme: Scheme, stats: LayerSta
 
 
 def expert_buffers(layer: QuantizedLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors stored for the experts, by suffix, in ops.grouped_woq's layouts; scales in `dtype`."""
+    """The tensors stored for the experts, by suffix, in ops.grouped_woq's layouts, scales in `dtype`; for
+    W8A8 ops.grouped_w8a8's: qweight [E, out, in] int8, scale [E, out] float32."""
     stored = layer.weight.storage()  # the 2-D layout of [E*out, in]
     experts = layer.experts
     qweight, scale, zero = stored["qweight"], stored["scale"].to(dtype), stored.get("zero")
     out = scale.shape[0] // experts
+    if layer.scheme.activations == "per_token":  # symmetric per channel: one scale per output row
+        scale = stored["scale"].float().reshape(experts, out)
+        return {"qweight": qweight.reshape(experts, out, -1).contiguous(), "scale": scale.contiguous()}
     if layer.weight.bits == 4:  # [E, out, G, gs // 2] blocks, scales and zeros [E, out * G]
         groups = scale.shape[1]
         qweight = qweight.reshape(experts, out, groups, -1)
@@ -86,5 +97,7 @@ def run_experts(
     """The quantized experts on rows x [N, in] sorted by expert (offs: cumulative row counts), through
     the op the graph calls, from their stored tensors (`expert_buffers`)."""
     b = {suffix: t.to(x.device) for suffix, t in stored.items()}
+    if layer.scheme.activations == "per_token":
+        return ops.grouped_w8a8(x, b["qweight"], b["scale"], offs.to(x.device))
     x = x.to(b["scale"].dtype)
     return ops.grouped_woq(x, b["qweight"], b["scale"], b.get("zero"), offs.to(x.device), layer.weight.bits)

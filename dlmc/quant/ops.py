@@ -21,6 +21,11 @@ module registers them; the runtime imports it before it deserializes a graph tha
       [E, in, out] (the float weights' size, transient) before the grouped matmul, so a step reads the
       small form but also writes and reads back the float one; Inductor fuses the dequantization into one
       kernel, not into the grouped matmul. What it saves is the memory the weights occupy at rest.
+  grouped_w8a8(x [N, in], qweight int8 [E, out, in], scale float32 [E, out], offs int32 [E]) -> [N, out]
+      MoE experts, W8A8: x quantized to int8 per token (as linear_w8a8), then per expert segment of the
+      sorted rows one int8 x int8 -> int32 product (aten._int_mm), rescaled in fp32 and cast to x's dtype.
+      An opaque custom op (not composite): the per-segment loop reads offs on the host, so export keeps
+      one node, Inductor calls it as is, and nothing dequantizes the weights.
 """
 
 from __future__ import annotations
@@ -135,6 +140,28 @@ def padded_int_mm(a: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     return acc[: a.shape[0] - 16, :out]
 
 
+@torch.library.custom_op("dlmc::grouped_w8a8", mutates_args=())
+def _grouped_w8a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # x: [N, in] rows sorted by expert; qweight: [E, out, in] int8; scale: [E, out]; offs: [E] int32 -> [N, out]
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / INT8_MAX  # [N, 1] per token, x's dtype
+    xq = torch.clamp(torch.round(x / s), -INT8_MAX - 1, INT8_MAX).to(torch.int8)  # [N, in]
+    wide = torch.promote_types(x.dtype, torch.float32)  # int32 sums overflow fp16: rescale wide (linear_w8a8)
+    out = x.new_empty(x.shape[0], qweight.shape[1])  # [N, out]
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:  # an expert no row was routed to runs nothing
+            rows = xq[start:end]  # [n, in] int8
+            acc = padded_int_mm(rows, qweight[e]) if x.is_cuda else torch._int_mm(rows, qweight[e].t())  # [n, out]
+            out[start:end] = (acc.to(wide) * (s[start:end].to(wide) * scale[e].to(wide))).to(x.dtype)
+        start = end
+    return out
+
+
+@_grouped_w8a8.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
 _LIB.impl("linear_woq", linear_woq_eager, "CompositeImplicitAutograd")
 _LIB.impl("linear_w8a8", _linear_w8a8, "CompositeImplicitAutograd")
 _LIB.impl("grouped_woq", _grouped_woq, "CompositeImplicitAutograd")
@@ -142,3 +169,4 @@ _LIB.impl("grouped_woq", _grouped_woq, "CompositeImplicitAutograd")
 linear_woq = torch.ops.dlmc.linear_woq.default
 linear_w8a8 = torch.ops.dlmc.linear_w8a8.default
 grouped_woq = torch.ops.dlmc.grouped_woq.default
+grouped_w8a8 = torch.ops.dlmc.grouped_w8a8.default

@@ -97,13 +97,13 @@ def generate(
     row_nfe = torch.zeros(B, dtype=torch.long, device=device)  # [B]: the calls each row took part in
     generators = [row_generator(seed, device) for _ in prompts]
     cache = CommittedKV(sig, B, W, device) if sig.cache is not None else None
-    sampling = _Sampling(sig, config, B, K, device)
+    sampling = Sampling(sig, config.temperature, _filters(config), B, K, device)
     offsets = torch.arange(K, device=device)  # [K]
     generated = P[:, None] + torch.arange(config.gen_length, device=device)  # [B, G]: each row's region
     nfe = 0
     while True:
         if threshold_rule:  # Fast-dLLM v2 stops a row before any forward once a stop token is settled
-            done |= _stopped(x, P, length, stops, mask)
+            done |= settled_stop(x, P, length, stops, mask)
         active = (~done).nonzero().squeeze(1)  # [A]
         if len(active) == 0:
             break
@@ -149,7 +149,7 @@ def generate(
         complete = ~ar & ~(rows.gather(1, blocks) == mask).any(1)  # [A]: the open block is full
         finished = (ar | complete) & (n >= target[active])
         if not threshold_rule:  # SDAR stops after a block that holds a settled stop token
-            finished |= complete & _stopped(rows, P[active], n, stops, mask)
+            finished |= complete & settled_stop(rows, P[active], n, stops, mask)
         opens = (ar | (complete & (not shift))) & ~finished  # [A]: the next block opens now
         n = torch.where(opens, (n // bl + 1) * bl, n)
         length[active], start[active] = n, torch.where(opens, n - bl, start[active])
@@ -181,7 +181,9 @@ def _scheduled(score: torch.Tensor, masked: torch.Tensor, k: torch.Tensor, confi
     return chosen
 
 
-def _stopped(x: torch.Tensor, P: torch.Tensor, length: torch.Tensor, stops: torch.Tensor, mask: int) -> torch.Tensor:
+def settled_stop(
+    x: torch.Tensor, P: torch.Tensor, length: torch.Tensor, stops: torch.Tensor, mask: int
+) -> torch.Tensor:
     """[R] bool: a generated stop token (columns [P, length) of x [R, W]) with no mask before it."""
     col = torch.arange(x.shape[1], device=x.device)  # [W]
     generated = (col >= P[:, None]) & (col < length[:, None])  # [R, W]
@@ -190,21 +192,23 @@ def _stopped(x: torch.Tensor, P: torch.Tensor, length: torch.Tensor, stops: torc
     return (first < x.shape[1]) & ~undecided
 
 
-class _Sampling:
+class Sampling:
     """The fused step's sampling inputs: each row's exponential draws, from its own generator with the
     reference's shape [K, V] and dtype (what torch.multinomial draws), ones at temperature 0 and in the
     AR step (which draws nothing); the temperature and the filters (off: top_k = V, top_p = inf)."""
 
-    def __init__(self, sig, config: BlockConfig, batch: int, rows: int, device):
+    def __init__(self, sig, temperature: float, filters: tuple[int | None, float | None], batch: int, rows: int,
+                 device):
+        """filters: (top_k, top_p) where the reference applies them, else None."""
         self.on = "noise" in sig.names
         if not self.on:
             return
         spec = sig.inputs[sig.names.index("noise")]
-        vocab, self.dtype, self.temperature = spec.shape[-1], getattr(torch, spec.dtype), config.temperature
+        vocab, self.dtype, self.temperature = spec.shape[-1], getattr(torch, spec.dtype), temperature
         self.ones = torch.ones(batch, rows, vocab, dtype=self.dtype, device=device)  # [B, K, V], made once
-        top_k, top_p = _filters(config)
+        top_k, top_p = filters
         self.fixed = (
-            torch.tensor([config.temperature], dtype=torch.float64, device=device),
+            torch.tensor([temperature], dtype=torch.float64, device=device),
             torch.tensor([min(top_k or vocab, vocab)], dtype=torch.long, device=device),
             torch.tensor([top_p or float("inf")], dtype=torch.float64, device=device),
         )

@@ -18,7 +18,7 @@ from dlmc.decoding import DECODERS, Generation, config_fields, default_decoder
 from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
-from dlmc.runtime import block_loop, dream_loop, gemma_loop, loop, wedlm_loop
+from dlmc.runtime import block_loop, dream_loop, gemma_loop, llada2_loop, loop, wedlm_loop
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
@@ -37,7 +37,7 @@ FUSED_INPUTS = (
 )
 """Step inputs this runtime knows how to feed: the plain step, optionally with a K/V cache, optionally
 fused with the decoding rule; an artifact asking for others needs a newer runtime."""
-FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop, "wedlm": wedlm_loop,
+FUSED_LOOPS = {"llada": loop, "dream": dream_loop, "block": block_loop, "wedlm": wedlm_loop, "llada2": llada2_loop,
                "diffusion_gemma": gemma_loop}
 """Closed registry: the decoder whose rule a fused step carries -> its loop (check_supported, generate)."""
 

@@ -1,4 +1,5 @@
-"""fuse_decode {decoder: block}: the fused step samples as the block decoders do, from the runtime's draws.
+"""fuse_decode {decoder: block} and {decoder: llada2}: the fused step samples as the block decoders and LLaDA2's
+samplers do, from the runtime's draws.
 
 The draw is torch.multinomial's own: on the CPU, multinomial(probs, 1) is an exponential race, which the
 first test pins down (tokens and the generator's state after the call), so the runtime can make the
@@ -9,8 +10,10 @@ import torch
 
 from dlmc.capture import CaptureConfig, capture
 from dlmc.decoding.block import BlockConfig, _filtered_sample, _nucleus_sample
+from dlmc.decoding.llada2 import LLaDA2Config, _sample
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
+from dlmc.passes.block_pick import pick_llada2
 from dlmc.passes.fuse_decode import FuseDecode, fuse_decode
 from dlmc.pipeline import check_program
 from dlmc.recipe import parse_recipe
@@ -100,7 +103,8 @@ def test_refusals(steps, checkpoints):
     llada = capture(load_model(checkpoints["llada"]), CaptureConfig(max_batch=2))
     with pytest.raises(DlmcError, match="fuse_decode.decoder: block needs a block-causal model, not bidirectional"):
         fuse_decode(llada, FuseDecode(decoder="block"))
-    with pytest.raises(DlmcError, match=r"fuse_decode.decoder: unknown decoder 'wedlm' \(known: auto, llada, dream, block\)"):
+    known = r"\(known: auto, llada, dream, block, llada2\)"
+    with pytest.raises(DlmcError, match=r"fuse_decode.decoder: unknown decoder 'wedlm' " + known):
         parse_recipe({"passes": [{"fuse_decode": {"decoder": "wedlm"}}]})
 
     def problems(passes, decode=None):
@@ -115,3 +119,58 @@ def test_refusals(steps, checkpoints):
     assert "cannot run after causal_cache (llada's loop runs uncached or under the dual/prefix/window cache)" in problems(
         [{"causal_cache": {}}, {"fuse_decode": {}}])
     parse_recipe({"passes": [{"causal_cache": {}}, {**block}], "decode": {"decoder": "block"}})
+
+
+def test_llada2_rule_is_llada2s_sampler(moe_checkpoints):
+    """fuse_decode {decoder: auto} on LLaDA2: tokens / confidence are `llada2`'s draw (the arg-max of the
+    probabilities at T = 0), argmax / argmax_confidence the arg-max of the logits (`llada2_edit` at T = 0)."""
+    step = capture(load_model(moe_checkpoints["llada2"]), CaptureConfig(max_batch=4))
+    fused = fuse_decode(step, FuseDecode(decoder="auto", gumbel=True)).program
+    check_program(fused)
+    assert fused.signature.decoder == "llada2"
+    assert [t.name for t in fused.signature.outputs] == ["tokens", "confidence", "argmax", "argmax_confidence"]
+    assert [t.dtype for t in fused.signature.outputs] == ["int64", "float32", "int64", "float32"]
+    inputs = padded_batch([9, 6], 9)
+    logits = step(*inputs)  # [B, L, V]
+    picked = logits.gather(1, ROWS[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, V]
+    vocab = logits.shape[-1]
+    tol = rounding_tolerance(torch.float32, vocab, float(logits.abs().max()))
+    top2 = picked.topk(2).values
+    assert float((top2[..., 0] - top2[..., 1]).min()) > 2 * tol, "near tie in the logits: pick other rows"
+    cases = [(LLaDA2Config(), vocab, float("inf")), (LLaDA2Config(temperature=0.7, top_k=30, top_p=0.8), 30, 0.8)]
+    for config, top_k, top_p in cases:
+        tokens, confidence, argmax, argmax_confidence = sampled(fused, inputs, config, top_k, top_p, seed=7)
+        assert torch.equal(argmax, picked.argmax(-1))
+        for b in range(len(ROWS)):
+            expected = _sample(picked[b], config, torch.Generator().manual_seed(7 + b), greedy_over_probs=True)
+            assert torch.equal(tokens[b], expected[0]), (config, b)
+            torch.testing.assert_close(confidence[b], expected[1], atol=4 * tol, rtol=0)
+            greedy = _sample(picked[b], LLaDA2Config(), None, greedy_over_probs=False)
+            assert torch.equal(argmax[b], greedy[0])
+            torch.testing.assert_close(argmax_confidence[b], greedy[1], atol=4 * tol, rtol=0)
+
+
+def test_llada2_recipes_serve_both_samplers():
+    passes = [{"causal_cache": {}}, {"fuse_decode": {"decoder": "llada2", "gumbel": True}}]
+    for decoder in ("llada2", "llada2_edit"):
+        parse_recipe({"passes": passes, "decode": {"decoder": decoder}})
+    with pytest.raises(DlmcError, match="fuses the llada2 decoder's rule, not block's"):
+        parse_recipe({"passes": passes, "decode": {"decoder": "block"}})
+    with pytest.raises(DlmcError, match="cannot run after block_cache"):
+        parse_recipe({"passes": [{"block_cache": {"mode": "dual"}}, passes[1]]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llada2_pick_samples_as_the_reference_in_the_logits_dtype(dtype):
+    """On logits alone (no model, so no rounding between two paths): the same draw and the same probability
+    as `llada2`'s sampler, in bf16 too, where the temperature divides in float32 as a Python float does."""
+    logits = 3 * torch.randn(2, 4, 272, generator=torch.Generator().manual_seed(0))  # [B, K, V]
+    logits = logits.to(dtype)
+    config = LLaDA2Config(temperature=0.8, top_k=40, top_p=0.9)
+    noise = torch.stack([torch.empty(4, 272, dtype=dtype).exponential_(1, generator=torch.Generator().manual_seed(b))
+                         for b in range(2)])  # [B, K, V]
+    extra = (torch.tensor([0.8], dtype=torch.float64), torch.tensor([40]), torch.tensor([0.9], dtype=torch.float64))
+    tokens, confidence, _, _ = pick_llada2(logits, noise, *extra)
+    for b in range(2):
+        expected = _sample(logits[b], config, torch.Generator().manual_seed(b), greedy_over_probs=True)
+        assert torch.equal(tokens[b], expected[0]) and torch.equal(confidence[b], expected[1])

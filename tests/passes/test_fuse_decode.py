@@ -218,8 +218,8 @@ def test_dream_recipe_checks():
 
     assert "fuses the dream decoder's rule, not llada's" in problems([{"fuse_decode": {"decoder": "dream"}}],
                                                                       {"decoder": "llada"})
-    assert "fuses the llada or dream or block or wedlm decoder's rule, not llada2's" in problems(
-        [{"fuse_decode": {"decoder": "auto"}}], {"decoder": "llada2"})
+    assert "fuses the llada or dream or block or wedlm or llada2 decoder's rule, not freedave's" in problems(
+        [{"fuse_decode": {"decoder": "auto"}}], {"decoder": "freedave"})
     dual = {"block_cache": {"mode": "dual"}}
     refused = problems([dual, {"fuse_decode": {"decoder": "dream"}}])
     assert "fuse_decode {decoder: dream} cannot run after block_cache (dream's loop runs uncached only)" in refused

@@ -1,5 +1,6 @@
 """The quantize pass on mixture-of-experts steps: the stacked experts quantized weight-only (RTN), the
-router left in float unless a rule names it, and the refusals (GPTQ/AWQ/W8A8 experts, the tiled form)."""
+router left in float unless a rule names it, W8A8 experts (int8 codes, per-token int8 activations), and the
+refusals (GPTQ/AWQ, static activation scales and outlier transforms on experts, the tiled form)."""
 
 import copy
 import json
@@ -72,6 +73,37 @@ def test_quantized_experts_match_the_oracle_and_stay_near_float(moe, config, bou
     assert sqnr_db(float_logits, actual) > bound
 
 
+def test_w8a8_experts_run_int8_and_stay_near_float(moe):
+    """Experts under W8A8 (per-channel int8 codes, per-token int8 activations): one grouped_w8a8 node per
+    grouped matmul, codes int8 [E, out, in] and float32 scales [E, out] stored, router and the rest float;
+    the logits' SQNR against the float step is reported (the report's layers) and bounded."""
+    path, model, step, batches = moe
+    config = Quantize(scheme=None, rules=(Rule(match="*.experts_*", scheme=Scheme(activations="per_token")),),
+                      calibration=CALIBRATION)
+    result, report = quantize_program(step, config, batches)
+    program = result.program
+    check_program(program)
+    nodes = list(program.graph_module.graph.nodes)
+    moe_layers = len({k.rpartition(".")[0] for k in step.exported.state_dict if ".experts_" in k})
+    assert sum(n.target is ops.grouped_w8a8 for n in nodes) == 3 * moe_layers
+    assert not any(n.target in (ops.grouped_woq, torch.ops.dlmc.grouped_mm.default) for n in nodes)
+    state = program.exported.state_dict
+    codes = [t for k, t in state.items() if ".experts_" in k and k.endswith(".qweight")]
+    scales = [t for k, t in state.items() if ".experts_" in k and k.endswith(".scale")]
+    assert len(codes) == len(scales) == 3 * moe_layers
+    assert all(q.dtype == torch.int8 and q.shape[0] == 8 for q in codes)
+    assert all(s.dtype == torch.float32 and s.shape == q.shape[:2] for s, q in zip(scales, codes, strict=True))
+    assert any(k.endswith("mlp.router.weight") for k in state)
+    layers = report["layers"]
+    assert all(layers[n]["scheme"] == "W8A8 rtn per-channel per-token" for n in layers)
+    assert all(layer["output_sqnr_db"] > 25 for layer in layers.values())
+    inputs = padded_batch([9, 6], 9)
+    with torch.no_grad():
+        logits_sqnr = sqnr_db(step(*inputs), program(*inputs))
+    print(f"{model.spec.family} W8A8 experts: logits SQNR {logits_sqnr:.1f} dB")
+    assert logits_sqnr > 25
+
+
 def test_a_rule_can_quantize_the_router(moe):
     _, _, step, batches = moe
     config = Quantize(scheme=None, rules=(Rule(match="*.mlp.router", scheme=Scheme()),), calibration=CALIBRATION)
@@ -89,7 +121,8 @@ def test_a_rule_can_quantize_the_router(moe):
         (Scheme(weights="int4", group_size=32, method="gptq"),
          r"^quantize.method: gptq on the experts layers.\d.mlp.experts_gate would need each expert's routed inputs"),
         (Scheme(method="awq"), r"^quantize.method: awq on the experts"),
-        (Scheme(activations="per_token"), r"^quantize.activations: W8A8 rtn per-channel per-token on the experts"),
+        (Scheme(activations="per_tensor"), r"^quantize.activations: W8A8 rtn per-channel per-tensor on the experts"),
+        (Scheme(activations="per_token", outliers="smoothquant"), r"^quantize.outliers: smoothquant on the experts"),
         (Scheme(weights="int4", group_size=48), r"^quantize.group_size: 48 does not divide the 64 input channels"),
     ],
 )
@@ -116,8 +149,16 @@ def test_tiled_experts_are_refused_unless_a_rule_keeps_them_float(moe_checkpoint
     assert result.modified and report["summary"]["expert_layers"] == 0
 
 
-@pytest.mark.parametrize("scheme", ["{weights: int8}", "{weights: int4, group_size: 32}"], ids=["w8a16", "w4a16"])
-def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, tmp_path, scheme):
+@pytest.mark.parametrize(
+    "scheme, backend, label",
+    [
+        ("{weights: int8}", "eager", "W8A16 rtn per-channel"),
+        ("{weights: int4, group_size: 32}", "eager", "W4A16 rtn g32"),
+        ("{activations: per_token}", "inductor", "W8A8 rtn per-channel per-token"),  # int8 grouped GEMM in AOTI
+    ],
+    ids=["w8a16", "w4a16", "w8a8-aot-inductor"],
+)
+def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, tmp_path, scheme, backend, label):
     from typer.testing import CliRunner
 
     from dlmc.cli import app
@@ -128,7 +169,7 @@ def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, 
         f"passes:\n  - quantize:\n      scheme: {scheme}\n"
         "      rules: [{match: lm_head, scheme: null}]\n"
         "      calibration: {source: random, samples: 4, seq_len: 16}\n"
-        "lower: {backend: eager}\n"
+        f"lower: {{backend: {backend}}}\n"
     )
     runner = CliRunner()
     out = tmp_path / "out"
@@ -138,6 +179,8 @@ def test_compile_and_run_a_quantized_moe_artifact_from_the_cli(moe_checkpoints, 
     assert "and 9 expert layers" in result.stdout
     report = json.loads((out / "quant_report.json").read_text())
     assert sum(".experts_" in name for name in report[0]["layers"]) == 9
+    labels = {layer["scheme"] for name, layer in report[0]["layers"].items() if ".experts_" in name}
+    assert labels == {label}
     run = runner.invoke(app, ["run", str(out), "--prompt-ids", "5,6,7", "--gen-length", "8", "--steps", "8", "--json"])
     assert run.exit_code == 0, run.output
     assert len(json.loads(run.stdout.strip().splitlines()[-1])["output_ids"]) == 8
