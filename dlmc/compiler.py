@@ -79,12 +79,15 @@ def compile_model(
     dtype = getattr(torch, recipe.capture.dtype) if recipe.capture.dtype else None
     model = load_model(model_dir, device=device, dtype=dtype)
     if model.spec.family in PROGRAMS:  # a family that runs as several programs (DiffusionGemma: encoder, decoder)
-        entries, write_step, main = PROGRAMS[model.spec.family](model, recipe, stage)
+        with quant_session(model_dir, model) as quant:  # each program's quantize report
+            entries, write_step, main = PROGRAMS[model.spec.family](model, recipe, stage)
         stage("save")
         manifest = _manifest(recipe, main, stored, model_dir, device) | entries
 
         def write_programs(staging: Path) -> None:
             manifest["backend"] = {**write_step(staging), "settings": dump_recipe(recipe)["lower"]}
+            if quant.reports:
+                (staging / QUANT_REPORT).write_text(json.dumps(quant.reports, indent=1) + "\n")
 
         return write_artifact(out_dir, manifest, write_programs, tokenizer_from=model_dir, force=force)
 

@@ -20,13 +20,16 @@ from dlmc.capture_gemma import DECODER_OUTPUTS, capture_gemma, layout
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import lower
 from dlmc.passes.fuse_decode import FuseDecode
+from dlmc.passes.quantize import Quantize
+from dlmc.passes.quantize_gemma import calibration_batches, gemma_config, quantize_gemma
 from dlmc.pipeline import run_passes
 from dlmc.recipe import Recipe, dump_recipe
 
 ENCODER_DIR = "encoder"
-PASSES = ("fold_constants",)
-"""Passes that run on each program as on any step (exact, interface-preserving). fuse_decode {decoder: auto}
-is accepted and needs no work: the decoder program is always fused with the sampler."""
+PASSES = ("fold_constants", "quantize")
+"""Passes that run on each program: fold_constants as on any step; quantize with weight-only RTN schemes
+(dlmc.passes.quantize_gemma). fuse_decode {decoder: auto} is accepted and needs no work: the decoder
+program is always fused with the sampler."""
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -37,12 +40,21 @@ def compile_gemma(model, recipe: Recipe, stage) -> tuple[dict[str, Any], Any, Re
     if refused:
         raise DlmcError(f"passes: {refused[0]} cannot run on the diffusion_gemma programs yet "
                         f"(they take {', '.join(PASSES)} and fuse_decode {{decoder: auto}})")
+    passes = tuple(gemma_config(p) if isinstance(p, Quantize) else p for p in passes)
     stage("capture")
     experts = recipe.capture.moe_experts or recipe.lower.moe_experts
     programs, examples = capture_gemma(model, dataclasses.replace(recipe.capture, moe_experts=experts))
+    quantize = next((p for p in passes if isinstance(p, Quantize)), None)
+    # from the float programs, before either changes: the decoder's cache is the float encoder's K/V
+    calibration = calibration_batches(programs, model, quantize.calibration) if quantize is not None else {}
     steps = {}
     for name, program in programs.items():
-        program = run_passes(program, passes, on_pass=lambda p, n=name: stage(f"pass {p.name} ({n})"))
+        for config in passes:
+            stage(f"pass {config.name} ({name})")
+            if isinstance(config, Quantize):
+                program = quantize_gemma(program, name, config, calibration[name])
+            else:
+                program = run_passes(program, (config,))
         programs[name] = program
         stage(f"lower {recipe.lower.backend} ({name})")
         try:

@@ -10,7 +10,9 @@ the linear becomes a call to one of the `torch.ops.dlmc` operators (dlmc.quant.o
                   y = grouped_w8a8(x, q [E, out, in], scale [E, out], offs)  (W8A8 per token, RTN only)
 
 The stacked experts of an MoE layer (a [E, in, out] parameter read by torch.ops.dlmc.grouped_mm) are
-layers too, named by their parameter ("layers.1.mlp.experts_gate"; dlmc.quant.experts). The router
+layers too, named by their parameter ("layers.1.mlp.experts_gate"; dlmc.quant.experts); so are experts
+stored [E, out, in] and read as transposed views (Gemma-4's "*.experts.gate_up_proj"), quantized from
+that view, so the stored codes are the same either way. The router
 stays float unless a rule names it ("*.mlp.router"): its top-k choice is where rounding would flip
 decisions. Experts captured in the tiled form (the ONNX / TensorRT lowerings) have no quantized form:
 a scheme that reaches them is refused.
@@ -59,8 +61,10 @@ MATMUL = torch.ops.aten.matmul.default
 UNFLATTEN = torch.ops.aten.unflatten.int
 FLATTEN = torch.ops.aten.flatten.using_ints
 GROUPED_MM = torch.ops.dlmc.grouped_mm.default
+TRANSPOSE = torch.ops.aten.transpose.int
 ROUTER = "*.mlp.router"  # dlmc.models.moe's router: float unless a rule names it
 EXPERTS = "*.mlp.experts_*"  # dlmc.models.moe's stacked experts
+GEMMA_EXPERTS = "*.experts.*_proj"  # dlmc.models.gemma4's, stored [E, out, in]
 META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 
 
@@ -108,20 +112,25 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
     ep = program.exported
     state = dict(ep.state_dict)
     linears = find_linears(gm, kinds, state)
-    experts, tiled = find_experts(gm, kinds, state)
+    experts, tiled, transposed = find_experts(gm, kinds, state)
     chosen = {name: s for name in linears if (s := _scheme(name, config)) is not None}
     chosen |= {name: s for name in experts if (s := _scheme(name, config)) is not None}
     for name in tiled:
         if _scheme(name, config) is not None:
             raise DlmcError(f"quantize: the experts {name} are captured in the tiled form (capture.moe_experts: "
                             "tiled, the ONNX/TensorRT lowerings), which has no quantized form; keep them float "
-                            "with a rule {match: '*.experts_*', scheme: null}")
+                            "with a rule {match: '*.experts*', scheme: null}")
     if not chosen:
         return PassResult(program, False), {}
     key = {name: name if name in experts else name + ".weight" for name in chosen}  # the float parameter
     linears = linears | experts  # the nodes that read each chosen weight
-    for name, scheme in chosen.items():  # every shape problem before any work
+
+    def weight(name: str) -> torch.Tensor:  # [out, in] for a linear, [E, in, out] for experts
         w = state[key[name]]
+        return w.transpose(1, 2) if name in transposed else w
+
+    for name, scheme in chosen.items():  # every shape problem before any work
+        w = weight(name)
         if name in experts:
             check_expert_scheme(name, scheme)
         check_group_size(w.shape[1], scheme.group_size, name)
@@ -139,7 +148,7 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
         layers: dict[str, QuantizedLayer] = {}
 
         def on_layer(name: str, stats: LayerStats) -> Any:
-            w = state[key[name]]
+            w = weight(name)
             if name in experts:
                 layers[name] = layer = quantize_experts(name, w, chosen[name], stats)
                 stored = expert_buffers(layer, w.dtype)
@@ -151,7 +160,7 @@ def quantize_program(program: StepProgram, config: Quantize, batches: Any) -> tu
         sequential_stats(gm, flat_state, batches, watched, on_layer, **options)
     else:
         stats = collect_stats(gm, flat_state, batches, watched, **options)
-        layers = {n: (quantize_experts if n in experts else quantize_layer)(n, state[key[n]], scheme, stats[n])
+        layers = {n: (quantize_experts if n in experts else quantize_layer)(n, weight(n), scheme, stats[n])
                   for n, scheme in chosen.items()}
     added = _rewrite(gm, kinds, state, linears, layers, key)
     gm.graph.lint()
@@ -190,21 +199,32 @@ def _scheme(name: str, config: Quantize) -> Scheme | None:
 
 def find_experts(
     gm: torch.fx.GraphModule, kinds: dict[str, tuple[str, str | None]], state: dict[str, torch.Tensor]
-) -> tuple[dict[str, list[torch.fx.Node]], list[str]]:
-    """Stacked MoE experts: parameter name -> the grouped_mm nodes reading it, and the names of the
-    experts read otherwise (the tiled form's gathers), which cannot be quantized."""
+) -> tuple[dict[str, list[torch.fx.Node]], list[str], set[str]]:
+    """Stacked MoE experts: parameter name -> the grouped_mm nodes reading it (directly, or through a
+    transpose(1, 2) when the parameter is stored [E, out, in]: those names are the third result), and the
+    names of the experts read otherwise (the tiled form's gathers), which cannot be quantized."""
     found: dict[str, list[torch.fx.Node]] = {}
-    tiled = []
+    tiled, transposed = [], set()
     for node in gm.graph.find_nodes(op="placeholder"):
         kind, key = kinds.get(node.name, (None, None))
         if kind != "PARAMETER" or state[key].ndim != 3 or not state[key].is_floating_point():
             continue
         users = list(node.users)
-        if users and all(u.target is GROUPED_MM and u.args[1] is node and u.args[0] is not node for u in users):
+        views = [u for u in users if u.target is TRANSPOSE and tuple(u.args[1:]) in ((1, 2), (2, 1))]
+        if users and len(views) == len(users):  # [E, out, in] read as [E, in, out] views
+            users, transposed = [mm for view in views for mm in view.users], transposed | {key}
+        if users and all(u.target is GROUPED_MM and u.args[0] is not u.args[1] and _reads(u.args[1], node)
+                         for u in users):
             found[key] = users
-        elif fnmatch.fnmatchcase(key, EXPERTS):
+        elif fnmatch.fnmatchcase(key, EXPERTS) or fnmatch.fnmatchcase(key, GEMMA_EXPERTS):
             tiled.append(key)
-    return found, tiled
+            transposed.discard(key)
+    return found, tiled, transposed
+
+
+def _reads(weight: torch.fx.Node, parameter: torch.fx.Node) -> bool:
+    """grouped_mm's weight argument is the parameter, or the transpose of it find_experts accepted."""
+    return weight is parameter or (weight.target is TRANSPOSE and weight.args[0] is parameter)
 
 
 def _rewrite(
@@ -245,6 +265,7 @@ def _rewrite(
         weight_node = linears[name][0].args[1]
         dtype, device = state[key[name]].dtype, state[key[name]].device
         if layer.experts is not None:
+            views = list(dict.fromkeys(mm.args[1] for mm in linears[name] if mm.args[1].op != "placeholder"))
             nodes = {suffix: placeholder(f"{name}.{suffix}", value)
                      for suffix, value in expert_buffers(layer, dtype).items()}
             for mm in linears[name]:  # grouped_mm(x, weight, offs)
@@ -255,6 +276,9 @@ def _rewrite(
                                                  mm.args[2], layer.weight.bits), mm)
                 mm.replace_all_uses_with(new)
                 graph.erase_node(mm)
+            for view in views:  # the transposes of an [E, out, in] parameter, now unread
+                weight_node = view.args[0]
+                graph.erase_node(view)
             graph.erase_node(weight_node)
             del state[key[name]]
             continue
