@@ -23,7 +23,7 @@ from dlmc.testing.fixtures import FAMILIES, write_checkpoint
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 # DLMC_FUZZ_EXAMPLES=5000 for a longer hunt than the suite's.
-FUZZ = settings(max_examples=int(os.environ.get("DLMC_FUZZ_EXAMPLES", 150)), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("DLMC_FUZZ_EXAMPLES", 60)), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = (

@@ -103,9 +103,9 @@ def test_refusals(steps, checkpoints):
     llada = capture(load_model(checkpoints["llada"]), CaptureConfig(max_batch=2))
     with pytest.raises(DlmcError, match="fuse_decode.decoder: block needs a block-causal model, not bidirectional"):
         fuse_decode(llada, FuseDecode(decoder="block"))
-    known = r"\(known: auto, llada, dream, block, llada2\)"
-    with pytest.raises(DlmcError, match=r"fuse_decode.decoder: unknown decoder 'wedlm' " + known):
-        parse_recipe({"passes": [{"fuse_decode": {"decoder": "wedlm"}}]})
+    known = r"\(known: auto, llada, dream, block, wedlm, llada2\)"
+    with pytest.raises(DlmcError, match=r"fuse_decode.decoder: unknown decoder 'freedave' " + known):
+        parse_recipe({"passes": [{"fuse_decode": {"decoder": "freedave"}}]})
 
     def problems(passes, decode=None):
         with pytest.raises(DlmcError) as e:

@@ -279,6 +279,7 @@ def test_the_fp16_jetson_recipe_calibrates_a_llada_checkpoint(tmp_path):
     assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # quantized steps on AOTInductor run from the CLI in tests/passes/test_quantize_experts.py
 def test_lowers_with_inductor(w8a8, weight_only):
     from dlmc.lower.inductor import InductorSettings, lower
 

@@ -132,6 +132,7 @@ def test_a_w4a16_artifact_runs_and_reports_both_programs(checkpoint, tmp_path):
     assert len(json.loads(result.stdout.splitlines()[-1])["output_ids"]) == 8
 
 
+@pytest.mark.slow  # ~2 min: two bf16 programs through AOTInductor
 def test_the_rtx_recipe_validates_and_its_passes_compile_on_cpu(checkpoint, tmp_path):
     validated = CliRunner().invoke(app, ["validate", RTX_RECIPE])
     assert validated.exit_code == 0 and "ok" in validated.stdout, validated.output

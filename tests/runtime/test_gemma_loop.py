@@ -23,7 +23,8 @@ SEED = 1
 MARGIN = 1e-4
 """Smallest gap a decision must clear: the eager fp32 logits of a row move by < 2e-5 over three steps
 between batch 1 and batch 2 (different kernel blocking), and as much between backends."""
-BACKENDS = ("eager", "inductor", "onnxrt")
+# AOTInductor compiles two programs here (~1.5 min): `pytest -m slow` runs it
+BACKENDS = ("eager", pytest.param("inductor", marks=pytest.mark.slow), "onnxrt")
 
 
 class SamplerMargins(torch.nn.Module):

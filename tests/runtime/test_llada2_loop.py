@@ -144,6 +144,7 @@ def test_reference_tokens_uncached(checkpoint, model, tmp_path):
     assert_reference_tokens(compile_fused(checkpoint, tmp_path / "a", cache=False), model, CONFIGS)
 
 
+@pytest.mark.slow  # ~1 min of AOTInductor compiles; the same loop runs on eager and ONNX Runtime above
 def test_reference_tokens_inductor(checkpoint, model, tmp_path):
     engine = compile_fused(checkpoint, tmp_path / "a", "inductor")
     assert_reference_tokens(engine, model, {n: CONFIGS[n] for n in ("quota", "sampled", "edit", "edit_sampled")})
