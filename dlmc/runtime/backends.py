@@ -57,7 +57,7 @@ def load_step(root: Path, entry: dict[str, Any], device: str, weights: WeightFil
         raise DlmcError(f"{manifest}: backend.state: needs the lists {', '.join(STATE)}")
     built_for = torch.device(entry.get("device", "cpu")).type
     check_device(device)
-    return LOADERS[name](root, entry, device, built_for, weights or WeightFiles())
+    return LOADERS[name](root, entry, device, built_for, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,14 +66,14 @@ def load_step(root: Path, entry: dict[str, Any], device: str, weights: WeightFil
 
 
 def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str,
-               weights: WeightFiles) -> Step:
+               weights: WeightFiles | None = None) -> Step:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
     import dlmc.quant.ops  # noqa: F401  (registers the torch.ops.dlmc operators a quantized graph calls)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     # loaded on the target device, so moving the program below keeps these tensors (shared, not copied)
-    state, constants = weights.state(root, entry, device)
+    state, constants = (weights or WeightFiles()).state(root, entry, device)
     graph = (root / entry["files"]["graph"]).read_bytes()
     if b"dlmc_kernels" in graph:  # a triton_kernels step: register its ops (importing them imports triton)
         import dlmc.kernels.ops  # noqa: F401
@@ -102,7 +102,7 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str,
 
 
 def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str,
-                  weights: WeightFiles) -> Step:
+                  weights: WeightFiles | None = None) -> Step:
     from torch._inductor import aoti_load_package
 
     import dlmc.kernels.ops  # noqa: F401  (AOTInductor calls a triton_kernels step's ops through the dispatcher)
@@ -119,7 +119,7 @@ def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str
         raise DlmcError(f"{package}: cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
     if "weights" not in entry["files"]:  # frozen: the package carries its (prepacked) weights
         return runner
-    state, constants = weights.state(root, entry, device)
+    state, constants = (weights or WeightFiles()).state(root, entry, device)
     tensors = {**state, **constants}
     try:
         # user-managed: the runner reads these tensors in place (no copy of its own), so the programs that
@@ -234,7 +234,7 @@ ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, t
 
 
 def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str,
-                weights: WeightFiles) -> Step:
+                weights: WeightFiles | None = None) -> Step:
     model = root / entry["files"]["model"]
     try:
         session = open_session(model, tuple(entry.get("providers", ())), entry.get("optimization", "all"), device)
@@ -251,7 +251,7 @@ def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str,
 
 
 def load_tensorrt(root: Path, entry: dict[str, Any], device: str, built_for: str,
-                  weights: WeightFiles) -> Step:
+                  weights: WeightFiles | None = None) -> Step:
     if torch.device(device).type != "cuda":
         raise DlmcError(f"{root}: a TensorRT artifact runs only on a CUDA device, not '{device}'")
     program = root / entry["files"]["program"]
@@ -314,7 +314,7 @@ def _first_line(e: Exception) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
-LOADERS: dict[str, Callable[[Path, dict[str, Any], str, str, WeightFiles], Step]] = {
+LOADERS: dict[str, Callable[[Path, dict[str, Any], str, str, WeightFiles | None], Step]] = {
     "eager": load_eager,
     "inductor": load_inductor,
     "onnxrt": load_onnxrt,
