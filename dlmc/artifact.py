@@ -25,7 +25,7 @@ from dlmc.spec import DenoiserSpec
 from dlmc.typed import build, kind
 
 FORMAT = "dlmc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump on any change an older reader would misread (see ARTIFACT.md, "Compatibility")."""
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"

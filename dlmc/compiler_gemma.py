@@ -4,7 +4,8 @@
 
 The decoder iteration is the artifact's main step (manifest "backend" and "signature", at the top level);
 the encoder program's files lie under encoder/ and its signature and backend entry under
-manifest "programs"."encoder", beside the cache layout the runtime reads (dlmc.runtime.gemma_loop).
+manifest "programs"."encoder", beside the cache layout the runtime reads (dlmc.runtime.gemma_loop). On eager
+and unfrozen inductor both programs read one weights.safetensors (dlmc.lower.shared_weights).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dlmc.capture import StepProgram
 from dlmc.capture_gemma import DECODER_OUTPUTS, capture_gemma, layout
 from dlmc.errors import DlmcError, one_line
 from dlmc.lower import lower
+from dlmc.lower.shared_weights import can_share, share_weights
 from dlmc.passes.fuse_decode import FuseDecode
 from dlmc.passes.quantize import Quantize
 from dlmc.passes.quantize_gemma import calibration_batches, gemma_config, quantize_gemma
@@ -72,8 +74,11 @@ def compile_gemma(model, recipe: Recipe, stage) -> tuple[dict[str, Any], Any, Re
         (staging / ENCODER_DIR).mkdir()
         entry = steps["encoder"].save(staging / ENCODER_DIR)
         entry["files"] = {role: f"{ENCODER_DIR}/{name}" for role, name in entry["files"].items()}
+        main = steps["decoder"].save(staging)
+        if can_share(main) and can_share(entry):  # one copy of the weights for both programs
+            entry = share_weights(staging, main, entry, ENCODER_DIR)
         entries["programs"]["encoder"]["backend"] = {**entry, "settings": dump_recipe(recipe)["lower"]}
-        return steps["decoder"].save(staging)
+        return main
 
     return entries, write_files, programs["decoder"]
 

@@ -19,7 +19,7 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("passes, name", [
-    ([{"quantize": {"scheme": {"weights": "int8"}}}], "quantize"),
+    ([{"fold_constants": {}}, {"layer_skip": {"layers": [1]}}], "layer_skip"),
     ([{"fold_constants": {}}, {"block_cache": {}}], "block_cache"),
 ])
 def test_passes_the_programs_cannot_take_are_one_line(checkpoint, tmp_path, passes, name):
@@ -36,7 +36,9 @@ def test_manifest_records_both_programs(checkpoint, tmp_path):
     programs = manifest["programs"]
     assert programs["layout"]["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
     assert programs["layout"]["empty_slots"] == 4 and programs["layout"]["dtype"] == "float32"
-    assert all(name.startswith("encoder/") for name in programs["encoder"]["backend"]["files"].values())
+    encoder_files = programs["encoder"]["backend"]["files"]
+    assert encoder_files == {"graph": "encoder/step.json", "weights": "weights.safetensors"}  # one weights file
+    assert manifest["backend"]["files"]["weights"] == "weights.safetensors" and "keys" not in programs["encoder"]
     assert all(name in manifest["files"] for name in programs["encoder"]["backend"]["files"].values())
     encoder_outputs = [t["name"] for t in programs["encoder"]["signature"]["outputs"]]
     assert encoder_outputs == ["keys_0", "keys_1", "keys_2", "values_0", "values_1", "values_2"]

@@ -18,6 +18,7 @@ import torch
 
 from dlmc.device import check_device, cuda_index
 from dlmc.errors import DlmcError
+from dlmc.runtime.weights import WeightFiles
 
 Step = Callable[..., Any]
 """The step's inputs in signature order -> its outputs: logits [B, L, V], or a tuple when the step has
@@ -37,7 +38,9 @@ STATE = ("parameters", "buffers", "constants")
 """What backend.state lists for a backend whose weights live in a safetensors file."""
 
 
-def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
+def load_step(root: Path, entry: dict[str, Any], device: str, weights: WeightFiles | None = None) -> Step:
+    """The step of one backend entry. Steps loaded with the same `weights` share the tensors of a weights
+    file they both name (a multi-program artifact's programs)."""
     name = entry.get("name")
     if name not in LOADERS:
         raise DlmcError(f"{root / 'manifest.json'}: unknown backend '{name}' (this dlmc knows {', '.join(LOADERS)})")
@@ -54,24 +57,7 @@ def load_step(root: Path, entry: dict[str, Any], device: str) -> Step:
         raise DlmcError(f"{manifest}: backend.state: needs the lists {', '.join(STATE)}")
     built_for = torch.device(entry.get("device", "cpu")).type
     check_device(device)
-    return LOADERS[name](root, entry, device, built_for)
-
-
-def load_state(path: Path, kinds: dict[str, list[str]], device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state_dict, constants) from a safetensors file written by the compiler."""
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path), device=device)
-    except Exception as e:  # safetensors raises several types for a bad file
-        raise DlmcError(f"{path}: not a readable safetensors file ({e})") from None
-    names = kinds["parameters"] + kinds["buffers"] + kinds["constants"]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise DlmcError(f"{path}: missing tensor '{missing[0]}'")
-    state: dict[str, Any] = {n: torch.nn.Parameter(tensors[n], requires_grad=False) for n in kinds["parameters"]}
-    state |= {n: tensors[n] for n in kinds["buffers"]}
-    return state, {n: tensors[n] for n in kinds["constants"]}
+    return LOADERS[name](root, entry, device, built_for, weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,13 +65,15 @@ def load_state(path: Path, kinds: dict[str, list[str]], device: str) -> tuple[di
 # ---------------------------------------------------------------------------------------------
 
 
-def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str,
+               weights: WeightFiles | None = None) -> Step:
     from torch._export.serde.serialize import SerializedArtifact, deserialize
 
     import dlmc.quant.ops  # noqa: F401  (registers the torch.ops.dlmc operators a quantized graph calls)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
-    state, constants = load_state(root / entry["files"]["weights"], entry["state"], "cpu")
+    # loaded on the target device, so moving the program below keeps these tensors (shared, not copied)
+    state, constants = (weights or WeightFiles()).state(root, entry, device)
     graph = (root / entry["files"]["graph"]).read_bytes()
     if b"dlmc_kernels" in graph:  # a triton_kernels step: register its ops (importing them imports triton)
         import dlmc.kernels.ops  # noqa: F401
@@ -104,6 +92,7 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
         with torch.no_grad():
             return module(*inputs)
 
+    step.weights = {**state, **constants}  # type: ignore[attr-defined]  (what the module reads, not copies)
     return step
 
 
@@ -112,7 +101,8 @@ def load_eager(root: Path, entry: dict[str, Any], device: str, built_for: str) -
 # ---------------------------------------------------------------------------------------------
 
 
-def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str,
+                  weights: WeightFiles | None = None) -> Step:
     from torch._inductor import aoti_load_package
 
     import dlmc.kernels.ops  # noqa: F401  (AOTInductor calls a triton_kernels step's ops through the dispatcher)
@@ -129,24 +119,32 @@ def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str
         raise DlmcError(f"{package}: cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
     if "weights" not in entry["files"]:  # frozen: the package carries its (prepacked) weights
         return runner
-    state, constants = load_state(root / entry["files"]["weights"], entry["state"], device)
+    state, constants = (weights or WeightFiles()).state(root, entry, device)
+    tensors = {**state, **constants}
     try:
-        attach_weights(runner, {**state, **constants})
+        # user-managed: the runner reads these tensors in place (no copy of its own), so the programs that
+        # share a weights file share its memory; the step keeps them alive
+        attach_weights(runner, tensors, user_managed=True)
     except Exception as e:
         raise DlmcError(
             f"{package}: weights do not fit the compiled package ({type(e).__name__}: {_first_line(e)})"
         ) from None
-    return runner
+
+    def step(*inputs: torch.Tensor) -> Any:
+        return runner(*inputs)
+
+    step.weights = tensors  # type: ignore[attr-defined]  (what the runner points into)
+    return step
 
 
-def attach_weights(runner: Any, tensors: dict[str, torch.Tensor]) -> None:
+def attach_weights(runner: Any, tensors: dict[str, torch.Tensor], user_managed: bool = False) -> None:
     """Hand an AOTInductor package the weights it was compiled without. It names the ones it needs
     (small folded constants may have been compiled into the code); all of those must be supplied."""
     needed = runner.get_constant_fqns()
     missing = [name for name in needed if name not in tensors]
     if missing:
         raise KeyError(f"weights file lacks '{missing[0]}'")
-    runner.load_constants({name: tensors[name] for name in needed}, check_full_update=True)
+    runner.load_constants({name: tensors[name] for name in needed}, check_full_update=True, user_managed=user_managed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +233,8 @@ ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, t
 """torch dtype -> ONNX TensorProto element type, for binding a tensor by pointer."""
 
 
-def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str,
+                weights: WeightFiles | None = None) -> Step:
     model = root / entry["files"]["model"]
     try:
         session = open_session(model, tuple(entry.get("providers", ())), entry.get("optimization", "all"), device)
@@ -251,7 +250,8 @@ def load_onnxrt(root: Path, entry: dict[str, Any], device: str, built_for: str) 
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tensorrt(root: Path, entry: dict[str, Any], device: str, built_for: str) -> Step:
+def load_tensorrt(root: Path, entry: dict[str, Any], device: str, built_for: str,
+                  weights: WeightFiles | None = None) -> Step:
     if torch.device(device).type != "cuda":
         raise DlmcError(f"{root}: a TensorRT artifact runs only on a CUDA device, not '{device}'")
     program = root / entry["files"]["program"]
@@ -314,7 +314,7 @@ def _first_line(e: Exception) -> str:
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
 
 
-LOADERS: dict[str, Callable[[Path, dict[str, Any], str, str], Step]] = {
+LOADERS: dict[str, Callable[[Path, dict[str, Any], str, str, WeightFiles | None], Step]] = {
     "eager": load_eager,
     "inductor": load_inductor,
     "onnxrt": load_onnxrt,

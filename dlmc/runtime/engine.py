@@ -22,6 +22,7 @@ from dlmc.runtime import block_loop, dream_loop, gemma_loop, llada2_loop, loop, 
 from dlmc.runtime.backends import Step, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
+from dlmc.runtime.weights import WeightFiles
 from dlmc.spec import DenoiserSpec
 from dlmc.tokenizer import TextTokenizer
 
@@ -170,8 +171,9 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     entry = manifest["backend"]
     if "programs" in manifest:  # DiffusionGemma: the fused decoder (the main step) and its encoder program
         device = torch.device(device if device is not None else entry.get("device", "cpu"))
-        encoder = load_step(root, manifest["programs"]["encoder"]["backend"], str(device))
-        return Engine(root, manifest, load_step(root, entry, str(device)), device, encoder)
+        weights = WeightFiles()  # both programs name one weights file: one copy of its tensors for both
+        encoder = load_step(root, manifest["programs"]["encoder"]["backend"], str(device), weights)
+        return Engine(root, manifest, load_step(root, entry, str(device), weights), device, encoder)
     signature = StepSignature.from_dict(manifest["signature"])
     names = [t.name for t in signature.inputs]
     unknown = [name for name in names if name not in KNOWN_INPUTS + CACHE_INPUTS]

@@ -13,10 +13,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+import dlmc.runtime
+
 from dlmc.capture import CaptureConfig
 from dlmc.capture_gemma import DecoderStep, capture_gemma
 from dlmc.cli import app
 from dlmc.compiler import compile_model
+from dlmc.decoding.diffusion_gemma import DiffusionGemmaConfig
 from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.passes.quantize import Quantize
@@ -148,3 +151,8 @@ def test_the_rtx_recipe_validates_and_its_passes_compile_on_cpu(checkpoint, tmp_
     assert manifest["backend"]["settings"]["backend"] == "inductor"
     reports = json.loads((artifact / "quant_report.json").read_text())
     assert {r["summary"]["schemes"][0] for r in reports} == {f"W4A16 rtn g{GROUP}"}
+    # the programs' quantized codes are the same: one copy of them, on disk and (user-managed) in memory
+    assert [name for name in manifest["files"] if name.endswith(".safetensors")] == ["weights.safetensors"]
+    assert "keys" not in manifest["programs"]["encoder"]["backend"]
+    config = DiffusionGemmaConfig(max_new_tokens=8, max_denoising_steps=2)
+    assert len(dlmc.runtime.load(artifact).generate([[2, 10, 11, 12]], config=config).output_ids[0]) == 8

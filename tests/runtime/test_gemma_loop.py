@@ -8,11 +8,17 @@ the steps (about 3x per step on the random fixture: 1e-6 at the first, 1e-3 by t
 the runs are three steps long per canvas (two canvases, so the encoder also runs on a committed canvas),
 and `SamplerMargins` checks each decision's margin over the drift three steps can reach."""
 
+import json
+
 import pytest
 import torch
 
 import dlmc.runtime
 from dlmc.compiler import compile_model
+from dlmc.runtime.backends import load_step
+from dlmc.runtime.engine import Engine
+from dlmc.runtime.gemma_loop import GemmaPrograms
+from dlmc.runtime.weights import WeightFiles
 from dlmc.decoding.diffusion_gemma import DiffusionGemmaConfig, entropy, generate, temperature
 from dlmc.models import load_model
 from dlmc.testing.gemma_fixtures import write_gemma_checkpoint
@@ -91,11 +97,61 @@ def references(checkpoint):
     return runs
 
 
+@pytest.fixture(scope="module")
+def artifacts(checkpoint, tmp_path_factory):
+    """backend -> its compiled artifact, compiled once for the tests that use it."""
+    cache = {}
+
+    def get(backend):
+        if backend not in cache:
+            out = tmp_path_factory.mktemp("artifacts") / backend
+            cache[backend] = compile_model(checkpoint, f"recipes/cpu-{backend}.yaml", out)
+        return cache[backend]
+
+    return get
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_artifact_gives_the_reference_tokens(checkpoint, references, backend, tmp_path):
-    artifact = compile_model(checkpoint, f"recipes/cpu-{backend}.yaml", tmp_path / backend)
-    engine = dlmc.runtime.load(artifact)
+def test_compiled_artifact_gives_the_reference_tokens(artifacts, references, backend):
+    engine = dlmc.runtime.load(artifacts(backend))
     assert engine.signature.fused_decoder == "diffusion_gemma"
     for batch, reference in references.items():
         got = engine.generate(PROMPTS[:batch], config=CONFIG, seed=SEED)
         assert got.output_ids == reference.output_ids and got.row_nfe == reference.row_nfe, (backend, batch)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_the_two_programs_share_one_copy_of_the_weights(artifacts, backend):
+    """One weights file on disk; loaded, both programs point into the same tensors, and a change made in
+    place to a shared tensor reaches both (so neither kept a copy of its own)."""
+    root = artifacts(backend)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert [name for name in manifest["files"] if name.endswith(".safetensors")] == ["weights.safetensors"]
+    weights = WeightFiles()
+    encoder = load_step(root, manifest["programs"]["encoder"]["backend"], "cpu", weights)
+    decoder = load_step(root, manifest["backend"], "cpu", weights)
+    shared = set(encoder.weights) & set(decoder.weights)
+    assert "model.embed_tokens.weight" in shared and len(shared) > 10
+    assert all(encoder.weights[n].data_ptr() == decoder.weights[n].data_ptr() for n in shared)
+
+    programs = GemmaPrograms(Engine(root, manifest, decoder, torch.device("cpu"), encoder))
+    ids = torch.tensor([PROMPTS[0]])  # [1, P]
+    mask, positions = torch.ones_like(ids, dtype=torch.bool), torch.arange(ids.shape[1])[None]
+    cache = programs.encode(ids, mask, positions, programs.empty_cache(1))
+    C, V = programs.canvas, manifest["spec"]["vocab_size"]
+    canvas = torch.randint(0, V, (1, C), generator=torch.Generator().manual_seed(0))  # [1, C]
+    decode_inputs = (canvas, ids.shape[1] + torch.arange(C)[None], cache,
+                     torch.zeros(1, C, programs.hidden), torch.tensor([1.0]), torch.tensor([1.0]),
+                     torch.ones(1, C, V), torch.zeros(1, C, dtype=torch.long))
+
+    def run():
+        with torch.no_grad():
+            keys = programs.encode(ids, mask, positions, programs.empty_cache(1)).keys  # per layer [1, Hkv, S, D]
+            soft = programs.decode(*decode_inputs)[3]  # [1, C, hidden]
+        return torch.cat([k.flatten() for k in keys]), soft.clone()
+
+    keys, soft = run()
+    embedding = weights.tensors(root / "weights.safetensors", "cpu")["model.embed_tokens.weight"]
+    embedding.add_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(1)))
+    new_keys, new_soft = run()
+    assert (new_keys - keys).abs().max() > 1e-2 and (new_soft - soft).abs().max() > 1e-2
