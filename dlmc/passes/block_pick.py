@@ -33,6 +33,21 @@ def sampling_inputs(vocab: int, logits_dtype: str) -> list[TensorSpec]:
     ]
 
 
+def top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scores [B, K, V] with every token outside the top_k [1] and the top_p [1] nucleus at -inf, as the
+    reference samplers filter (ties with the k-th stay; the token that crosses p stays). Static shapes: a
+    sort of every row; off filters come in as top_k = V and top_p = inf."""
+    ranked, order = torch.sort(scores, dim=-1, descending=True)  # [B, K, V] each
+    kth = ranked.gather(-1, (top_k - 1).expand(*ranked.shape[:-1], 1))  # [B, K, 1]
+    ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+    cumulative = torch.softmax(ranked, dim=-1).cumsum(-1)  # [B, K, V]
+    over = cumulative > top_p.to(cumulative.dtype)  # compared in the scores' dtype, as the reference
+    # shift right: the token that crosses p stays, and so does the best one
+    drop = torch.cat([torch.zeros_like(over[..., :1]), over[..., :-1]], dim=-1)  # [B, K, V]
+    ranked = ranked.masked_fill(drop, float("-inf"))
+    return torch.full_like(scores, float("-inf")).scatter(-1, order, ranked)  # [B, K, V] vocab order
+
+
 def pick_block(
     logits: torch.Tensor,
     noise: torch.Tensor | None = None,
@@ -51,16 +66,7 @@ def pick_block(
         opmath = torch.float64 if logits.dtype == torch.float64 else torch.float32
         tempered = (logits.to(opmath) / temperature.to(opmath)).to(logits.dtype)  # [B, K, V]
         scaled = torch.where(temperature > 0, tempered, logits)  # [B, K, V]
-        ranked, order = torch.sort(scaled, dim=-1, descending=True)  # [B, K, V] each
-        kth = ranked.gather(-1, (top_k - 1).expand(*ranked.shape[:-1], 1))  # [B, K, 1]
-        ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # top-k: ties with the k-th stay
-        cumulative = torch.softmax(ranked, dim=-1).cumsum(-1)  # [B, K, V]
-        over = cumulative > top_p.to(cumulative.dtype)  # compared in the logits dtype, as the reference
-        # shift right: the token that crosses p stays, and so does the best one
-        drop = torch.cat([torch.zeros_like(over[..., :1]), over[..., :-1]], dim=-1)  # [B, K, V]
-        ranked = ranked.masked_fill(drop, float("-inf"))
-        filtered = torch.full_like(scaled, float("-inf")).scatter(-1, order, ranked)  # [B, K, V] vocab order
-        probs = torch.softmax(filtered, dim=-1)  # [B, K, V]
+        probs = torch.softmax(top_k_top_p(scaled, top_k, top_p), dim=-1)  # [B, K, V]
         tokens = (probs / noise).argmax(-1)  # [B, K]: the exponential race (ones at T = 0: the arg-max)
     confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, K]
     return tokens, confidence, confidence.to(torch.float64)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from dlmc.artifact import TensorSpec
+from dlmc.passes.block_pick import top_k_top_p
 
 OUTPUTS = ("tokens", "fill", "entropy")
 """tokens [B, K] int64, fill [B, K] bool, entropy [B, K] (logits dtype, unfiltered, before the penalty)."""
@@ -79,15 +80,7 @@ def pick_wedlm(
 def _sampled(logits, noise, temperature, top_k, top_p) -> torch.Tensor:
     """`dlmc.decoding.wedlm._sample` at temperature > 0: filters on the raw logits, then the tempered
     softmax's exponential race. Off filters come in as top_k = V and top_p = inf. -> [B, K] int64"""
-    ranked, order = torch.sort(logits, dim=-1, descending=True)  # [B, K, V] each
-    kth = ranked.gather(-1, (top_k - 1).expand(*ranked.shape[:-1], 1))  # [B, K, 1]: topk's k-th value
-    ranked = ranked.masked_fill(ranked < kth, float("-inf"))  # top-k: ties with the k-th stay
-    cumulative = torch.softmax(ranked, dim=-1).cumsum(-1)  # [B, K, V]
-    over = cumulative > top_p.to(cumulative.dtype)  # compared in the logits dtype, as the reference
-    # shift right: the token that crosses p stays, and so does the best one
-    drop = torch.cat([torch.zeros_like(over[..., :1]), over[..., :-1]], dim=-1)  # [B, K, V]
-    ranked = ranked.masked_fill(drop, float("-inf"))
-    filtered = torch.full_like(logits, float("-inf")).scatter(-1, order, ranked)  # [B, K, V] vocab order
+    filtered = top_k_top_p(logits, top_k, top_p)  # [B, K, V]
     t = torch.where(temperature > 0, temperature, 1.0).to(logits.dtype)  # a Python float in the reference
     probs = torch.softmax(filtered / t, dim=-1)  # [B, K, V]
     return (probs / noise).argmax(-1)  # [B, K]
