@@ -243,11 +243,17 @@ def _ar_step(row: _Row, logits: torch.Tensor, spec: DenoiserSpec, config: BlockC
 
 def _denoise_step(row: _Row, logits: torch.Tensor, spec: DenoiserSpec, config: BlockConfig, plan: _Plan) -> None:
     aligned = shift_right(logits) if plan.shift else logits  # [T, V], row i predicts position i
+    masks = row.tokens[row.block_start :] == spec.mask_token_id  # [block_length] bool, before the step
     if config.remasking == "threshold":
         _threshold_commit(row, aligned, spec, config, plan)
     else:
         _scheduled_commit(row, aligned, spec, config, plan)
     row.step += 1
+    stalled = torch.equal(row.tokens[row.block_start :] == spec.mask_token_id, masks)
+    if stalled and config.temperature == 0:  # committing the mask token changes nothing: the same step forever
+        at = row.block_start + int(masks.nonzero()[0, 0])
+        raise DlmcError(f"block: the model predicts the mask token itself at position {at} at temperature 0; "
+                        "the block would never end")
     if (row.tokens[row.block_start :] == spec.mask_token_id).any():
         return
     if _finished(row, spec, config, plan):

@@ -143,6 +143,12 @@ def generate(
         else:
             commit = _scheduled(score, masked, schedule[steps[active]], config)
         commit = torch.where(ar[:, None], offsets == 0, commit)  # the AR step appends the greedy next token
+        # committing the mask token changes nothing; at temperature 0 the same step would repeat forever
+        stalled = ~ar & ~(commit & (tokens != mask)).any(1)  # [A]
+        if config.temperature == 0 and bool(stalled.any()):
+            first = start[active] + (rows.gather(1, blocks) == mask).long().argmax(1)  # [A]: the block's first mask
+            raise DlmcError(f"block: the model predicts the mask token itself at position {int(first[stalled][0])} "
+                            "at temperature 0; the block would never end")
         rows = rows.scatter(1, positions, torch.where(commit, tokens, current))
         x[active] = rows
         n = n + ar.long()

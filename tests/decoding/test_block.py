@@ -177,6 +177,17 @@ def test_batch_rows_stop_independently():
 # --- errors ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spec, config, at", [
+    (FAST_DLLM_V2, BlockConfig(gen_length=8, threshold=0.5), 7),  # shifted: position 7 reads row 6
+    (SDAR, BlockConfig(gen_length=8, remasking="low_confidence_static"), 6),
+])
+def test_a_model_that_predicts_the_mask_token_is_one_line_not_a_hang(spec, config, at):
+    """Committing the mask token leaves the position masked; at temperature 0 the step would repeat."""
+    model = by_position({q: peaked(token_for(q), 0.9) for q in range(6)}, default=peaked(MASK, 0.9))
+    with pytest.raises(DlmcError, match=f"block: the model predicts the mask token itself at position {at} "):
+        generate(model, spec, [[1, 2, 3, 4, 5]], config)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

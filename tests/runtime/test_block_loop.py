@@ -153,3 +153,19 @@ def test_on_canvas_is_the_references_and_changes_nothing(checkpoints, tmp_path, 
     actual = engine.generate(PROMPTS, config=config, seed=3, on_canvas=lambda g: canvases.append(g.tolist()))
     assert actual == engine.generate(PROMPTS, config=config, seed=3) == reference  # the hook changes nothing
     assert canvases == expected and len(canvases) == actual.nfe
+
+
+@pytest.mark.parametrize("name", ["threshold", "static"])
+def test_a_step_that_commits_the_mask_token_is_one_line_not_a_hang(checkpoints, tmp_path, name):
+    """As the reference decoder (tests/decoding/test_block.py): at temperature 0 a step whose chosen tokens
+    are all the mask token changes nothing and would repeat forever."""
+    engine = compile_fused(checkpoints["sdar"], tmp_path / "fused", gumbel=False)
+    run_step, mask = engine.run_step, engine.spec.mask_token_id
+
+    def predicts_the_mask(*inputs):
+        tokens, *rest = run_step(*inputs)
+        return (torch.full_like(tokens, mask), *rest)
+
+    engine.run_step = predicts_the_mask
+    with pytest.raises(DlmcError, match="block: the model predicts the mask token itself at position 3 at temperature"):
+        engine.generate([[5, 6, 7]], config=CONFIGS[name])
