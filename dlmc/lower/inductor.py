@@ -75,11 +75,13 @@ class InductorStep:
         return self._runner(*inputs)
 
     def save(self, directory: Path) -> dict[str, Any]:
-        files = {"package": PACKAGE_FILE} if self.state is None else {"package": PACKAGE_FILE, "weights": WEIGHTS_FILE}
+        files = {"package": PACKAGE_FILE}
+        if not self.settings.freeze:  # a frozen package carries its weights
+            files["weights"] = WEIGHTS_FILE
         for name in files.values():
             shutil.copyfile(Path(self._workdir.name) / name, directory / name)
         entry = {"name": "inductor", "device": self.device, "files": files, "versions": {"torch": torch.__version__}}
-        return entry if self.state is None else {**entry, "state": self.state}
+        return entry if self.settings.freeze else {**entry, "state": self.state}
 
 
 def lower(program: StepProgram, settings: InductorSettings, device: str) -> InductorStep:

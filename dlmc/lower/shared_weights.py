@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-SHARING_BACKENDS = ("eager", "inductor")
+from dlmc.runtime.backends import NAMED_WEIGHTS
 
 
 def can_share(entry: dict[str, Any]) -> bool:
-    return entry["name"] in SHARING_BACKENDS and "weights" in entry["files"] and "state" in entry
+    return entry["name"] in NAMED_WEIGHTS and "weights" in entry["files"] and "state" in entry
 
 
 def share_weights(root: Path, main: dict[str, Any], other: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -35,7 +35,9 @@ FILES = {"eager": ("graph", "weights"), "inductor": ("package",), "onnxrt": ("mo
 """Backend -> the files its manifest entry must name (backend.files); an inductor package names its
 weights file unless it was frozen with them."""
 STATE = ("parameters", "buffers", "constants")
-"""What backend.state lists for a backend whose weights live in a safetensors file."""
+"""What backend.state lists for a backend that reads its weights by name from a safetensors file."""
+NAMED_WEIGHTS = ("eager", "inductor")
+"""Those backends (onnxrt's model points at byte ranges of its weights file instead)."""
 
 
 def load_step(root: Path, entry: dict[str, Any], device: str, weights: WeightFiles | None = None) -> Step:
@@ -53,7 +55,8 @@ def load_step(root: Path, entry: dict[str, Any], device: str, weights: WeightFil
     missing = [role for role in FILES[name] if role not in entry.get("files", {})]
     if missing:
         raise DlmcError(f"{manifest}: backend.files.{missing[0]}: required by the {name} backend")
-    if "weights" in entry["files"] and name != "onnxrt" and not all(role in entry.get("state", {}) for role in STATE):
+    named = name in NAMED_WEIGHTS and "weights" in entry["files"]  # a frozen inductor package has none
+    if named and not all(role in entry.get("state", {}) for role in STATE):
         raise DlmcError(f"{manifest}: backend.state: needs the lists {', '.join(STATE)}")
     built_for = torch.device(entry.get("device", "cpu")).type
     check_device(device)
