@@ -7,9 +7,11 @@ the floor of each step, max(FLOPs at those rates, bytes read once / bandwidth); 
 LLaDA-format checkpoint of benchmarks/compile_ratio.py (stored in bf16) and the embedded default model,
 each compiled with recipes/cpu-bf16.yaml (the full step over the whole canvas) and
 recipes/cpu-bf16-dual.yaml (Fast-dLLM dual cache: the block's rows over the whole canvas's keys), and
-each recipe also without its last pass, fuse_decode, and without `freeze` (the baseline: the reference
-decoder on the unfrozen step's full-canvas logits), and fused but unfrozen (what freezing adds). For each: the compiled step alone (`engine.run_step`, median of --calls) and the
-whole decode (llada decoder, temperature 0) in ms per model call. Every number comes from this one run.
+each recipe in the variants of DROPPED: without fuse_decode, cpu_attention and `freeze` (the baseline: the
+reference decoder on the unfrozen step's full-canvas logits), fused but unfrozen (what freezing adds), and
+fused and frozen on ATen's attention (what dlmc's CPU attention kernel adds). For each: the compiled step
+alone (`engine.run_step`, median of --calls) and the whole decode (llada decoder, temperature 0) in ms per
+model call. Every number comes from this one run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ from dlmc.testing.fixtures import write_checkpoint
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 ARTIFACTS = {"full": "cpu-bf16", "dual": "cpu-bf16-dual"}  # step kind -> recipe
-VARIANTS = ("unfused", "unfrozen", "recipe")
+VARIANTS = ("unfused", "unfrozen", "sdpa", "recipe")
+DROPPED = {"unfused": ("fuse_decode", "cpu_attention"), "unfrozen": ("cpu_attention",), "sdpa": ("cpu_attention",),
+           "recipe": ()}
+"""Variant -> the recipe's passes it drops: the baseline (the reference decoder on the full-canvas logits of an
+unfrozen step), fused but unfrozen (what freezing adds), fused and frozen on ATen's attention (what dlmc's CPU
+attention kernel adds), and the recipe as shipped."""
 
 
 @dataclass(frozen=True)
@@ -238,10 +245,10 @@ def bench_model(name: str, model_dir: Path, args, sizes: Sizes, rates: Rates) ->
         start = time.perf_counter()
         if not (args.reuse and (out / "manifest.json").is_file()):
             resolved = load_recipe(RECIPES / f"{recipe}.yaml")
-            if variant != "recipe":  # both baselines unfrozen
+            if variant in ("unfused", "unfrozen"):
                 resolved = dataclasses.replace(resolved, lower=dataclasses.replace(resolved.lower, freeze=False))
-            if variant == "unfused":  # the recipe without fuse_decode
-                resolved = dataclasses.replace(resolved, passes=resolved.passes[:-1])
+            kept = tuple(p for p in resolved.passes if p.name not in DROPPED[variant])
+            resolved = dataclasses.replace(resolved, passes=kept)
             compile_model(model_dir, resolved, out, force=True)
         compile_s = time.perf_counter() - start
         engine = dlmc.runtime.load(out)
@@ -298,7 +305,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["134m", "default"], choices=["134m", "default"])
     ap.add_argument("--reuse", action="store_true", help="keep artifacts already in --workdir")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS,
-                    help="unfused: no fuse_decode, no freeze (the baseline); unfrozen: fused, no freeze; recipe: as shipped")
+                    help="unfused: no fuse_decode, no freeze, ATen attention (the baseline); unfrozen: fused, no "
+                         "freeze; sdpa: fused, frozen, ATen attention; recipe: as shipped")
     ap.add_argument("--quick", action="store_true", help="embedded model only, short canvas, few calls")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

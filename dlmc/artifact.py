@@ -92,6 +92,8 @@ class StepSignature:
     decoder: str | None = None
     """For a fused step (fuse_decode): the decoder whose per-row rule it computes; None for a plain
     step (and for fused artifacts written before the record: their outputs name the rule)."""
+    kernels: tuple[str, ...] = ()
+    """dlmc's native kernels the step calls (`cpu_attention`): the runtime loads them before the step."""
 
     def __post_init__(self) -> None:
         for name in ("batch", "seq"):
@@ -131,6 +133,7 @@ class StepSignature:
             "seq_buckets": list(self.seq_buckets),
             "cache": self.cache,
             **({"decoder": self.decoder} if self.decoder else {}),  # absent for unfused steps, as before
+            **({"kernels": list(self.kernels)} if self.kernels else {}),
         }
 
     @classmethod

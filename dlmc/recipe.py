@@ -208,6 +208,8 @@ def _pass_checks(
     if "triton_kernels" in names and names[-1] != "triton_kernels":
         problems.append("passes: triton_kernels must be the last pass (it rewrites what the others left)")
     caches = [p for p in passes if p.kv_cache]
+    if caches and "cpu_attention" in names and names.index("cpu_attention") < names.index(caches[0].name):
+        problems.append(f"passes: cpu_attention must come after {caches[0].name} (which finds the step's attention)")
     if caches and "layer_skip" in names[names.index(caches[0].name):]:
         # layer_skip finds a block by the residual stream alone; after a cache pass each block also
         # passes out its K/V, so the compile would stop there, after the capture and earlier passes.
@@ -228,9 +230,9 @@ def _fuse_checks(passes: list[PassConfig], decode: DecodeDefaults) -> list[str]:
     """fuse_decode replaces the logits with decoded rows, so nothing may follow it; each fused rule's
     loop runs uncached or under the cache policies its Rule names (llada: dual, prefix, window; block, wedlm: exact)."""
     problems = []
-    last = [p.name for p in passes if p.name != "triton_kernels"][-1]  # the kernels may replace its head
+    last = [p.name for p in passes if p.name not in ("triton_kernels", "cpu_attention")][-1]  # kernels may follow
     if last != "fuse_decode":
-        problems.append("passes: fuse_decode must be the last pass, or followed only by triton_kernels (it "
+        problems.append("passes: fuse_decode must be the last pass, or followed only by kernel passes (it "
                         "replaces the step's logits)")
     fused = next(p.decoder for p in passes if p.name == "fuse_decode")
     allowed = tuple(RULES) if fused == "auto" else (fused,)

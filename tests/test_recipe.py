@@ -206,7 +206,7 @@ def test_generic_causal_bf16_recipe_fits_any_block_causal_or_causal_checkpoint(c
     recipe = load_recipe(RECIPE_DIR / "cpu-bf16-causal.yaml")
     assert recipe.capture.dtype == "bfloat16" and isinstance(recipe.lower, InductorSettings)
     assert recipe.decode.decoder is None and recipe.exact  # nothing tied to one model; exact
-    assert [p.name for p in recipe.passes[-2:]] == ["causal_cache", "fuse_decode"]
+    assert [p.name for p in recipe.passes[-3:]] == ["causal_cache", "cpu_attention", "fuse_decode"]
     # lowered eagerly here for time (AOTInductor: tests/runtime/test_block_loop.py, test_wedlm_loop.py, the CLI)
     engine = dlmc.runtime.load(compile_model(checkpoints[family], dataclasses.replace(recipe, lower=EagerSettings()),
                                              tmp_path / "out"))

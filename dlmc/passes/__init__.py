@@ -201,6 +201,7 @@ def _example_input(spec: TensorSpec, shape: list[int], sizes: dict[str, int], de
 from dlmc.passes import (  # noqa: E402
     block_cache,
     causal_cache,
+    cpu_attention,
     delayed_kv,
     expert_sharing,
     fold_constants,
@@ -220,6 +221,7 @@ __all__ = [
     "PassResult",
     "block_cache",
     "causal_cache",
+    "cpu_attention",
     "delayed_kv",
     "expert_sharing",
     "fold_constants",

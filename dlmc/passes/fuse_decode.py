@@ -294,7 +294,7 @@ def fuse_decode(program: StepProgram, config: FuseDecode) -> PassResult:
     outputs += [_output_spec(n, rule, logits_dtype, vocab) for n in names[1:]]
     signature = StepSignature(
         inputs=tuple(inputs), outputs=(*outputs, *sig.outputs[1:]), batch=sig.batch, seq=sig.seq, cache=sig.cache,
-        decoder=config.decoder,
+        decoder=config.decoder, kernels=sig.kernels,
     )
     return PassResult(program.with_exported(reexport(module, program, signature, "fuse_decode"), signature), True)
 

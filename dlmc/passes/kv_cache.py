@@ -111,6 +111,7 @@ def add_kv_cache(program: StepProgram, policy: dict[str, Any]) -> StepProgram:
         batch=sig.batch,
         seq=sig.seq,
         cache=dict(policy),
+        kernels=sig.kernels,
     )
     return program.with_exported(reexport(rewritten, program, signature, "K/V cache"), signature)
 

@@ -40,6 +40,18 @@ NAMED_WEIGHTS = ("eager", "inductor")
 """Those backends (onnxrt's model points at byte ranges of its weights file instead)."""
 
 
+def load_kernels(names: tuple[str, ...]) -> None:
+    """Load (compiling once per machine) the native kernels a step's signature names; one line if a kernel
+    is unknown or cannot run on this CPU."""
+    from dlmc.kernels import cpu_attention
+
+    loaders = {"cpu_attention": cpu_attention.load}
+    for name in names:
+        if name not in loaders:
+            raise DlmcError(f"signature.kernels: unknown kernel '{name}' (this dlmc has {', '.join(loaders)})")
+        loaders[name]()
+
+
 def load_step(root: Path, entry: dict[str, Any], device: str, weights: WeightFiles | None = None) -> Step:
     """The step of one backend entry. Steps loaded with the same `weights` share the tensors of a weights
     file they both name (a multi-program artifact's programs)."""

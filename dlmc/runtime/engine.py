@@ -19,7 +19,7 @@ from dlmc.device import check_device
 from dlmc.errors import DlmcError
 from dlmc.tokenizer import load_tokenizer
 from dlmc.runtime import block_loop, dream_loop, gemma_loop, llada2_loop, loop, wedlm_loop
-from dlmc.runtime.backends import Step, load_step
+from dlmc.runtime.backends import Step, load_kernels, load_step
 from dlmc.runtime.cache import CacheManager, empty_cache
 from dlmc.runtime.policies import policy_from_dict
 from dlmc.runtime.weights import WeightFiles
@@ -182,6 +182,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Engine:
     if names not in plain + [p + list(fused) for p in plain for fused in FUSED_INPUTS]:
         raise DlmcError(f"{root}: the compiled step takes inputs this runtime cannot feed ({', '.join(unknown)})")
     device = torch.device(device if device is not None else entry.get("device", "cpu"))
+    load_kernels(signature.kernels)  # before the step: AOTInductor calls them through the dispatcher
     step = load_step(root, entry, str(device))
     return Engine(root, manifest, step, device)
 
