@@ -17,12 +17,21 @@ canvas and keeps K/V in a buffer: dual and window those of every column outside 
 column's; the block's other steps run only the block's rows (dual, window) or the block and everything
 after it (prefix) against that buffer, and window pruning hides the masks past its window from every
 step (`dlmc.runtime.fused_step`). The dKV-Cache policies (`delayed_kv`) have no fused loop.
+
+Host syncs (as gpt-fast's generate.py: the batch's state stays on device, the host only queues work).
+Every decision that needs a host value (which rows run a full step, the widths of a step's inputs, when
+a row leaves) comes from `Schedule`, the host's copy of each row's place in its decode, kept by the same
+rules as the device state. Under LLaDA's schedule (`rule.scheduled`: the top-k rule, low_confidence or
+random remasking) that place is known without the tokens, so a step reads nothing back from the device;
+the one read left is stop_at_eos's, at a block's end of a row that asked for it. Where the tokens decide
+(a rule that ends a block when it is full, threshold, factor, ...; or one that commits the whole
+generation early, prophet, sched) each step reads the rows' block ends back once: one sync per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,9 +40,9 @@ from dlmc.artifact import FUSED_OUTPUTS
 from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime.canvas import Rows
+from dlmc.runtime.canvas import Rows, upload
 from dlmc.runtime.cuda_graph import step_runner
-from dlmc.runtime.fused_step import CACHED_STEPS, Uncached
+from dlmc.runtime.fused_step import CACHED_STEPS, Blocks, Uncached
 from dlmc.runtime.policies import policy_from_dict
 
 FUSED_DECODERS = ("llada",)
@@ -83,6 +92,48 @@ def share_key(config: LLaDAConfig) -> tuple:
             config.cfg_scale, config.logits_eos_inf, config.confidence_eos_eot_inf)
 
 
+@dataclass
+class Schedule:
+    """Each row's place in its decode as host ints: what the loop decides by without reading the device.
+    The device keeps the same counters (`Decoding.block`, `steps_in_block`) for the step's inputs."""
+
+    block: list[int]  # per row: its current block
+    step: list[int]  # steps taken inside it
+    nfe: list[int]  # steps taken since the row joined
+    num_blocks: list[int]
+    steps_per_block: list[int]
+    gen: list[int]  # generation length
+    stop_at_eos: list[bool]
+
+    @classmethod
+    def of(cls, configs: list[LLaDAConfig]) -> Schedule:
+        """Rows that have not stepped yet."""
+        n = len(configs)
+        return cls([0] * n, [0] * n, [0] * n, [c.num_blocks for c in configs], [c.steps_per_block for c in configs],
+                   [c.gen_length for c in configs], [c.stop_at_eos for c in configs])
+
+    def __add__(self, other: Schedule) -> Schedule:
+        return Schedule(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def keep(self, keep: list[bool]) -> Schedule:
+        return Schedule(*([v for v, k in zip(getattr(self, f.name), keep) if k] for f in fields(self)))
+
+    def lo(self, width: int, block_length: int) -> list[int]:
+        """Each row's first block column on a right-aligned canvas this wide."""
+        return [width - g + b * block_length for g, b in zip(self.gen, self.block)]
+
+    def ends(self) -> list[bool]:
+        """Whether this step is the last of each row's block under LLaDA's schedule."""
+        return [s + 1 == n for s, n in zip(self.step, self.steps_per_block)]
+
+    def advance(self, ended: list[bool]) -> list[bool]:
+        """Every row took a step; `ended` says whose block it filled. -> whose last block that was"""
+        self.nfe = [n + 1 for n in self.nfe]
+        self.step = [0 if e else s + 1 for s, e in zip(self.step, ended)]
+        self.block = [b + e for b, e in zip(self.block, ended)]
+        return [b == n for b, n in zip(self.block, self.num_blocks)]
+
+
 @dataclass(frozen=True)
 class Finished:
     """A row that left the batch: its last block done, or stop_at_eos."""
@@ -118,10 +169,11 @@ class Decoding:
         self._next = 0
         self.handles: list[int] = []  # per row
         self.generators: list[torch.Generator] = []
+        self.schedule = Schedule.of([])  # the rows' counters on the host
+        self.handle_rows = torch.empty(0, dtype=torch.long)  # [B] on the host: they key a rule's per-row state
         zero = torch.empty(0, dtype=torch.long, device=self.device)
-        self.block, self.steps_in_block, self.row_nfe = zero, zero, zero  # [B] each
-        self.num_blocks, self.steps_per_block, self.steps = zero, zero, zero  # [B] each
-        self.stop_at_eos = zero.bool()  # [B]
+        self.block, self.steps_in_block, self.row_nfe = zero, zero, zero  # [B] each: the same on device
+        self.steps_per_block, self.steps = zero, zero  # [B] each
         self.step_fn = None  # made with the first row: its block length sizes the step's head rows
         self.read_width = 0  # columns the rule reads per row: the block's, or the whole generation
         self.noise_free: tuple[torch.Tensor, ...] = ()
@@ -157,12 +209,13 @@ class Decoding:
         self._admit()
         if not self.handles:
             return []
-        config, rows, rule, bl = self.config, self.rows, self.rule, self.config.block_length
+        config, rows, rule, bl, host = self.config, self.rows, self.rule, self.config.block_length, self.schedule
         lo = rows.start + self.block * bl  # [B]: first column of each row's block
         first = rows.start if rule.sees_generation else lo  # [B]: first column the rule reads
         columns = first[:, None] + torch.arange(self.read_width, device=self.device)  # [B, K]
         extra = _draws(config, self.generators, rows, columns, self.noise_free)
-        named = dict(zip(self.outputs, self.step_fn(lo, self.block, columns, extra.step)))  # each [B, K]
+        blocks = Blocks(lo, host.lo(rows.width, bl), host.block)
+        named = dict(zip(self.outputs, self.step_fn(blocks, columns, extra.step)))  # each [B, K]
         self.nfe += 1
         self.row_nfe += 1
         current = rows.x.gather(1, columns)  # [B, K]
@@ -174,26 +227,37 @@ class Decoding:
             step=self.steps_in_block, total_step=self.row_nfe - 1, steps_per_block=self.steps_per_block,
             steps=self.steps, entropy=named.get("entropy"), margin=named.get("margin"),
             top_probs=named.get("top_probs"), top_ids=named.get("top_ids"), tokens=named["tokens"],
+            host_step=host.step, host_steps_per_block=host.steps_per_block,
         )
-        commit = rule.commit(scores, torch.tensor(self.handles, device=self.device)) & masked
+        commit = rule.commit(scores, self.handle_rows) & masked
         rows.x.scatter_(1, columns, torch.where(commit, scores.tokens, current))
         block_columns = lo[:, None] + torch.arange(bl, device=self.device)  # [B, bl]
         block_tokens = rows.x.gather(1, block_columns)  # [B, bl]
         self.steps_in_block += 1
         if rule.scheduled:
-            full = self.steps_in_block == self.steps_per_block
+            full = self.steps_in_block == self.steps_per_block  # [B]
         else:
             full = ~((block_tokens == self.mask_id).any(1))  # [B]
         self.block += full.long()
         self.steps_in_block = torch.where(full, 0, self.steps_in_block)
-        # stop_at_eos: at a block's end only; the blocks before it held no stop token
-        stopped = self.stop_at_eos & full & torch.isin(block_tokens, self.stops).any(1)  # [B]
-        if rule.sees_generation:  # an early commit fills every generated position: the row is finished
-            stopped |= ~(masked & ~commit).any(1)
-        done = ((self.block == self.num_blocks) | stopped).tolist()  # one host sync per step
+        # what the host cannot know: where the tokens end a block, an early commit filling the generation,
+        # and (at a block's end only: the blocks before held none) whether a stop_at_eos row met a stop token
+        B, checks = len(self.handles), {}
+        ends = host.ends() if rule.scheduled else None  # None: the tokens decide
+        if ends is None:
+            checks["full"] = full
+        if rule.sees_generation:
+            checks["filled"] = ~(masked & ~commit).any(1)  # [B]
+        if any(s and e for s, e in zip(host.stop_at_eos, ends or [True] * B)):
+            checks["eos"] = torch.isin(block_tokens, self.stops).any(1)  # [B]
+        read = dict(zip(checks, torch.stack(list(checks.values())).tolist())) if checks else {}  # the host sync
+        ends = read.get("full", ends)
+        done = host.advance(ends)
+        eos, filled = read.get("eos", [False] * B), read.get("filled", [False] * B)
+        done = [d or (s and e and x) or f for d, s, e, x, f in zip(done, host.stop_at_eos, ends, eos, filled)]
         if not any(done):
             return []
-        leaving = zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
+        leaving = zip(self.handles, self.generated(), host.nfe, done)
         finished = [Finished(h, g.clone(), n) for h, g, n, d in leaving if d]
         self._leave([not d for d in done])
         return finished
@@ -201,7 +265,7 @@ class Decoding:
     def generated(self) -> list[torch.Tensor]:
         """Each running row's generation region [G_b] (views: read them before the next step)."""
         width = self.rows.width
-        return [self.rows.x[b, width - g :] for b, g in enumerate(self.rows.gen.tolist())]
+        return [self.rows.x[b, width - g :] for b, g in enumerate(self.schedule.gen)]
 
     def _admit(self) -> None:
         if not self._pending:
@@ -213,19 +277,19 @@ class Decoding:
         grown = self.rows.append(list(prompts), [c.gen_length for c in configs])
         self.step_fn.append(len(prompts), grown)
         self.handles += handles
+        self.handle_rows = torch.tensor(self.handles)
         self.generators += [row_generator(seed, self.device) for seed in seeds]
+        self.schedule += Schedule.of(list(configs))
 
-        def column(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=self.device)
+        def column(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
 
         n = len(configs)
         self.block = torch.cat([self.block, column([0] * n)])
         self.steps_in_block = torch.cat([self.steps_in_block, column([0] * n)])
         self.row_nfe = torch.cat([self.row_nfe, column([0] * n)])
-        self.num_blocks = torch.cat([self.num_blocks, column([c.num_blocks for c in configs])])
         self.steps_per_block = torch.cat([self.steps_per_block, column([c.steps_per_block for c in configs])])
         self.steps = torch.cat([self.steps, column([c.steps for c in configs])])
-        self.stop_at_eos = torch.cat([self.stop_at_eos, column([c.stop_at_eos for c in configs], torch.bool)])
         if len(self.handles) > len(self.noise_free[0] if self.noise_free else ()):
             self.noise_free = _no_noise(self.vocab, len(self.handles), self.read_width, self.device)
 
@@ -243,12 +307,15 @@ class Decoding:
 
     def _leave(self, keep: list[bool]) -> None:
         cut = self.rows.keep(keep)
-        rows = torch.tensor(keep, dtype=torch.bool, device=self.device)  # [B]
-        self.step_fn.keep(rows, cut)
+        kept = [b for b, k in enumerate(keep) if k]
+        rows = upload(kept, self.device)  # [n]: indices, not a mask (indexing by a mask syncs)
+        self.step_fn.keep(kept, cut)
         self.rule.forget([h for h, k in zip(self.handles, keep) if not k])  # stable handles: never reused
         self.handles = [h for h, k in zip(self.handles, keep) if k]
+        self.handle_rows = torch.tensor(self.handles)
         self.generators = [g for g, k in zip(self.generators, keep) if k]
-        for name in ("block", "steps_in_block", "row_nfe", "num_blocks", "steps_per_block", "steps", "stop_at_eos"):
+        self.schedule = self.schedule.keep(keep)
+        for name in ("block", "steps_in_block", "row_nfe", "steps_per_block", "steps"):
             setattr(self, name, getattr(self, name)[rows])
         if not len(self):  # empty: the next rows bring their own settings (and block length)
             self.config, self.rule, self.step_fn, self.noise_free = None, None, None, ()

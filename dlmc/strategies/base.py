@@ -70,6 +70,11 @@ class Scores:
     tokens: torch.Tensor | None = None
     """[B, K] int64: the token each position commits; set by every caller, which writes it after `commit`
     (a rule that re-ranks the candidates, `credit`, replaces it)."""
+    host_step: list[int] | None = None
+    """`step` as host ints, where the caller keeps a copy (the fused loop): a rule sizing its work by
+    the step (LLaDA's schedule) reads these instead of the device tensor, which would sync the host."""
+    host_steps_per_block: list[int] | None = None
+    """`steps_per_block` as host ints, alongside `host_step`."""
 
 
 class Strategy:

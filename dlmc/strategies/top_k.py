@@ -18,18 +18,26 @@ class TopK(Strategy):
     random_remasking = True
 
     def commit(self, scores: Scores, rows: torch.Tensor) -> torch.Tensor:
-        # num_transfer_tokens(block_length, steps_per_block)[step] for each row: every block starts with
-        # block_length masks, split evenly over the row's steps per block, the remainder first
-        bl, per_block = self.decode.block_length, scores.steps_per_block  # per_block: [B]
-        per_step, remainder = bl // per_block, bl % per_block  # [B] each
-        k = per_step + (scores.step < remainder).long()  # [B]: each row's count this step
-        return top_k(scores.confidence, k)
+        bl = self.decode.block_length
+        k = transfer_count(bl, scores.step, scores.steps_per_block)  # [B]: each row's count this step
+        most = None  # the largest count: from the caller's host copy of the schedule if it has one
+        if scores.host_step is not None:
+            most = max(transfer_count(bl, s, p) for s, p in zip(scores.host_step, scores.host_steps_per_block))
+        return top_k(scores.confidence, k, most)
 
 
-def top_k(confidence: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """The k (an int, or [B] per row) most confident eligible columns. [B, K] -> [B, K] bool"""
+def transfer_count(block_length: int, step, steps_per_block):
+    """num_transfer_tokens(block_length, steps_per_block)[step]: every block starts with block_length
+    masks, split evenly over its steps, the remainder first. On ints, or on [B] tensors (-> [B] int64)."""
+    return block_length // steps_per_block + (step < block_length % steps_per_block)
+
+
+def top_k(confidence: torch.Tensor, k: torch.Tensor | int, most: int | None = None) -> torch.Tensor:
+    """The k (an int, or [B] per row) most confident eligible columns. [B, K] -> [B, K] bool
+
+    `most`: the largest k, if the caller knows it on the host (else it is read back: a host sync)."""
     k = torch.as_tensor(k, device=confidence.device).reshape(-1, 1)  # [B, 1] or [1, 1]
-    most = min(int(k.max()), confidence.shape[-1])
+    most = min(int(k.max()) if most is None else most, confidence.shape[-1])
     chosen = torch.topk(confidence, most, dim=-1).indices  # [B, most], best first
     taken = torch.arange(most, device=confidence.device) < k  # [B, most]
     return torch.zeros_like(confidence, dtype=torch.bool).scatter_(-1, chosen, taken.expand_as(chosen))
