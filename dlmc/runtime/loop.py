@@ -31,7 +31,7 @@ generation early, prophet, sched) each step reads the rows' block ends back once
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +44,7 @@ from dlmc.runtime.canvas import Rows, upload
 from dlmc.runtime.cuda_graph import step_runner
 from dlmc.runtime.fused_step import CACHED_STEPS, Blocks, Uncached
 from dlmc.runtime.policies import policy_from_dict
+from dlmc.runtime.schedule import Schedule
 
 FUSED_DECODERS = ("llada",)
 
@@ -90,48 +91,6 @@ def share_key(config: LLaDAConfig) -> tuple:
     width = config.gen_length if strategy.rule.sees_generation else None
     return (config.block_length, config.temperature, config.remasking, strategy, width,
             config.cfg_scale, config.logits_eos_inf, config.confidence_eos_eot_inf)
-
-
-@dataclass
-class Schedule:
-    """Each row's place in its decode as host ints: what the loop decides by without reading the device.
-    The device keeps the same counters (`Decoding.block`, `steps_in_block`) for the step's inputs."""
-
-    block: list[int]  # per row: its current block
-    step: list[int]  # steps taken inside it
-    nfe: list[int]  # steps taken since the row joined
-    num_blocks: list[int]
-    steps_per_block: list[int]
-    gen: list[int]  # generation length
-    stop_at_eos: list[bool]
-
-    @classmethod
-    def of(cls, configs: list[LLaDAConfig]) -> Schedule:
-        """Rows that have not stepped yet."""
-        n = len(configs)
-        return cls([0] * n, [0] * n, [0] * n, [c.num_blocks for c in configs], [c.steps_per_block for c in configs],
-                   [c.gen_length for c in configs], [c.stop_at_eos for c in configs])
-
-    def __add__(self, other: Schedule) -> Schedule:
-        return Schedule(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def keep(self, keep: list[bool]) -> Schedule:
-        return Schedule(*([v for v, k in zip(getattr(self, f.name), keep) if k] for f in fields(self)))
-
-    def lo(self, width: int, block_length: int) -> list[int]:
-        """Each row's first block column on a right-aligned canvas this wide."""
-        return [width - g + b * block_length for g, b in zip(self.gen, self.block)]
-
-    def ends(self) -> list[bool]:
-        """Whether this step is the last of each row's block under LLaDA's schedule."""
-        return [s + 1 == n for s, n in zip(self.step, self.steps_per_block)]
-
-    def advance(self, ended: list[bool]) -> list[bool]:
-        """Every row took a step; `ended` says whose block it filled. -> whose last block that was"""
-        self.nfe = [n + 1 for n in self.nfe]
-        self.step = [0 if e else s + 1 for s, e in zip(self.step, ended)]
-        self.block = [b + e for b, e in zip(self.block, ended)]
-        return [b == n for b, n in zip(self.block, self.num_blocks)]
 
 
 @dataclass(frozen=True)
@@ -210,6 +169,7 @@ class Decoding:
         if not self.handles:
             return []
         config, rows, rule, bl, host = self.config, self.rows, self.rule, self.config.block_length, self.schedule
+        # the step's inputs: on device, but their shapes and the cache's choices from the host's schedule
         lo = rows.start + self.block * bl  # [B]: first column of each row's block
         first = rows.start if rule.sees_generation else lo  # [B]: first column the rule reads
         columns = first[:, None] + torch.arange(self.read_width, device=self.device)  # [B, K]
@@ -240,27 +200,34 @@ class Decoding:
             full = ~((block_tokens == self.mask_id).any(1))  # [B]
         self.block += full.long()
         self.steps_in_block = torch.where(full, 0, self.steps_in_block)
-        # what the host cannot know: where the tokens end a block, an early commit filling the generation,
-        # and (at a block's end only: the blocks before held none) whether a stop_at_eos row met a stop token
-        B, checks = len(self.handles), {}
-        ends = host.ends() if rule.scheduled else None  # None: the tokens decide
-        if ends is None:
-            checks["full"] = full
-        if rule.sees_generation:
-            checks["filled"] = ~(masked & ~commit).any(1)  # [B]
-        if any(s and e for s, e in zip(host.stop_at_eos, ends or [True] * B)):
-            checks["eos"] = torch.isin(block_tokens, self.stops).any(1)  # [B]
-        read = dict(zip(checks, torch.stack(list(checks.values())).tolist())) if checks else {}  # the host sync
-        ends = read.get("full", ends)
-        done = host.advance(ends)
-        eos, filled = read.get("eos", [False] * B), read.get("filled", [False] * B)
-        done = [d or (s and e and x) or f for d, s, e, x, f in zip(done, host.stop_at_eos, ends, eos, filled)]
+        done = self._advance(full, masked & ~commit, block_tokens)
         if not any(done):
             return []
-        leaving = zip(self.handles, self.generated(), host.nfe, done)
+        leaving = zip(self.handles, self.generated(), self.schedule.nfe, done)
         finished = [Finished(h, g.clone(), n) for h, g, n, d in leaving if d]
         self._leave([not d for d in done])
         return finished
+
+    def _advance(self, full: torch.Tensor, undecided: torch.Tensor, block_tokens: torch.Tensor) -> list[bool]:
+        """The host's schedule takes the step; which rows finished. `full` [B]: whose block the step ended,
+        `undecided` [B, K]: the masks left, `block_tokens` [B, bl]: each row's block after the step.
+
+        The device is read (once: the step's one host sync) only for what the host cannot know: where
+        the tokens end a block, an early commit filling the generation, and whether a stop_at_eos row
+        met a stop token (at its block's end only: the blocks before it held none)."""
+        host, B, checks = self.schedule, len(self.handles), {}
+        ends = host.ends() if self.rule.scheduled else None  # None: the tokens decide
+        if ends is None:
+            checks["full"] = full
+        if self.rule.sees_generation:
+            checks["filled"] = ~undecided.any(1)  # [B]
+        if any(stop and end for stop, end in zip(host.stop_at_eos, ends or [True] * B)):
+            checks["eos"] = torch.isin(block_tokens, self.stops).any(1)  # [B]
+        read = dict(zip(checks, torch.stack(list(checks.values())).tolist())) if checks else {}
+        ends = read.get("full", ends)
+        last = host.advance(ends)
+        eos, filled = read.get("eos", [False] * B), read.get("filled", [False] * B)
+        return [d or (s and e and x) or f for d, s, e, x, f in zip(last, host.stop_at_eos, ends, eos, filled)]
 
     def generated(self) -> list[torch.Tensor]:
         """Each running row's generation region [G_b] (views: read them before the next step)."""
