@@ -18,12 +18,17 @@ class TopK(Strategy):
     random_remasking = True
 
     def commit(self, scores: Scores, rows: torch.Tensor) -> torch.Tensor:
-        bl = self.decode.block_length
-        k = transfer_count(bl, scores.step, scores.steps_per_block)  # [B]: each row's count this step
-        most = None  # the largest count: from the caller's host copy of the schedule if it has one
-        if scores.host_step is not None:
-            most = max(transfer_count(bl, s, p) for s, p in zip(scores.host_step, scores.host_steps_per_block))
-        return top_k(scores.confidence, k, most)
+        return top_k(scores.confidence, *schedule_count(scores, self.decode.block_length))
+
+
+def schedule_count(scores: Scores, block_length: int) -> tuple[torch.Tensor, int | None]:
+    """Each row's count this step [B], and the largest of them from the caller's host copy of the
+    schedule where it keeps one (else None: `top_k` reads it back from the device)."""
+    k = transfer_count(block_length, scores.step, scores.steps_per_block)  # [B]
+    if scores.host_step is None:
+        return k, None
+    steps = zip(scores.host_step, scores.host_steps_per_block, strict=True)
+    return k, max(transfer_count(block_length, step, per_block) for step, per_block in steps)
 
 
 def transfer_count(block_length: int, step, steps_per_block):
