@@ -348,7 +348,8 @@ def _draws(config: LLaDAConfig, generators, rows: Rows, columns: torch.Tensor, n
             randoms.append(torch.rand(length, generator=g, device=g.device)[own])  # [K]
     step = plain
     if config.temperature > 0:
-        step = (torch.stack(uniforms), torch.tensor([config.temperature], dtype=torch.float64, device=columns.device))
+        # the temperature [1] filled on device: a copy from the host would wait for the queue on CUDA
+        step = (torch.stack(uniforms), torch.full_like(noise_free[1], config.temperature))
     return _Draws(step, torch.stack(randoms) if randoms else None)
 
 
