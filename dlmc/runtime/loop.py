@@ -212,7 +212,7 @@ class Decoding:
         """The host's schedule takes the step; which rows finished. `full` [B]: whose block the step ended,
         `undecided` [B, K]: the masks left, `block_tokens` [B, bl]: each row's block after the step.
 
-        The device is read (once: the step's one host sync) only for what the host cannot know: where
+        The device is read, in one transfer, only for what the host cannot know: where
         the tokens end a block, an early commit filling the generation, and whether a stop_at_eos row
         met a stop token (at its block's end only: the blocks before it held none)."""
         host, B, checks = self.schedule, len(self.handles), {}
