@@ -84,7 +84,7 @@ class Rows:
 
     def keep(self, keep: list[bool]) -> int:
         """Keep the rows marked True; returns how many leading columns (padding in every kept row) were cut."""
-        rows = torch.tensor(keep, dtype=torch.bool, device=self.device)  # [B]
+        rows = upload([b for b, k in enumerate(keep) if k], self.device)  # [n]: indices, not a mask (no sync)
         self.lengths = [n for n, k in zip(self.lengths, keep, strict=True) if k]
         cut = self.width - max(self.lengths, default=0)
         self.x, self.real = self.x[rows, cut:], self.real[rows, cut:]
@@ -96,3 +96,12 @@ class Rows:
         self.x = torch.cat([self.x.new_full((B, columns), self.pad_id), self.x], 1)  # [B, L + columns]
         self.real = torch.cat([self.real.new_zeros(B, columns), self.real], 1)
         self.positions = torch.cat([self.positions.new_zeros(B, columns), self.positions], 1)
+
+
+def upload(values: list[int], device) -> torch.Tensor:
+    """Host ints as an int64 tensor [n] on `device`. On CUDA the copy goes through pinned memory and
+    is queued behind the running kernels: a plain copy from pageable memory waits for them (a sync)."""
+    host = torch.tensor(values, dtype=torch.long)  # [n]
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

@@ -17,6 +17,15 @@ canvas and keeps K/V in a buffer: dual and window those of every column outside 
 column's; the block's other steps run only the block's rows (dual, window) or the block and everything
 after it (prefix) against that buffer, and window pruning hides the masks past its window from every
 step (`dlmc.runtime.fused_step`). The dKV-Cache policies (`delayed_kv`) have no fused loop.
+
+Host syncs (as gpt-fast's generate.py: the batch's state stays on device, the host only queues work).
+Every decision that needs a host value (which rows run a full step, the widths of a step's inputs, when
+a row leaves) comes from `Schedule`, the host's copy of each row's place in its decode, kept by the same
+rules as the device state. Under LLaDA's schedule (`rule.scheduled`: the top-k rule, low_confidence or
+random remasking) that place is known without the tokens, so a step reads nothing back from the device;
+the one read left is stop_at_eos's, at a block's end of a row that asked for it. Where the tokens decide
+(a rule that ends a block when it is full, threshold, factor, ...; or one that commits the whole
+generation early, prophet, sched) each step reads the rows' block ends back once: one sync per step.
 """
 
 from __future__ import annotations
@@ -31,10 +40,11 @@ from dlmc.artifact import FUSED_OUTPUTS
 from dlmc.decoding.common import Generation, fill_undecided, pad_token_id, row_generator, stop_token_ids
 from dlmc.decoding.llada import LLaDAConfig, validate
 from dlmc.errors import DlmcError
-from dlmc.runtime.canvas import Rows
+from dlmc.runtime.canvas import Rows, upload
 from dlmc.runtime.cuda_graph import step_runner
-from dlmc.runtime.fused_step import CACHED_STEPS, Uncached
+from dlmc.runtime.fused_step import CACHED_STEPS, Blocks, Uncached
 from dlmc.runtime.policies import policy_from_dict
+from dlmc.runtime.schedule import Schedule
 
 FUSED_DECODERS = ("llada",)
 
@@ -118,10 +128,11 @@ class Decoding:
         self._next = 0
         self.handles: list[int] = []  # per row
         self.generators: list[torch.Generator] = []
+        self.schedule = Schedule.of([])  # the rows' counters on the host
+        self.handle_rows = torch.empty(0, dtype=torch.long)  # [B] on the host: they key a rule's per-row state
         zero = torch.empty(0, dtype=torch.long, device=self.device)
-        self.block, self.steps_in_block, self.row_nfe = zero, zero, zero  # [B] each
-        self.num_blocks, self.steps_per_block, self.steps = zero, zero, zero  # [B] each
-        self.stop_at_eos = zero.bool()  # [B]
+        self.block, self.steps_in_block, self.row_nfe = zero, zero, zero  # [B] each: the same on device
+        self.steps_per_block, self.steps = zero, zero  # [B] each
         self.step_fn = None  # made with the first row: its block length sizes the step's head rows
         self.read_width = 0  # columns the rule reads per row: the block's, or the whole generation
         self.noise_free: tuple[torch.Tensor, ...] = ()
@@ -157,12 +168,14 @@ class Decoding:
         self._admit()
         if not self.handles:
             return []
-        config, rows, rule, bl = self.config, self.rows, self.rule, self.config.block_length
+        config, rows, rule, bl, host = self.config, self.rows, self.rule, self.config.block_length, self.schedule
+        # the step's inputs: on device, but their shapes and the cache's choices from the host's schedule
         lo = rows.start + self.block * bl  # [B]: first column of each row's block
         first = rows.start if rule.sees_generation else lo  # [B]: first column the rule reads
         columns = first[:, None] + torch.arange(self.read_width, device=self.device)  # [B, K]
         extra = _draws(config, self.generators, rows, columns, self.noise_free)
-        named = dict(zip(self.outputs, self.step_fn(lo, self.block, columns, extra.step)))  # each [B, K]
+        blocks = Blocks(lo, host.lo(rows.width, bl), host.block)
+        named = dict(zip(self.outputs, self.step_fn(blocks, columns, extra.step)))  # each [B, K]
         self.nfe += 1
         self.row_nfe += 1
         current = rows.x.gather(1, columns)  # [B, K]
@@ -174,34 +187,52 @@ class Decoding:
             step=self.steps_in_block, total_step=self.row_nfe - 1, steps_per_block=self.steps_per_block,
             steps=self.steps, entropy=named.get("entropy"), margin=named.get("margin"),
             top_probs=named.get("top_probs"), top_ids=named.get("top_ids"), tokens=named["tokens"],
+            host_step=host.step, host_steps_per_block=host.steps_per_block,
         )
-        commit = rule.commit(scores, torch.tensor(self.handles, device=self.device)) & masked
+        commit = rule.commit(scores, self.handle_rows) & masked
         rows.x.scatter_(1, columns, torch.where(commit, scores.tokens, current))
         block_columns = lo[:, None] + torch.arange(bl, device=self.device)  # [B, bl]
         block_tokens = rows.x.gather(1, block_columns)  # [B, bl]
         self.steps_in_block += 1
         if rule.scheduled:
-            full = self.steps_in_block == self.steps_per_block
+            full = self.steps_in_block == self.steps_per_block  # [B]
         else:
             full = ~((block_tokens == self.mask_id).any(1))  # [B]
         self.block += full.long()
         self.steps_in_block = torch.where(full, 0, self.steps_in_block)
-        # stop_at_eos: at a block's end only; the blocks before it held no stop token
-        stopped = self.stop_at_eos & full & torch.isin(block_tokens, self.stops).any(1)  # [B]
-        if rule.sees_generation:  # an early commit fills every generated position: the row is finished
-            stopped |= ~(masked & ~commit).any(1)
-        done = ((self.block == self.num_blocks) | stopped).tolist()  # one host sync per step
+        done = self._advance(full, masked & ~commit, block_tokens)
         if not any(done):
             return []
-        leaving = zip(self.handles, self.generated(), self.row_nfe.tolist(), done)
+        leaving = zip(self.handles, self.generated(), self.schedule.nfe, done)
         finished = [Finished(h, g.clone(), n) for h, g, n, d in leaving if d]
         self._leave([not d for d in done])
         return finished
 
+    def _advance(self, full: torch.Tensor, undecided: torch.Tensor, block_tokens: torch.Tensor) -> list[bool]:
+        """The host's schedule takes the step; which rows finished. `full` [B]: whose block the step ended,
+        `undecided` [B, K]: the masks left, `block_tokens` [B, bl]: each row's block after the step.
+
+        The device is read, in one transfer, only for what the host cannot know: where
+        the tokens end a block, an early commit filling the generation, and whether a stop_at_eos row
+        met a stop token (at its block's end only: the blocks before it held none)."""
+        host, B, checks = self.schedule, len(self.handles), {}
+        ends = host.ends() if self.rule.scheduled else None  # None: the tokens decide
+        if ends is None:
+            checks["full"] = full
+        if self.rule.sees_generation:
+            checks["filled"] = ~undecided.any(1)  # [B]
+        if any(stop and end for stop, end in zip(host.stop_at_eos, ends or [True] * B)):
+            checks["eos"] = torch.isin(block_tokens, self.stops).any(1)  # [B]
+        read = dict(zip(checks, torch.stack(list(checks.values())).tolist())) if checks else {}
+        ends = read.get("full", ends)
+        last = host.advance(ends)
+        eos, filled = read.get("eos", [False] * B), read.get("filled", [False] * B)
+        return [d or (s and e and x) or f for d, s, e, x, f in zip(last, host.stop_at_eos, ends, eos, filled)]
+
     def generated(self) -> list[torch.Tensor]:
         """Each running row's generation region [G_b] (views: read them before the next step)."""
         width = self.rows.width
-        return [self.rows.x[b, width - g :] for b, g in enumerate(self.rows.gen.tolist())]
+        return [self.rows.x[b, width - g :] for b, g in enumerate(self.schedule.gen)]
 
     def _admit(self) -> None:
         if not self._pending:
@@ -213,19 +244,19 @@ class Decoding:
         grown = self.rows.append(list(prompts), [c.gen_length for c in configs])
         self.step_fn.append(len(prompts), grown)
         self.handles += handles
+        self.handle_rows = torch.tensor(self.handles)
         self.generators += [row_generator(seed, self.device) for seed in seeds]
+        self.schedule += Schedule.of(list(configs))
 
-        def column(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=self.device)
+        def column(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
 
         n = len(configs)
         self.block = torch.cat([self.block, column([0] * n)])
         self.steps_in_block = torch.cat([self.steps_in_block, column([0] * n)])
         self.row_nfe = torch.cat([self.row_nfe, column([0] * n)])
-        self.num_blocks = torch.cat([self.num_blocks, column([c.num_blocks for c in configs])])
         self.steps_per_block = torch.cat([self.steps_per_block, column([c.steps_per_block for c in configs])])
         self.steps = torch.cat([self.steps, column([c.steps for c in configs])])
-        self.stop_at_eos = torch.cat([self.stop_at_eos, column([c.stop_at_eos for c in configs], torch.bool)])
         if len(self.handles) > len(self.noise_free[0] if self.noise_free else ()):
             self.noise_free = _no_noise(self.vocab, len(self.handles), self.read_width, self.device)
 
@@ -243,12 +274,15 @@ class Decoding:
 
     def _leave(self, keep: list[bool]) -> None:
         cut = self.rows.keep(keep)
-        rows = torch.tensor(keep, dtype=torch.bool, device=self.device)  # [B]
-        self.step_fn.keep(rows, cut)
+        kept = [b for b, k in enumerate(keep) if k]
+        rows = upload(kept, self.device)  # [n]: indices, not a mask (indexing by a mask syncs)
+        self.step_fn.keep(kept, cut)
         self.rule.forget([h for h, k in zip(self.handles, keep) if not k])  # stable handles: never reused
         self.handles = [h for h, k in zip(self.handles, keep) if k]
+        self.handle_rows = torch.tensor(self.handles)
         self.generators = [g for g, k in zip(self.generators, keep) if k]
-        for name in ("block", "steps_in_block", "row_nfe", "num_blocks", "steps_per_block", "steps", "stop_at_eos"):
+        self.schedule = self.schedule.keep(keep)
+        for name in ("block", "steps_in_block", "row_nfe", "steps_per_block", "steps"):
             setattr(self, name, getattr(self, name)[rows])
         if not len(self):  # empty: the next rows bring their own settings (and block length)
             self.config, self.rule, self.step_fn, self.noise_free = None, None, None, ()
@@ -314,7 +348,8 @@ def _draws(config: LLaDAConfig, generators, rows: Rows, columns: torch.Tensor, n
             randoms.append(torch.rand(length, generator=g, device=g.device)[own])  # [K]
     step = plain
     if config.temperature > 0:
-        step = (torch.stack(uniforms), torch.tensor([config.temperature], dtype=torch.float64, device=columns.device))
+        # the temperature [1] filled on device: a copy from the host would wait for the queue on CUDA
+        step = (torch.stack(uniforms), torch.full_like(noise_free[1], config.temperature))
     return _Draws(step, torch.stack(randoms) if randoms else None)
 
 

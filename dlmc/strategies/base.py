@@ -3,7 +3,8 @@
 A strategy decides, every step, which of a batch's candidate positions to commit. It sees only [B, K]
 tensors (`Scores`): K columns of every row, the current block's (or, for a strategy that
 `sees_generation`, every generated column), with static shapes, so the fused loop around a compiled
-step never leaves the device except to ask whether the batch is done. The reference LLaDA decoder
+step never leaves the device except to ask whether the batch is done (under LLaDA's schedule not
+even that: the loop keeps the schedule on the host, `Scores.host_step`). The reference LLaDA decoder
 (`dlmc.decoding.llada`) calls the same rule with B = 1 for each row.
 """
 
@@ -70,6 +71,17 @@ class Scores:
     tokens: torch.Tensor | None = None
     """[B, K] int64: the token each position commits; set by every caller, which writes it after `commit`
     (a rule that re-ranks the candidates, `credit`, replaces it)."""
+    host_step: list[int] | None = None
+    """`step` as host ints, where the caller keeps a copy (the fused loop): a rule sizing its work by
+    the step (LLaDA's schedule) reads these instead of the device tensor, which would sync the host."""
+    host_steps_per_block: list[int] | None = None
+    """`steps_per_block` as host ints, alongside `host_step`."""
+
+    def starting(self) -> list[bool]:
+        """Per row: whether this step is the first of its block (from `host_step` where the caller keeps it)."""
+        if self.host_step is not None:
+            return [step == 0 for step in self.host_step]
+        return (self.step == 0).tolist()
 
 
 class Strategy:
@@ -94,7 +106,8 @@ class Strategy:
 
     def commit(self, scores: Scores, rows: torch.Tensor) -> torch.Tensor:
         """Which positions to commit. `rows` [B] are the batch indices of the rows in `scores` (rows
-        that finished leave the batch), for a rule keeping per-row state. -> [B, K] bool, a subset of
+        that finished leave the batch), for a rule keeping per-row state (the fused loop's are on the
+        host: reading them costs no sync). -> [B, K] bool, a subset of
         `scores.masked` (of `scores.eligible` unless the rule commits beyond the block)."""
         raise NotImplementedError
 
@@ -108,9 +121,9 @@ class RowState:
     def __init__(self):
         self.kept: dict[int, tuple[torch.Tensor, ...]] = {}
 
-    def load(self, rows: torch.Tensor, reset: torch.Tensor, fresh: tuple[torch.Tensor, ...]) -> tuple:
-        """Each row's tensors stacked [B, ...]; `fresh` (one row's) where `reset` [B] or the row is new."""
-        chosen = [fresh if r or h not in self.kept else self.kept[h] for h, r in zip(rows.tolist(), reset.tolist())]
+    def load(self, rows: torch.Tensor, reset: list[bool], fresh: tuple[torch.Tensor, ...]) -> tuple:
+        """Each row's tensors stacked [B, ...]; `fresh` (one row's) where `reset` or the row is new."""
+        chosen = [fresh if r or h not in self.kept else self.kept[h] for h, r in zip(rows.tolist(), reset)]
         return tuple(torch.stack(parts) for parts in zip(*chosen))
 
     def store(self, rows: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:

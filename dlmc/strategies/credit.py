@@ -37,7 +37,7 @@ class Credit(Strategy):
         B, K, m = probs.shape
         fresh = (torch.full((K, TOP), -1, dtype=torch.long, device=ids.device),
                  torch.zeros(K, TOP, dtype=torch.float64, device=probs.device))
-        held, credit = self.state.load(rows, scores.step == 0, fresh)  # [B, K, TOP] each: a new block starts empty
+        held, credit = self.state.load(rows, scores.starting(), fresh)  # [B, K, TOP] each: a new block starts empty
         held, credit = add_credit(held, credit * c.beta, ids[..., 0], probs[..., 0] ** c.gamma, scores.eligible)
         self.state.store(rows, (held, credit))
         tokens, confidence = fuse(probs, ids, held, credit, c.alpha)  # [B, K] each

@@ -22,7 +22,7 @@ import torch
 
 from dlmc.errors import DlmcError
 from dlmc.strategies.base import RowState, Scores, Strategy, StrategyConfig, check_probability
-from dlmc.strategies.top_k import top_k
+from dlmc.strategies.top_k import schedule_count, top_k
 
 EPS = 1e-12
 """Added inside each log of the KL, as the official code."""
@@ -42,20 +42,20 @@ class KLASS(Strategy):
         fresh = (torch.zeros(K, m, dtype=torch.float64, device=probs.device),
                  torch.full((K, m), -1, dtype=torch.long, device=ids.device),
                  torch.full((K, c.history), float("inf"), dtype=torch.float64, device=probs.device))
-        prev_probs, prev_ids, past = self.state.load(rows, scores.step == 0, fresh)
+        prev_probs, prev_ids, past = self.state.load(rows, scores.starting(), fresh)
         # a block's first step has no previous distribution: its KL is inf (never stable)
         divergence = top_kl(probs, ids, prev_probs, prev_ids)  # [B, K]
         past = torch.cat([past[..., 1:], divergence[..., None]], dim=-1)  # [B, K, history]: the newest last
         self.state.store(rows, (probs, ids, past))
         stable = (past < c.kl).all(-1)  # [B, K]
         ready = stable & (scores.confidence > c.confidence) & scores.eligible  # [B, K]
-        return torch.where(ready.any(-1, keepdim=True), ready, top_k(scores.confidence, self.count(scores)))
+        return torch.where(ready.any(-1, keepdim=True), ready, top_k(scores.confidence, *self.count(scores)))
 
-    def count(self, scores: Scores) -> torch.Tensor:
-        """LLaDA's schedule count of the row's step in its block [B]; at least one past the schedule."""
-        bl, per_block = self.decode.block_length, scores.steps_per_block  # per_block: [B]
-        k = bl // per_block + (scores.step < bl % per_block).long()  # [B]
-        return k.clamp(min=1)
+    def count(self, scores: Scores) -> tuple[torch.Tensor, int | None]:
+        """LLaDA's schedule count of the row's step in its block [B], at least one past the schedule;
+        and the largest, where the caller keeps the schedule on the host (`schedule_count`)."""
+        k, most = schedule_count(scores, self.decode.block_length)  # [B]
+        return k.clamp(min=1), None if most is None else max(most, 1)
 
     def forget(self, handles: list[int]) -> None:
         self.state.forget(handles)

@@ -1,7 +1,8 @@
 """The fused loop's cached steps give what the unfused artifact of the same recipe gives (the reference
 decoder through the cache manager): the fusion changes nothing, for the prefix cache and window pruning
 as for the dual cache (`tests/runtime/test_loop.py`), every rule, batch 1 and prompts of different
-lengths, rows joining mid-decode; the caches it has no step for are refused in one line."""
+lengths, rows joining mid-decode, under LLaDA's schedule without reading a device value back; the caches
+it has no step for are refused in one line."""
 
 import pytest
 
@@ -12,7 +13,7 @@ from dlmc.decoding.llada import LLaDAConfig
 from dlmc.errors import DlmcError
 from dlmc.recipe import parse_recipe
 from dlmc.runtime.loop import Decoding
-from tests.runtime.test_loop import CONFIGS, JOINING, PROMPTS
+from tests.runtime.test_loop import CONFIGS, JOINING, PROMPTS, SyncCounter
 
 PREFIX = {"block_cache": {"mode": "prefix", "block_length": 4}}
 WINDOW = {"window_pruning": {"window": 2, "block_length": 4}}  # gen_length 8: the last 2 masks are pruned
@@ -79,6 +80,31 @@ def test_a_row_joins_a_cached_batch(checkpoints, tmp_path, cache, name):
         solo = unfused.generate([prompt], "llada", config, seed=seed)
         row = left[handle][1]
         assert (fill_undecided(row.generated, fused.spec), row.nfe) == (solo.output_ids[0], solo.row_nfe[0]), name
+
+
+@pytest.mark.parametrize("cache", [PREFIX, WINDOW], ids=["prefix", "window"])
+def test_the_schedule_steps_without_host_syncs(checkpoints, tmp_path, monkeypatch, cache):
+    """Which rows run a full step and how wide a step's inputs are come from the host: no step reads
+    the device, rows joining mid-decode (full and cached rows in one step) included, and the tokens
+    and NFE stay the unfused artifact's."""
+    fused = compile_cached(checkpoints["llada"], tmp_path / "fused", cache)
+    unfused = compile_cached(checkpoints["llada"], tmp_path / "unfused", cache, fuse=False)
+    expected = {name: unfused.generate(PROMPTS, "llada", CONFIGS[name], seed=3) for name in ("schedule", "random")}
+    counter = SyncCounter(monkeypatch)
+    for name, reference in expected.items():
+        counter.per_step.clear()
+        actual = fused.generate(PROMPTS, "llada", CONFIGS[name], seed=3)
+        assert (actual.output_ids, actual.nfe, actual.row_nfe) == (
+            reference.output_ids, reference.nfe, reference.row_nfe), name
+        assert counter.per_step == [0] * actual.nfe, name
+    (long, short), decoding = JOINING["schedule"], Decoding(fused)
+    counter.per_step.clear()
+    decoding.add(PROMPTS[0], long, seed=1)
+    decoding.step(), decoding.step()
+    decoding.add(PROMPTS[1] + list(range(20, 28)), short, seed=2)
+    while len(decoding):
+        decoding.step()
+    assert counter.per_step == [0] * decoding.nfe
 
 
 @pytest.mark.parametrize("cache,name", [

@@ -1,7 +1,9 @@
 """The fused loop (fuse_decode artifacts) gives the reference decoder's tokens: LLaDA and Dream through
 the llada decoder, every commit rule, batch 1 and a batch of different lengths, temperature 0 and > 0,
-on eager, AOTInductor and ONNX Runtime; with a dual cache it gives what the unfused artifact gives."""
+on eager, AOTInductor and ONNX Runtime; with a dual cache it gives what the unfused artifact gives.
+Under LLaDA's schedule its steps read nothing back from the device; other rules read once a step."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -198,3 +200,95 @@ def test_a_dropped_row_leaves_and_the_others_continue(checkpoints, tmp_path):
     assert fill_undecided(rows[0].generated, engine.spec) == solo.output_ids[0]
     with pytest.raises(DlmcError, match="a row joining this batch must share them"):
         decoding.add([5], config), decoding.add([5], dataclasses.replace(config, block_length=2, steps=8))
+
+
+class SyncCounter:
+    """Counts the host's reads of tensor values (on CUDA each waits for the queued kernels) inside every
+    `Decoding.step` call, one count per step. The compiled step runs inside too: the eager engine's
+    model code branches on shapes, not values, so what is counted is the loop's."""
+
+    READS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+    INDEXING = ("__getitem__", "__setitem__")  # by a bool mask: how many it selects is read back
+
+    def __init__(self, monkeypatch):
+        self.per_step: list[int] = []
+        step = Decoding.step
+
+        def counted(decoding):
+            self.per_step.append(0)
+            with self._counting():
+                return step(decoding)
+
+        monkeypatch.setattr(Decoding, "step", counted)
+
+    @contextlib.contextmanager
+    def _counting(self):
+        saved = {name: getattr(torch.Tensor, name) for name in (*self.READS, *self.INDEXING)}
+
+        def read(original):
+            def counted(tensor, *args, **kwargs):
+                self.per_step[-1] += 1
+                return original(tensor, *args, **kwargs)
+            return counted
+
+        def indexed(original):
+            def counted(tensor, index, *args):
+                parts = index if isinstance(index, tuple) else (index,)
+                self.per_step[-1] += any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+                return original(tensor, index, *args)
+            return counted
+
+        try:
+            for name, original in saved.items():
+                setattr(torch.Tensor, name, indexed(original) if name in self.INDEXING else read(original))
+            yield
+        finally:
+            for name, original in saved.items():
+                setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "dual"])
+def test_the_schedule_steps_without_host_syncs(checkpoints, tmp_path, monkeypatch, cache):
+    """LLaDA's schedule (confidence or random remasking, temperature 0 or > 0): no step reads a device
+    value, uncached or under the dual cache, rows joining mid-decode included; the tokens and NFE stay
+    the reference's (uncached: the reference decoder; dual: the unfused artifact through it)."""
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=cache)
+    model = load_model(checkpoints["llada"])
+    reference = compile_fused(checkpoints["llada"], tmp_path / "unfused", "eager", cache=True, fuse=False)
+    counter = SyncCounter(monkeypatch)
+    for name in ("schedule", "sampled", "random"):
+        config = CONFIGS[name]
+        expected = reference.generate(PROMPTS, "llada", config, seed=3) if cache else None
+        if not cache:
+            recorder = MarginRecorder(model, config.gen_length, config.block_length)
+            expected = generate(recorder, model.spec, PROMPTS, config, seed=3)
+            if config.temperature == 0 and config.remasking != "random":
+                recorder.assert_clear(reduction=96)
+        counter.per_step.clear()
+        actual = engine.generate(PROMPTS, config=config, seed=3)
+        assert (actual.output_ids, actual.nfe, actual.row_nfe) == (expected.output_ids, expected.nfe, expected.row_nfe)
+        assert counter.per_step == [0] * actual.nfe, name
+    (long, short), decoding = JOINING["schedule"], Decoding(engine)  # block ends at different steps
+    counter.per_step.clear()
+    decoding.add(PROMPTS[0], long, seed=1)
+    decoding.step(), decoding.step()
+    decoding.add(PROMPTS[1] + list(range(20, 28)), short, seed=2)  # wider: re-pads the running row
+    while len(decoding):
+        decoding.step()
+    assert counter.per_step == [0] * decoding.nfe
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "dual"])
+def test_host_syncs_left(checkpoints, tmp_path, monkeypatch, cache):
+    """What still reads the device: a rule whose blocks end when full, once a step; stop_at_eos under
+    the schedule, once at each block's end (rows 0 and 1 end blocks together: every 4th step)."""
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager", cache=cache)
+    counter = SyncCounter(monkeypatch)
+    actual = engine.generate(PROMPTS, config=CONFIGS["threshold"], seed=3)
+    assert counter.per_step == [1] * actual.nfe
+    full = engine.generate(PROMPTS, config=CONFIGS["schedule"], seed=3)
+    engine.spec = dataclasses.replace(engine.spec, eos_token_id=full.output_ids[1][-1], eot_token_id=None)
+    counter.per_step.clear()
+    stopping = engine.generate(PROMPTS, config=dataclasses.replace(CONFIGS["schedule"], stop_at_eos=True), seed=3)
+    steps_per_block = CONFIGS["schedule"].steps_per_block
+    assert counter.per_step == [int(step % steps_per_block == 0) for step in range(1, stopping.nfe + 1)]

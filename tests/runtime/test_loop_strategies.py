@@ -1,5 +1,6 @@
 """The fused loop (fuse_decode artifacts) gives the reference decoder's tokens with every decoding
-strategy of `dlmc.strategies`; strategies the artifact was not compiled for are refused in one line."""
+strategy of `dlmc.strategies`, reading the device back once a step where the tokens decide a block's
+end; strategies the artifact was not compiled for are refused in one line."""
 
 import pytest
 
@@ -10,6 +11,7 @@ from dlmc.errors import DlmcError
 from dlmc.models import load_model
 from dlmc.recipe import parse_recipe
 from tests.helpers import MarginRecorder
+from tests.runtime.test_loop import SyncCounter
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12]]
 # The fixture's predictions are flat (top-1 probabilities about 0.022-0.025 over 272 tokens, entropies about
@@ -59,6 +61,17 @@ def test_every_strategy_gives_the_reference_tokens(checkpoints, tmp_path):
         assert_same(engine, model, config(strategy, temperature=0.7), PROMPTS)
         assert_same(engine, model, config(strategy, stop_at_eos=True), PROMPTS)
     assert nfe["top_k"] == 8 and max(n for name, n in nfe.items() if name != "top_k") < 8, nfe  # several at once
+
+
+def test_a_rule_the_tokens_end_reads_the_device_once_a_step(checkpoints, tmp_path, monkeypatch):
+    """Where the tokens decide when a block ends (or commit the whole generation early: prophet, sched) the
+    loop reads that back, once a step; LLaDA's schedule (top_k) needs no read."""
+    engine = compile_fused(checkpoints["llada"], tmp_path / "fused", "eager")
+    counter = SyncCounter(monkeypatch)
+    for name, strategy in STRATEGIES.items():
+        counter.per_step.clear()
+        nfe = engine.generate(PROMPTS, config=config(strategy), seed=3).nfe
+        assert counter.per_step == [int(name != "top_k")] * nfe, name
 
 
 def test_an_inductor_artifact_runs_a_strategy(checkpoints, tmp_path):
