@@ -34,11 +34,15 @@ constexpr int64_t kTile = 32;  // query rows per task
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-inline uint16_t to_bf16(float x) {  // round to nearest even (finite inputs)
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
+inline void store_bf16(uint16_t* p, __m512 x) {  // 16 values, rounded to nearest even
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+// Which of the 16 key columns from j count for a query row: real keys (j < Lk) the mask row m allows.
+inline __mmask16 allowed_at(const bool* m, int64_t j, int64_t Lk) {
+  __mmask16 a = j + 16 <= Lk ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(Lk - j, 0)) - 1);
+  if (m) a = _mm_mask_cmpneq_epi8_mask(a, _mm_maskz_loadu_epi8(a, m + j), _mm_setzero_si128());
+  return a;
 }
 
 inline uint32_t pair_at(const uint16_t* p) {  // two adjacent bf16 as one 32-bit lane
@@ -210,29 +214,34 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
       for (int64_t r = 0; r < rows; ++r) {
         float* s = &scores[r * keys];
         const bool* m = md ? md + b * mask.stride(0) + h * mask.stride(1) + (i0 + r) * mask.stride(2) : nullptr;
-        __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int64_t j = 0; j < keys; j += 16) {
-          __mmask16 a = j + 16 <= Lk ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(Lk - j, 0)) - 1);
-          if (m) a = _mm_mask_cmpneq_epi8_mask(a, _mm_maskz_loadu_epi8(a, m + j), _mm_setzero_si128());
-          allowed[j / 16] = a;
-          best = _mm512_mask_max_ps(best, a, best, _mm512_loadu_ps(s + j));
+        // two independent chains (max, then sum) over 32 columns per trip: keys is a multiple of 64
+        __m512 best0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), best1 = best0;
+        for (int64_t j = 0; j < keys; j += 32) {
+          const __mmask16 a0 = allowed_at(m, j, Lk), a1 = allowed_at(m, j + 16, Lk);
+          allowed[j / 16] = a0;
+          allowed[j / 16 + 1] = a1;
+          best0 = _mm512_mask_max_ps(best0, a0, best0, _mm512_loadu_ps(s + j));
+          best1 = _mm512_mask_max_ps(best1, a1, best1, _mm512_loadu_ps(s + j + 16));
         }
-        const float top = _mm512_reduce_max_ps(best);
+        const float top = _mm512_reduce_max_ps(_mm512_max_ps(best0, best1));
         uint16_t* p = &probs[r * keys];
         if (top == -std::numeric_limits<float>::infinity()) {  // no key allowed: the row's output is zero
           std::fill(p, p + keys, 0);
           sums[r] = 0.0f;
           continue;
         }
-        __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two chains: the adds overlap
+        __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
         const __m512 shift = _mm512_set1_ps(top);
-        for (int64_t j = 0; j < keys; j += 16) {
-          const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + j), shift);
-          const __m512 e = _mm512_maskz_mov_ps(allowed[j / 16], exp_nonpositive(x));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));  // to bf16
-          total[(j / 16) % 2] = _mm512_add_ps(total[(j / 16) % 2], e);  // the fp32 values, as flash sums them
+        for (int64_t j = 0; j < keys; j += 32) {
+          const __m512 e0 = _mm512_maskz_mov_ps(allowed[j / 16], exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+          const __m512 e1 = _mm512_maskz_mov_ps(allowed[j / 16 + 1],
+                                                exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), shift)));
+          store_bf16(p + j, e0);  // P.V reads the probabilities in bf16, as the flash kernel does
+          store_bf16(p + j + 16, e1);
+          total0 = _mm512_add_ps(total0, e0);  // the sum of the fp32 values, as the flash kernel sums them
+          total1 = _mm512_add_ps(total1, e1);
         }
-        sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1]));
+        sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(total0, total1));
       }
 
       // out = (p.v) / sum, rounded to bf16 once
@@ -244,9 +253,12 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
           for (int64_t r = 0; r < n; ++r) {
             const float inv = sums[r0 + r] > 0.0f ? 1.0f / sums[r0 + r] : 0.0f;
             uint16_t* o = od + ((b * H + h) * Lq + i0 + r0 + r) * D;
-            alignas(64) float row[kCols];
-            for (int64_t w = 0; w < 4; ++w) _mm512_store_ps(row + 16 * w, _mm512_mul_ps(c[r][w], _mm512_set1_ps(inv)));
-            for (int64_t d = d0; d < std::min(D, d0 + kCols); ++d) o[d] = to_bf16(row[d - d0]);
+            for (int64_t w = 0; w < 4 && d0 + 16 * w < D; ++w) {
+              const __m512 x = _mm512_mul_ps(c[r][w], _mm512_set1_ps(inv));
+              const int64_t left = D - d0 - 16 * w;  // the head dim's last columns: a partial store
+              const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+              _mm256_mask_storeu_epi16(o + d0 + 16 * w, keep, (__m256i)_mm512_cvtneps_pbh(x));
+            }
           }
         }
     }
