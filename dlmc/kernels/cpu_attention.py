@@ -56,9 +56,11 @@ def load() -> None:
         raise DlmcError(f"dlmc_cpu.attention: this CPU lacks {', '.join(missing)} (the kernel's instructions)")
     from torch.utils.cpp_extension import load as build
 
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel would run on one thread
+    flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
     try:
-        build(name="dlmc_cpu_attention", sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False)
+        build(name="dlmc_cpu_attention", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+              is_python_module=False)
     except Exception as e:  # a compiler missing or failing: the one line, not its log
         raise DlmcError(f"dlmc_cpu.attention: cannot compile {SOURCE.name} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
