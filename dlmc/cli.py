@@ -54,7 +54,8 @@ def inspect(path: Path, debug: Debug = False) -> None:
     """Print a checkpoint's family, size, dtype and denoiser spec, or a compiled artifact's manifest."""
     try:
         if _is_artifact(path):
-            from dlmc.artifact import read_manifest, summarize
+            from dlmc.artifact import read_manifest
+            from dlmc.summary import summarize
 
             info = summarize(read_manifest(path))
         else:

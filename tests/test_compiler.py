@@ -169,7 +169,8 @@ def test_missing_model_dir_is_one_line(tmp_path):
 
 
 def test_manifest_summary_names_what_inspect_shows(artifacts):
-    from dlmc.artifact import read_manifest, summarize
+    from dlmc.artifact import read_manifest
+    from dlmc.summary import summarize
 
     lines = summarize(read_manifest(artifacts("sdar", "onnxrt")))
     assert lines["family"] == "sdar" and lines["attention"] == "block_causal (block size 4)"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dlmc.artifact import summarize
+from dlmc.summary import summarize
 from dlmc.compiler import compile_model
 from dlmc.errors import DlmcError
 from dlmc.recipe import parse_recipe
