@@ -24,6 +24,7 @@ from dlmc.capture import StepProgram
 from dlmc.device import cuda_index
 from dlmc.lower import LowerSettings
 from dlmc.lower.eager import WEIGHTS_FILE, save_state
+from dlmc.lower.materialize import materialize_tables
 from dlmc.runtime.backends import attach_weights
 
 PACKAGE_FILE = "step.pt2"
@@ -64,6 +65,8 @@ class InductorStep:
             "max_autotune": settings.max_autotune,
             "emulate_precision_casts": settings.exact_casts,
         }
+        if torch.device(device).type == "cpu":  # RoPE's tables once per step, not once per layer and head
+            program = materialize_tables(program)
         # Inductor freezes only a graph compiled without autograd.
         with torch.no_grad():
             aoti_compile_and_package(program.exported, package_path=str(work / PACKAGE_FILE), inductor_configs=configs)

@@ -121,6 +121,7 @@ def load_inductor(root: Path, entry: dict[str, Any], device: str, built_for: str
     from torch._inductor import aoti_load_package
 
     import dlmc.kernels.ops  # noqa: F401  (AOTInductor calls a triton_kernels step's ops through the dispatcher)
+    import dlmc.kernels.materialize  # noqa: F401  (torch.ops.dlmc.materialize: RoPE's tables on the CPU)
     import dlmc.models.grouped  # noqa: F401  (torch.ops.dlmc.grouped_mm, which MoE experts call)
 
     if torch.device(device).type != built_for:
