@@ -3,9 +3,9 @@
     python benchmarks/step_profile.py [--model 134m|default] [--inductor] [--top 15]
 
 AOTInductor's shared library is opaque to torch.profiler, so this profiles the program the artifact is
-compiled from (captured in bf16, after the recipe's passes), run (a) eagerly, op by op, and (b) with
-`--inductor` through torch.compile (Inductor, the same code generator AOTInductor uses; its generated
-C++ kernels appear by name). Inputs are those of benchmarks/step_floor.py: the first generated block's
+compiled from (captured in bf16, after the recipe's passes and the CPU lowering's `materialize_tables`),
+run (a) eagerly, op by op, and (b) with `--inductor` through torch.compile with dynamic shapes (Inductor,
+the same code generator AOTInductor uses; its generated C++ kernels appear by name). Inputs are those of benchmarks/step_floor.py: the first generated block's
 rows of a prompt + gen canvas, every other column from a random K/V cache.
 """
 
@@ -23,6 +23,7 @@ from dlmc.capture import capture
 from dlmc.decoding.llada import LLaDAConfig
 from dlmc.generation import default_model_dir
 from dlmc.models import load_model, read_model_config
+from dlmc.lower.materialize import materialize_tables
 from dlmc.pipeline import run_passes
 from dlmc.recipe import load_recipe
 from dlmc.testing.fixtures import write_checkpoint
@@ -98,7 +99,8 @@ def main() -> None:
     _, _, spec = read_model_config(model_dir)
     sizes = Sizes(prompt=args.prompt, gen=args.gen).fit(spec.max_length)
     model = load_model(model_dir, dtype=getattr(torch, recipe.capture.dtype))
-    program = run_passes(capture(model, recipe.capture), recipe.passes)
+    # as dlmc's inductor lowering does on the CPU: RoPE's tables computed once, not in every layer
+    program = materialize_tables(run_passes(capture(model, recipe.capture), recipe.passes))
     ids, block = canvas(spec, sizes)
     query = block if program.signature.cache is not None else torch.ones_like(block)
     inputs = step_inputs(program.signature, ids, query, sizes.block)
@@ -118,14 +120,15 @@ def main() -> None:
 def profile_inductor(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], calls: int, top: int) -> None:
     """The same program through torch.compile, then again with freezing, and how far freezing moves it."""
     torch._inductor.config.cpp.enable_kernel_profile = True  # name each generated kernel in the profile
-    compiled = torch.compile(module, dynamic=False)
+    # dynamic shapes, as AOTInductor compiles an artifact (its batch and sequence stay run-time sizes)
+    compiled = torch.compile(module, dynamic=True)
     run = lambda: compiled(*inputs)  # noqa: E731
     print(report("torch.compile (Inductor)", profile_ops(run, calls), median_ms(run, calls), top), flush=True)
     expected = run()[0].float()  # [1, Q, V]
     # Freezing: weights become constants that Inductor prepacks for oneDNN once, instead of per call.
     torch._dynamo.reset()
     torch._inductor.config.freezing = True
-    frozen = torch.compile(module, dynamic=False)
+    frozen = torch.compile(module, dynamic=True)
     run = lambda: frozen(*inputs)  # noqa: E731
     logits = run()[0].float()
     moved = ((logits - expected).abs() / (1 + expected.abs())).max().item()  # as dlmc's verify stage measures
