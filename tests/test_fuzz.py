@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dlmc.runtime
-from dlmc.artifact import MANIFEST, read_manifest, summarize
+from dlmc.artifact import MANIFEST, read_manifest
+from dlmc.summary import summarize
 from dlmc.compiler import compile_model
 from dlmc.errors import DlmcError
 from dlmc.models import read_model_config

@@ -1,4 +1,4 @@
-"""materialize_tables: RoPE's cos and sin go through one dlmc::materialize each (an opaque copy, so Inductor
+"""materialize_tables: RoPE's cos and sin and the attention mask go through one dlmc::materialize each (an opaque copy, so Inductor
 computes them once), and the step computes exactly what it did."""
 
 import torch
@@ -18,8 +18,11 @@ def test_every_layer_reads_one_copy_of_the_tables_and_the_logits_are_the_same(ch
     done = materialize_tables(step)
     check_program(done)
     copies = [n for n in done.exported.graph.nodes if n.target is materialize]
-    assert len(copies) == 2 and all(n.args[0].target in (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
-                                    for n in copies)
+    trig = (torch.ops.aten.cos.default, torch.ops.aten.sin.default)
+    assert sorted(n.args[0].target in trig for n in copies) == [False, True, True]  # cos, sin, and the mask
+    (mask,) = [n for n in copies if n.args[0].target not in trig]
+    sdpa = [n for n in done.exported.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(sdpa) > 1 and all(n.args[3] is mask for n in sdpa)  # every layer reads the one mask
     assert all(len(n.args[0].users) == 1 for n in copies)  # the readers moved to the copy
     assert step.exported.graph is not done.exported.graph  # the input program is left as it was
     inputs = padded_batch([7, 5], 9)
