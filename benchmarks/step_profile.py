@@ -5,8 +5,9 @@
 AOTInductor's shared library is opaque to torch.profiler, so this profiles the program the artifact is
 compiled from (captured in bf16, after the recipe's passes and the CPU lowering's `materialize_tables`),
 run (a) eagerly, op by op, and (b) with `--inductor` through torch.compile with dynamic shapes (Inductor,
-the same code generator AOTInductor uses; its generated C++ kernels appear by name). Inputs are those of benchmarks/step_floor.py: the first generated block's
-rows of a prompt + gen canvas, every other column from a random K/V cache.
+the same code generator AOTInductor uses; its generated C++ kernels appear by name). Inputs are those of
+benchmarks/step_floor.py: the first generated block's rows of a prompt + gen canvas, every other column from
+a random K/V cache.
 """
 
 from __future__ import annotations

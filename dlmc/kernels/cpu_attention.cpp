@@ -254,7 +254,8 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
         __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
         const __m512 shift = _mm512_set1_ps(top);
         for (int64_t j = 0; j < keys; j += 32) {
-          const __m512 e0 = _mm512_maskz_mov_ps(allowed[j / 16], exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+          const __m512 e0 = _mm512_maskz_mov_ps(allowed[j / 16],
+                                                exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
           const __m512 e1 = _mm512_maskz_mov_ps(allowed[j / 16 + 1],
                                                 exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), shift)));
           store_bf16(p + j, e0);  // P.V reads the probabilities in bf16, as the flash kernel does

@@ -35,7 +35,7 @@ def materialize_tables(program: StepProgram) -> StepProgram:
     for node in shared:
         with graph.inserting_after(node):
             copy = graph.call_function(materialize, (node,))
-        copy.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")}
+        copy.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")}  # the same value
         node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
     graph.lint()
     gm.recompile()

@@ -23,7 +23,7 @@ from dlmc.passes.kv_cache import _SDPA
 from dlmc.pipeline import check_program
 from dlmc.recipe import load_recipe, parse_recipe
 from dlmc.runtime.backends import load_kernels
-from tests.helpers import padded_batch, rounding_tolerance
+from tests.helpers import padded_batch
 
 needs_kernel = pytest.mark.skipif(bool(kernel.missing_cpu_flags()),
                                   reason=f"this CPU lacks {kernel.missing_cpu_flags()} (the kernel's instructions)")
