@@ -1,6 +1,6 @@
 """Exact bf16 attention on the CPU: ATen's SDPA against formulations that keep the scores in fp32.
 
-    python benchmarks/attention_cpu.py [--threads 2] [--calls 15] [--batches 1 4] [--backends eager compile aoti]
+    python benchmarks/attention_cpu.py [--threads 2] [--calls 15] [--batches 1 4] [--backends eager compile aoti dlmc]
 
 At the 134M checkpoint's attention (benchmarks/compile_ratio.py: 12 heads of 64) and the shapes its steps run
 (512 queries x 512 keys: the full step; 32 x 512: the dual-cache step), for each mask the model builds (key
@@ -20,6 +20,8 @@ in the same run mean anything. Candidates:
 - bf16_math: QK^T rounded to bf16, softmax in fp32: NOT exact (the scores lose ~2^-9 relative; shown for
   scale only, the formulation the issue measured as 1.7x faster).
 - flex: `flex_attention` compiled by Inductor (its CPU template), bidirectional only.
+- dlmc_cpu.attention (`--backends dlmc`): dlmc's AVX512-BF16 kernel (dlmc/kernels/cpu_attention.cpp), fp32
+  scores and softmax, P rounded to bf16, both products on the bf16 dot-product unit.
 The compile backend is torch.compile (Inductor, static shapes) of each function; aoti is AOTInductor of
 sdpa and split with the settings of recipes/cpu-bf16.yaml (freezing, exact casts).
 """
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from dlmc.kernels import cpu_attention
 
 HEADS, HEAD_DIM = 12, 64  # the 134M config of benchmarks/compile_ratio.py
 SHAPES = {"full": (512, 512), "cached": (32, 512)}  # name -> (queries, keys)
@@ -120,8 +124,16 @@ def aoti_runner(fn, example) -> Callable:
         return aoti_load_package(path)
 
 
+def dlmc_kernel(q, k, v, mask):
+    """dlmc's CPU kernel (`dlmc_cpu.attention`, what the cpu_attention pass puts in a bf16 step)."""
+    return cpu_attention.attention(q, k, v, mask, q.shape[-1] ** -0.5)
+
+
 def candidates(backends: list[str], example, mask: str) -> dict[str, Callable]:
     out: dict[str, Callable] = {}
+    if "dlmc" in backends:
+        cpu_attention.load()  # one line if this CPU lacks AVX512-BF16
+        out["dlmc_cpu.attention"] = dlmc_kernel
     if "eager" in backends:
         out |= {n: f for n, f in EAGER.items() if n != "sdpa_nomask" or mask == "none"}
     if "compile" in backends:
@@ -161,7 +173,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--masks", nargs="+", default=list(MASKS), choices=list(MASKS))
-    parser.add_argument("--backends", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "aoti"])
+    parser.add_argument("--backends", nargs="+", default=["eager", "compile"], choices=["eager", "compile", "aoti", "dlmc"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(cpu_line())
