@@ -9,7 +9,7 @@ and softmax, the probabilities rounded to bf16 for the P.V product, fp32 sums; o
 sums differs. ATen's kernel runs its products outside oneDNN's bf16 GEMM on CPUs without AMX, several
 times slower than this one (benchmarks/attention_cpu.py). The op's schema and fake implementation are
 registered on import, so a graph calling it can be exported, deserialized and inspected anywhere; its
-CPU kernel is compiled (torch.utils.cpp_extension, ~1 minute once per machine, cached under
+CPU kernel is compiled (torch.utils.cpp_extension with g++ and ninja, ~10 s once per machine, cached under
 $TORCH_EXTENSIONS_DIR) and loaded by `load()`, only on a CPU with the instructions it needs.
 """
 
