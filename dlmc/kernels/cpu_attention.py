@@ -22,6 +22,8 @@ import torch
 
 from dlmc.errors import DlmcError
 
+NAME = "cpu_attention"
+"""What a step's signature records (`StepSignature.kernels`) when it calls this kernel."""
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 """/proc/cpuinfo flags the kernel's instructions need."""

@@ -31,8 +31,6 @@ from dlmc.passes import PassConfig, PassResult, reexport, register
 from dlmc.passes.kv_cache import _SDPA
 
 log = logging.getLogger(__name__)
-KERNEL = "cpu_attention"
-"""The name a step's signature records (`StepSignature.kernels`) for this kernel."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +73,7 @@ def cpu_attention(program: StepProgram, config: CpuAttention) -> PassResult:
     graph._codegen = torch.fx.graph.CodeGen()  # positional inputs, a tuple out
     graph.eliminate_dead_code()
     module = torch.fx.GraphModule(gm, graph)
-    signature = dataclasses.replace(sig, kernels=tuple(dict.fromkeys((*sig.kernels, KERNEL))))
+    signature = dataclasses.replace(sig, kernels=tuple(dict.fromkeys((*sig.kernels, kernel.NAME))))
     return PassResult(program.with_exported(reexport(module, program, signature, config.name), signature), True)
 
 

@@ -45,7 +45,7 @@ def load_kernels(names: tuple[str, ...]) -> None:
     is unknown or cannot run on this CPU."""
     from dlmc.kernels import cpu_attention
 
-    loaders = {"cpu_attention": cpu_attention.load}
+    loaders = {cpu_attention.NAME: cpu_attention.load}
     for name in names:
         if name not in loaders:
             raise DlmcError(f"signature.kernels: unknown kernel '{name}' (this dlmc has {', '.join(loaders)})")
